@@ -1,0 +1,70 @@
+"""deeptaylor: fast, verified Deep Taylor Decomposition and Layer-wise Relevance Propagation.
+
+>>> import deeptaylor as dt
+>>> net = dt.Sequential([dt.Dense(w1, b1), dt.ReLU(), dt.GlobalSumPool()])
+>>> res = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0)).explain(x)
+>>> print(dt.checks.conservation(res))
+"""
+
+from __future__ import annotations
+
+from . import checks, composites, init, methods, reference, rules
+from .backends import available as available_backends
+from .composites import Composite
+from .errors import (
+    DeepTaylorError,
+    InputError,
+    InputTypeError,
+    ModelFormatError,
+    RuleError,
+    ShapeError,
+    UnsupportedError,
+)
+from .explain import Explainer, Explanation
+from .layers import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalSumPool,
+    Layer,
+    LpPool,
+    MaxPool2d,
+    ReLU,
+    SumPool2d,
+)
+from .network import Sequential
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "checks",
+    "composites",
+    "init",
+    "methods",
+    "reference",
+    "rules",
+    "Composite",
+    "Explainer",
+    "Explanation",
+    "Sequential",
+    "Layer",
+    "Dense",
+    "Conv2d",
+    "ReLU",
+    "MaxPool2d",
+    "AvgPool2d",
+    "SumPool2d",
+    "GlobalSumPool",
+    "LpPool",
+    "Flatten",
+    "DeepTaylorError",
+    "InputError",
+    "InputTypeError",
+    "ShapeError",
+    "RuleError",
+    "UnsupportedError",
+    "ModelFormatError",
+]

@@ -1,0 +1,48 @@
+"""Backends execute a network's forward and relevance passes.
+
+A backend is an object with
+
+* ``name`` (str),
+* ``check(net, assignment)``: raise :class:`~deeptaylor.errors.UnsupportedError` naming the layer
+  and rule it cannot run, before any data is seen,
+* ``run(net, assignment, x, targets, return_layers) -> (output, relevance, layers | None)``.
+
+``assignment`` is the per-layer list of rules (None for non-linear layers) or a gradient method;
+``targets`` is an (N,) int64 array or None for argmax. The Explainer validates every input before
+calling ``run``, so backends may assume well-formed arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["get_backend", "available"]
+
+
+def available() -> list[str]:
+    """Names of the backends usable in this installation."""
+    names = ["numpy"]
+    try:
+        from .. import _core  # noqa: F401
+
+        names.append("cpu")
+    except ImportError:
+        pass
+    return names
+
+
+def get_backend(backend: Any, threads: int | None = None) -> Any:
+    """Backend object for ``"numpy"`` / ``"cpu"``, or ``backend`` itself if it is one already."""
+    if not isinstance(backend, str):
+        if all(hasattr(backend, a) for a in ("name", "check", "run")):
+            return backend
+        raise ValueError(f"backend must be 'numpy', 'cpu' or a backend object, got {backend!r}")
+    if backend == "numpy":
+        from .numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    if backend == "cpu":
+        from .cpu import CpuBackend
+
+        return CpuBackend(threads=threads)
+    raise ValueError(f"unknown backend {backend!r}; available: {', '.join(available())}")

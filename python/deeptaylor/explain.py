@@ -1,0 +1,234 @@
+"""The user-facing entry point: :class:`Explainer` and its result, :class:`Explanation`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .composites import Composite
+from .composites import get as _get_composite
+from .errors import InputError, InputTypeError, RuleError, ShapeError
+from .methods import Method
+from .network import Sequential
+from .rules import Rule, ZBox
+
+__all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
+
+
+@dataclass
+class Explanation:
+    """Result of :meth:`Explainer.explain`.
+
+    Attributes
+    ----------
+    relevance : ndarray, shape of x
+        The heatmaps, in units of the explained output (squared gradient for Sensitivity).
+    output : ndarray (N, K)
+        The network's output (logits) for x.
+    target : ndarray (N,) int
+        The explained output index per sample.
+    explained : ndarray (N,)
+        ``output[n, target[n]]``: the value a conservative method redistributes.
+    layers : list of ndarray or None
+        With ``return_layers=True``: the relevance at the input of every layer (``layers[0]`` is
+        ``relevance``, ``layers[i]`` the input of layer ``i``) and, last, at the output
+        (``layers[len(net)]``), so ``len(layers) == len(net) + 1``.
+    method : str
+        The composite or method that produced it.
+    backend : str
+    """
+
+    relevance: np.ndarray
+    output: np.ndarray
+    target: np.ndarray
+    explained: np.ndarray
+    layers: list[np.ndarray] | None = None
+    method: str = ""
+    backend: str = ""
+    conservative_expected: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"Explanation(relevance={self.relevance.shape} {self.relevance.dtype}, output={self.output.shape}, "
+                f"method={self.method}, backend={self.backend}, layers={'yes' if self.layers else 'no'})")
+
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def validate_input(net: Sequential, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Check ``x`` against ``net``: a float32/float64 array ``(N, F)`` or ``(N, C, H, W)`` with N >= 1,
+    finite values, and a shape every layer accepts. Returns ``(x, shapes)``; raises a
+    :class:`~deeptaylor.errors.DeepTaylorError` subclass naming the problem otherwise."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise InputTypeError(f"input is not array-like ({type(x).__name__})") from exc
+    if x.dtype not in _FLOAT_DTYPES:
+        raise InputTypeError(
+            f"input dtype {x.dtype} is not supported: use float32 or float64 "
+            "(convert integer images with x.astype(np.float32) / 255)"
+        )
+    if x.ndim not in (2, 4):
+        raise ShapeError(f"input must be (N, features) or (N, C, H, W), got rank {x.ndim} shape {x.shape}")
+    if x.shape[0] == 0:
+        raise InputError(f"empty batch: input has shape {x.shape}")
+    shapes = net.shapes(x.shape)
+    if len(shapes[-1]) != 2:
+        raise ShapeError(f"the network's output must be (N, K) to be explained, got {shapes[-1]} "
+                         "(end the network with Flatten/Dense or a global pooling)")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"input contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")
+    return x, shapes
+
+
+def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
+    """``None`` (argmax), an int, or an integer array (N,); each in ``[0, K)``. Returns (N,) int64 or None."""
+    if target is None:
+        return None
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu" or t.dtype == np.bool_:
+        raise InputTypeError(f"target must be an int or an integer array, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = np.full(n, int(t), dtype=np.int64)
+    elif t.shape != (n,):
+        raise ShapeError(f"target must be an int or have shape ({n},), got shape {t.shape}")
+    t = t.astype(np.int64)
+    if np.any(t < 0) or np.any(t >= k):
+        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), "
+                         f"got values in [{t.min()}, {t.max()}]")
+    return t
+
+
+def _resolve(composite: Any) -> Composite | Method:
+    if isinstance(composite, str):
+        composite = _get_composite(composite)
+    if isinstance(composite, (Composite, Method)):
+        return composite
+    if isinstance(composite, Mapping):
+        return Composite.from_mapping(composite)
+    if isinstance(composite, Rule):
+        return Composite(default=composite, name=composite.name)
+    raise RuleError(f"expected a composite, a method, a rule, a mapping or a name, got {composite!r}")
+
+
+class Explainer:
+    """Explain a network's decisions with a composite of rules (or a gradient method).
+
+    Parameters
+    ----------
+    net : Sequential
+    composite : Composite, Method, Rule, mapping or str
+        e.g. ``dt.composites.deep_taylor(0, 1)``, ``dt.methods.Sensitivity()``, ``"epsilon-plus-flat"``,
+        a single rule (used for every linear layer) or a mapping accepted by
+        :meth:`Composite.from_mapping`.
+    backend : {"numpy", "cpu"} or a backend object
+        ``"numpy"``: the float64 reference; ``"cpu"``: the compiled C++ core (float32).
+    threads : int, optional
+        Threads for the compiled backends (default: OpenMP's default).
+
+    Examples
+    --------
+    >>> ex = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0), backend="cpu")
+    >>> res = ex.explain(x)              # x: (N, C, H, W) float32 in [0, 1]
+    >>> res.relevance.shape == x.shape
+    True
+    """
+
+    def __init__(self, net: Sequential, composite: Any, backend: Any = "numpy", threads: int | None = None) -> None:
+        from .backends import get_backend
+
+        if not isinstance(net, Sequential):
+            raise TypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        self.net = net
+        self.composite = _resolve(composite)
+        self.assignment: list[Rule | None] | Method = (
+            self.composite if isinstance(self.composite, Method) else self.composite.resolve(net)
+        )
+        self.backend = get_backend(backend, threads=threads)
+        self.backend.check(net, self.assignment)
+
+    @property
+    def method_name(self) -> str:
+        c = self.composite
+        return c.name if isinstance(c, Method) else f"composite:{c.name}"
+
+    def _check_domains(self, x: np.ndarray) -> None:
+        if isinstance(self.assignment, Method):
+            return
+        rule = self.assignment[0] if len(self.assignment) else None
+        if isinstance(rule, ZBox):
+            lo, hi = rule.bounds_for(x.shape[1:])
+            tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
+            if np.any(x < lo - tol) or np.any(x > hi + tol):
+                raise InputError(
+                    f"ZBox on layer 0 needs inputs within [low, high]; got values in [{x.min():.4g}, {x.max():.4g}] "
+                    "(rescale the input or pass the right low/high)"
+                )
+
+    def explain(self, x: Any, target: Any = None, return_layers: bool = False,
+                batch_size: int | None = None, progress: bool = False) -> Explanation:
+        """Heatmaps for a batch.
+
+        Parameters
+        ----------
+        x : float32/float64 array (N, F) or (N, C, H, W)
+        target : None, int or int array (N,)
+            The output to explain: None = the largest output per sample (a single-output network
+            explains its output).
+        return_layers : bool
+            Also return the relevance at every layer (see :class:`Explanation`).
+        batch_size : int, optional
+            Process the batch in chunks of this size (bounds the memory of the numpy backend).
+        progress : bool
+            Show a progress bar over chunks (needs ``tqdm``; silently off without it).
+
+        Returns
+        -------
+        Explanation
+            ``relevance`` has the shape of x; float64 for the numpy backend, float32 for cpu.
+        """
+        x, shapes = validate_input(self.net, x)
+        n, k = shapes[-1]
+        targets = validate_targets(target, n, k)
+        self._check_domains(x)
+        if batch_size is None:
+            batch_size = n
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        starts = range(0, n, batch_size)
+        if progress and len(starts) > 1:
+            try:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="explaining", unit="batch")
+            except ImportError:
+                pass
+        parts = []
+        for s in starts:
+            t = None if targets is None else targets[s:s + batch_size]
+            parts.append(self.backend.run(self.net, self.assignment, x[s:s + batch_size], t, return_layers))
+        if len(parts) == 1:
+            output, relevance, layers = parts[0]
+        else:
+            output = np.concatenate([p[0] for p in parts])
+            relevance = np.concatenate([p[1] for p in parts])
+            layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
+                if return_layers else None
+        tgt = np.argmax(output, axis=1) if targets is None else targets
+        explained = output[np.arange(n), tgt].astype(np.float64)
+        conservative = (not isinstance(self.assignment, Method)
+                        and all(r is None or r.conservative for r in self.assignment))
+        return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
+                           layers=layers if return_layers else None, method=self.method_name,
+                           backend=self.backend.name, conservative_expected=conservative)
+
+    def __repr__(self) -> str:
+        return f"Explainer({len(self.net)} layers, {self.composite!r}, backend={self.backend.name!r})"

@@ -1,0 +1,178 @@
+"""The reference forward, relevance and gradient passes through a whole network (float64 NumPy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..layers import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalSumPool,
+    Layer,
+    LpPool,
+    MaxPool2d,
+    ReLU,
+    SumPool2d,
+)
+from ..methods import GradientXInput, Method, Sensitivity
+from ..network import Sequential
+from ..rules import Rule
+from . import ops
+from .relevance import linear_relevance, safe_divide
+
+__all__ = ["forward_layer", "relevance_layer", "gradient_layer", "forward", "run", "Pass"]
+
+
+def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Forward one layer. Returns ``(output, cache)``; the cache holds what the backward passes
+    need beyond the input (max-pool winners)."""
+    if isinstance(layer, (Dense, Conv2d)):
+        return ops.linear_forward(layer, a, layer.weight, layer.bias), None
+    if isinstance(layer, ReLU):
+        return np.maximum(a, 0.0), None
+    if isinstance(layer, MaxPool2d):
+        return ops.maxpool_forward(a, layer.kernel_size, layer.stride, layer.padding)
+    if isinstance(layer, AvgPool2d):
+        k = layer.kernel_size[0] * layer.kernel_size[1]
+        return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding) / k, None
+    if isinstance(layer, SumPool2d):
+        return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding), None
+    if isinstance(layer, GlobalSumPool):
+        return a.reshape(a.shape[0], -1).sum(axis=1, keepdims=True), None
+    if isinstance(layer, LpPool):
+        ap = np.abs(a) ** layer.p
+        if layer.kernel_size is None:
+            s = ap.reshape(a.shape[0], -1).sum(axis=1, keepdims=True)
+        else:
+            s = ops.window_sum(ap, layer.kernel_size, layer.stride, layer.padding)
+        return s ** (1.0 / layer.p), None
+    if isinstance(layer, Flatten):
+        return a.reshape(a.shape[0], -1), None
+    raise TypeError(f"no reference forward for {type(layer).__name__}")
+
+
+def _proportional(layer: Layer, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Pooling relevance in proportion to the inputs (z-rule with unit weights):
+    R_i = a_i sum_{j covering i} R_j / (sum_{i' in j} a_i')."""
+    if getattr(layer, "kernel_size", None) is None:  # global pools
+        flat = a.reshape(a.shape[0], -1)
+        s = safe_divide(R, flat.sum(axis=1, keepdims=True))
+        return (flat * s).reshape(a.shape)
+    z = ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding)
+    s = safe_divide(R, z)
+    return a * ops.window_scatter(s, layer.kernel_size, layer.stride, layer.padding, a.shape)
+
+
+def relevance_layer(layer: Layer, rule: Rule | None, a: np.ndarray, cache: Any, R: np.ndarray) -> np.ndarray:
+    """Relevance at the input of ``layer`` from the relevance ``R`` of its output.
+
+    Linear layers apply their ``rule``; ReLU passes relevance through (DTD, slide 003: R_j = x_j);
+    sum/avg/p-norm pooling redistribute in proportion to their inputs (training-free relevance model);
+    max pooling is winner-take-all; Flatten reshapes.
+    """
+    if isinstance(layer, (Dense, Conv2d)):
+        assert rule is not None
+        return linear_relevance(layer, rule, a, R)
+    if isinstance(layer, ReLU):
+        return R
+    if isinstance(layer, MaxPool2d):
+        return ops.maxpool_scatter(R, cache, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    if isinstance(layer, (AvgPool2d, SumPool2d, GlobalSumPool, LpPool)):
+        return _proportional(layer, a, R)
+    if isinstance(layer, Flatten):
+        return R.reshape(a.shape)
+    raise TypeError(f"no reference relevance for {type(layer).__name__}")
+
+
+def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: np.ndarray) -> np.ndarray:
+    """Backpropagate the gradient ``g`` (shape of the layer's output) to its input (shape of ``a``)."""
+    if isinstance(layer, (Dense, Conv2d)):
+        return ops.linear_transpose(layer, g, layer.weight, a.shape)
+    if isinstance(layer, ReLU):
+        return g * (a > 0)
+    if isinstance(layer, MaxPool2d):
+        return ops.maxpool_scatter(g, cache, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    if isinstance(layer, AvgPool2d):
+        k = layer.kernel_size[0] * layer.kernel_size[1]
+        return ops.window_scatter(g / k, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    if isinstance(layer, SumPool2d):
+        return ops.window_scatter(g, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    if isinstance(layer, GlobalSumPool):
+        return np.broadcast_to(g.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape).copy()
+    if isinstance(layer, LpPool):
+        # d/dx_i (sum |x|^p)^(1/p) = sign(x_i) |x_i|^(p-1) / y^(p-1)
+        local = np.sign(a) * np.abs(a) ** (layer.p - 1.0)
+        gy = safe_divide(g, out ** (layer.p - 1.0))
+        if layer.kernel_size is None:
+            return local * gy.reshape((-1,) + (1,) * (a.ndim - 1))
+        return local * ops.window_scatter(gy, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    if isinstance(layer, Flatten):
+        return g.reshape(a.shape)
+    raise TypeError(f"no reference gradient for {type(layer).__name__}")
+
+
+def forward(net: Sequential, x: np.ndarray) -> np.ndarray:
+    """The network's output for ``x`` (float64)."""
+    a = x
+    for layer in net:
+        a, _ = forward_layer(layer, a)
+    return a
+
+
+@dataclass
+class Pass:
+    """Everything one reference pass computed."""
+
+    output: np.ndarray            # (N, K) network output
+    relevance: np.ndarray         # shape of x
+    layers: list[np.ndarray]      # relevance at the input of every layer, then at the output (len L+1)
+    activations: list[np.ndarray]  # input of every layer, then the output (len L+1)
+
+
+def run(net: Sequential, assignment: list[Rule | None] | Method, x: np.ndarray,
+        targets: np.ndarray | None) -> Pass:
+    """Forward ``x`` (N, ...) through ``net``, then propagate back from the targets' outputs.
+
+    ``assignment`` is the per-layer rule list of a resolved composite, or a gradient method.
+    ``targets`` (N,) int: the output explained per sample; None: the largest output (argmax).
+    Returns a :class:`Pass`. Relevance starts as ``R_out[n, t_n] = f_{t_n}(x_n)`` (others 0); for a
+    gradient method the backward pass starts from the one-hot ``df_t/df``.
+    """
+    acts = [x]
+    caches = []
+    for layer in net:
+        out, cache = forward_layer(layer, acts[-1])
+        acts.append(out)
+        caches.append(cache)
+    output = acts[-1]
+    n = output.shape[0]
+    t = np.argmax(output, axis=1) if targets is None else np.asarray(targets)
+    onehot = np.zeros_like(output)
+    onehot[np.arange(n), t] = 1.0
+    layers: list[np.ndarray] = [np.empty(0)] * (len(net) + 1)
+    if isinstance(assignment, Method):
+        g = onehot
+        grads = [g]
+        for i in range(len(net) - 1, -1, -1):
+            g = gradient_layer(net[i], acts[i], acts[i + 1], caches[i], g)
+            grads.append(g)
+        grads.reverse()
+        for i, gi in enumerate(grads):
+            if isinstance(assignment, Sensitivity):
+                layers[i] = gi ** 2
+            elif isinstance(assignment, GradientXInput):
+                layers[i] = gi * acts[i]
+            else:  # pragma: no cover - guarded by the Explainer
+                raise TypeError(f"unknown method {assignment!r}")
+    else:
+        R = output * onehot
+        layers[len(net)] = R
+        for i in range(len(net) - 1, -1, -1):
+            R = relevance_layer(net[i], assignment[i], acts[i], caches[i], R)
+            layers[i] = R
+    return Pass(output=output, relevance=layers[0], layers=layers, activations=acts)

@@ -1,0 +1,148 @@
+"""Relevance rules for linear layers and the fixed relevance of the other layers, in NumPy.
+
+One readable function per rule, each written as in its paper with the layer's forward operator
+``L(a; W, b)`` and its transpose ``L^T(s; W)`` (see :mod:`deeptaylor.reference.ops`), so every
+function serves Dense and Conv2d alike (the trick Zennit's tests use). ``a`` is the layer's input,
+``R`` the relevance of its outputs; every function returns the relevance of its inputs (shape of a).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..layers import Conv2d, Dense
+from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
+from .ops import linear_forward as L
+from .ops import linear_transpose as LT
+
+__all__ = ["safe_divide", "linear_relevance", "RULE_FUNCTIONS"]
+
+Linear = Dense | Conv2d
+
+
+def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` where ``den != 0``, else 0: a neuron with a zero denominator passes no relevance."""
+    out = np.zeros(np.broadcast_shapes(num.shape, den.shape), dtype=np.result_type(num, den))
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _pos(v: np.ndarray) -> np.ndarray:
+    return np.maximum(v, 0.0)
+
+
+def _neg(v: np.ndarray) -> np.ndarray:
+    return np.minimum(v, 0.0)
+
+
+def z_rule(layer: Linear, rule: Z, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """LRP-0 (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / z_j,  z_j = sum_i a_i w_ij + b_j."""
+    W = layer.weight
+    z = L(layer, a, W, layer.bias)
+    s = safe_divide(R, z)
+    return a * LT(layer, s, W, a.shape)
+
+
+def epsilon_rule(layer: Linear, rule: Epsilon, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """LRP-epsilon (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j)), sign(0)=+1."""
+    W = layer.weight
+    z = L(layer, a, W, layer.bias)
+    s = R / (z + rule.eps * np.where(z >= 0, 1.0, -1.0))
+    return a * LT(layer, s, W, a.shape)
+
+
+def zplus_rule(layer: Linear, rule: ZPlus, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Deep Taylor z+ (Montavon et al. 2017): R_i = sum_j a_i w+_ij / (sum_i' a_i' w+_i'j) R_j.
+
+    Written on positive contributions (a w)+ = a+ w+ + a- w-, which is the rule itself for a >= 0.
+    """
+    W = layer.weight
+    Wp, Wn = _pos(W), _neg(W)
+    ap, an = _pos(a), _neg(a)
+    z = L(layer, ap, Wp, _pos(layer.bias) if rule.use_bias else None) + L(layer, an, Wn, None)
+    s = safe_divide(R, z)
+    return ap * LT(layer, s, Wp, a.shape) + an * LT(layer, s, Wn, a.shape)
+
+
+def gamma_rule(layer: Linear, rule: Gamma, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """LRP-gamma (Montavon et al. 2019) in Zennit's generalised form.
+
+    Outputs with z_j > 0: q_ij = a+_i (w_ij + g w+_ij) + a-_i (w_ij + g w-_ij), bias b + g b+.
+    Outputs with z_j < 0: q_ij = a+_i (w_ij + g w-_ij) + a-_i (w_ij + g w+_ij), bias b + g b-.
+    On a >= 0 and z > 0 this is q_ij = a_i (w_ij + g w+_ij).
+    """
+    g = rule.gamma
+    W, b = layer.weight, layer.bias
+    Wup, Wdn = W + g * _pos(W), W + g * _neg(W)
+    ap, an = _pos(a), _neg(a)
+    z = L(layer, a, W, b)
+    den_up = L(layer, ap, Wup, b + g * _pos(b)) + L(layer, an, Wdn, None)
+    den_dn = L(layer, ap, Wdn, b + g * _neg(b)) + L(layer, an, Wup, None)
+    s_up = safe_divide(R * (z > 0), den_up)
+    s_dn = safe_divide(R * (z < 0), den_dn)
+    return (ap * LT(layer, s_up, Wup, a.shape) + an * LT(layer, s_up, Wdn, a.shape)
+            + ap * LT(layer, s_dn, Wdn, a.shape) + an * LT(layer, s_dn, Wup, a.shape))
+
+
+def alphabeta_rule(layer: Linear, rule: AlphaBeta, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """LRP-alpha-beta (Bach et al. 2015): alpha * (share of positive contributions) - beta * (share of
+    negative contributions); q+ = a+ w+ + a- w- (+ b+), q- = a+ w- + a- w+ (+ b-)."""
+    W, b = layer.weight, layer.bias
+    Wp, Wn = _pos(W), _neg(W)
+    ap, an = _pos(a), _neg(a)
+    zp = L(layer, ap, Wp, _pos(b)) + L(layer, an, Wn, None)
+    zn = L(layer, ap, Wn, _neg(b)) + L(layer, an, Wp, None)
+    sp = safe_divide(R, zp)
+    sn = safe_divide(R, zn)
+    pos = ap * LT(layer, sp, Wp, a.shape) + an * LT(layer, sp, Wn, a.shape)
+    neg = ap * LT(layer, sn, Wn, a.shape) + an * LT(layer, sn, Wp, a.shape)
+    return rule.alpha * pos - rule.beta * neg
+
+
+def wsquare_rule(layer: Linear, rule: WSquare, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Deep Taylor w² (Montavon et al. 2017): R_i = sum_j w_ij² / (sum_i' w_i'j²) R_j.
+
+    The denominator is L(1; W²): for a convolution it sums the taps that fall on the image.
+    """
+    V = layer.weight ** 2
+    ones = np.ones_like(a)
+    z = L(layer, ones, V, None)
+    return LT(layer, safe_divide(R, z), V, a.shape)
+
+
+def flat_rule(layer: Linear, rule: Flat, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Flat (Lapuschkin et al. 2019): w² with unit weights, R_i = sum_j R_j / fan_in_j."""
+    U = np.ones_like(layer.weight)
+    ones = np.ones_like(a)
+    z = L(layer, ones, U, None)
+    return LT(layer, safe_divide(R, z), U, a.shape)
+
+
+def zbox_rule(layer: Linear, rule: ZBox, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Deep Taylor zB (Montavon et al. 2017) for l <= a <= h:
+    R_i = sum_j (a_i w_ij - l_i w+_ij - h_i w-_ij) / (sum_i' ...) R_j."""
+    W = layer.weight
+    Wp, Wn = _pos(W), _neg(W)
+    lo, hi = rule.bounds_for(a.shape[1:])
+    lo = np.broadcast_to(lo, a.shape)
+    hi = np.broadcast_to(hi, a.shape)
+    z = L(layer, a, W, None) - L(layer, lo, Wp, None) - L(layer, hi, Wn, None)
+    s = safe_divide(R, z)
+    return a * LT(layer, s, W, a.shape) - lo * LT(layer, s, Wp, a.shape) - hi * LT(layer, s, Wn, a.shape)
+
+
+RULE_FUNCTIONS = {
+    Z: z_rule,
+    Epsilon: epsilon_rule,
+    ZPlus: zplus_rule,
+    Gamma: gamma_rule,
+    AlphaBeta: alphabeta_rule,
+    WSquare: wsquare_rule,
+    Flat: flat_rule,
+    ZBox: zbox_rule,
+}
+
+
+def linear_relevance(layer: Linear, rule: Rule, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Apply ``rule`` to the linear ``layer`` with input ``a`` and output relevance ``R``."""
+    return RULE_FUNCTIONS[type(rule)](layer, rule, a, R)
