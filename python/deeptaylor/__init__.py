@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from . import checks, composites, init, methods, reference, rules
+from . import checks, composites, init, io, methods, reference, rules
 from .backends import available as available_backends
 from .composites import Composite
 from .errors import (
@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedError,
 )
 from .explain import Explainer, Explanation
+from .io import load, save
 from .layers import (
     AvgPool2d,
     Conv2d,
@@ -43,6 +44,9 @@ __all__ = [
     "checks",
     "composites",
     "init",
+    "io",
+    "load",
+    "save",
     "methods",
     "reference",
     "rules",
