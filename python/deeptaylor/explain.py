@@ -163,8 +163,14 @@ class Explainer:
     def _check_domains(self, x: np.ndarray) -> None:
         if isinstance(self.assignment, Method):
             return
-        rule = self.assignment[0] if len(self.assignment) else None
+        # The input of the first linear layer is x itself (up to a Flatten): check zB's box there.
+        first = next((i for i, layer in enumerate(self.net) if layer.linear), None)
+        if first is None or any(type(layer).__name__ != "Flatten" for layer in self.net.layers[:first]):
+            return
+        rule = self.assignment[first]
         if isinstance(rule, ZBox):
+            if first > 0:
+                x = x.reshape(x.shape[0], -1)
             lo, hi = rule.bounds_for(x.shape[1:])
             tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
             if np.any(x < lo - tol) or np.any(x > hi + tol):
