@@ -175,7 +175,7 @@ class Explainer:
             tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
             if np.any(x < lo - tol) or np.any(x > hi + tol):
                 raise InputError(
-                    f"ZBox on layer 0 needs inputs within [low, high]; got values in [{x.min():.4g}, {x.max():.4g}] "
+                    f"ZBox on layer {first} needs inputs within [low, high]; got values in [{x.min():.4g}, {x.max():.4g}] "
                     "(rescale the input or pass the right low/high)"
                 )
 
