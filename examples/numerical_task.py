@@ -177,8 +177,8 @@ def interpret(d: dict[str, np.ndarray]) -> list[str]:
     inactive = [j for j in range(N_HIDDEN) if hidden[j] == 0]
     paras = []
     if not active:
-        return [f"No hidden unit fires (every z_j <= 0), so f(x) = {f:.4f}: there is nothing to explain and "
-                "every deep Taylor rule gives zero relevance everywhere. Try another seed."]
+        return [(f"No hidden unit fires (every z_j <= 0), so f(x) = {f:.4f}: there is nothing to explain and "
+                 "every deep Taylor rule gives zero relevance everywhere. Try another seed.")]
     p = (f"The output f(x) = {f:.4f} is the sum of the hidden units that fire: "
          + ", ".join(f"x_{j} = {hidden[j]:.4f}" for j in active) + ". ")
     by_bias = [j for j in inactive if d["z"][j] - d["b"][j] > 0]

@@ -95,8 +95,10 @@ def test_non_array_input(dense_net):
 
 
 def test_errors_are_builtin_subclasses():
-    assert issubclass(dt.InputError, ValueError) and issubclass(dt.ShapeError, ValueError)
-    assert issubclass(dt.InputTypeError, TypeError) and issubclass(dt.RuleError, ValueError)
+    assert issubclass(dt.InputError, ValueError)
+    assert issubclass(dt.ShapeError, ValueError)
+    assert issubclass(dt.InputTypeError, TypeError)
+    assert issubclass(dt.RuleError, ValueError)
     assert issubclass(dt.UnsupportedError, NotImplementedError)
     assert issubclass(dt.ModelFormatError, ValueError)
     for e in (dt.InputError, dt.InputTypeError, dt.ShapeError, dt.RuleError, dt.UnsupportedError):
@@ -273,7 +275,9 @@ def test_sequential_output_shape_names_failing_layer(rng):
     with pytest.raises(dt.ShapeError) as info:
         net.output_shape((5, 3, 8, 8))
     msg = str(info.value)
-    assert "layer 4 (Dense)" in msg and "(5, 36)" in msg and "expects 16 input features, got 36" in msg
+    assert "layer 4 (Dense)" in msg
+    assert "(5, 36)" in msg
+    assert "expects 16 input features, got 36" in msg
     with pytest.raises(dt.ShapeError, match=_re("layer 0 (Conv2d) cannot take input of shape (5, 2, 6, 6)")):
         net.output_shape((5, 2, 6, 6))
     with pytest.raises(dt.ShapeError, match=_re("layer 2 (MaxPool2d)")):

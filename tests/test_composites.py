@@ -28,14 +28,19 @@ def test_resolution_order(net):
     # first beats by_type; by_type beats default
     comp = dt.Composite(first=ZBox(0, 1), by_type={dt.Conv2d: Gamma(), dt.Dense: Epsilon()}, default=ZPlus())
     rules = comp.resolve(net)
-    assert rules[0] == ZBox(0, 1) and rules[2] == Gamma() and rules[5] == Epsilon() and rules[7] == Epsilon()
+    assert rules[0] == ZBox(0, 1)
+    assert rules[2] == Gamma()
+    assert rules[5] == Epsilon()
+    assert rules[7] == Epsilon()
     assert [r is None for r in rules] == [not layer.linear for layer in net]
 
 
 def test_negative_indices(net):
     comp = dt.Composite(by_index={-1: Z(), -3: Flat()}, default=ZPlus())
     rules = comp.resolve(net)
-    assert rules[7] == Z() and rules[5] == Flat() and rules[0] == ZPlus()
+    assert rules[7] == Z()
+    assert rules[5] == Flat()
+    assert rules[0] == ZPlus()
     with pytest.raises(dt.RuleError, match="out of range"):
         dt.Composite(by_index={-9: Z()}, default=ZPlus()).resolve(net)
 

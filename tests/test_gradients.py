@@ -112,7 +112,8 @@ def test_sensitivity_and_gradient_x_input_match_finite_differences(name, batch):
     gxi = dt.Explainer(net, dt.methods.GradientXInput()).explain(x, target=target)
     close(sens.relevance, fd ** 2, rtol=1e-6)
     close(gxi.relevance, x * fd, rtol=1e-6)
-    assert sens.relevance.shape == x.shape and np.all(sens.relevance >= 0)
+    assert sens.relevance.shape == x.shape
+    assert np.all(sens.relevance >= 0)
     np.testing.assert_array_equal(sens.target, target)
 
 
@@ -127,7 +128,7 @@ def test_gradient_x_input_is_x_times_gradient_layerwise(rng):
     for layer in net:
         acts.append(forward_layer(layer, acts[-1])[0])
     assert len(s.layers) == len(net) + 1
-    for a, sl, gl in zip(acts, s.layers, g.layers):
+    for a, sl, gl in zip(acts, s.layers, g.layers, strict=True):
         np.testing.assert_allclose(gl ** 2, a ** 2 * sl, rtol=1e-10, atol=1e-14)
     # at the output: a one-hot gradient
     onehot = np.zeros_like(s.output)

@@ -27,7 +27,8 @@ def expected(name, fan_in, fan_out):
                                   "lecun_uniform", "lecun_normal"])
 def test_statistics(name, shape):
     w = getattr(init, name)(shape, np.random.default_rng(2024))
-    assert w.shape == shape and w.dtype == np.float64
+    assert w.shape == shape
+    assert w.dtype == np.float64
     fan_in, fan_out = init.fans(shape)
     kind, var, bound = expected(name, fan_in, fan_out)
     n = w.size
@@ -79,10 +80,13 @@ def test_seeding(name):
 
 
 def test_aliases_and_constants():
-    assert init.xavier_uniform is init.glorot_uniform and init.xavier_normal is init.glorot_normal
-    assert init.kaiming_uniform is init.he_uniform and init.kaiming_normal is init.he_normal
+    assert init.xavier_uniform is init.glorot_uniform
+    assert init.xavier_normal is init.glorot_normal
+    assert init.kaiming_uniform is init.he_uniform
+    assert init.kaiming_normal is init.he_normal
     np.testing.assert_array_equal(init.zeros((2, 3)), np.zeros((2, 3)))
     np.testing.assert_array_equal(init.constant((4,), -0.1), np.full(4, -0.1))
     # the initialisers build layers directly
     layer = dt.Conv2d(init.he_normal((4, 3, 3, 3), 0), init.constant((4,), -0.01))
-    assert layer.out_channels == 4 and np.all(layer.bias == -0.01)
+    assert layer.out_channels == 4
+    assert np.all(layer.bias == -0.01)

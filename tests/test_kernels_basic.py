@@ -3,6 +3,8 @@ float64 NumPy reference. Error measure: max |got - want| / max |want| (float32 a
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -45,7 +47,8 @@ def test_dense_kernels_match_reference(k, nio, seed):
     layer = dt.Dense(w.astype(np.float64), b.astype(np.float64))
     want = x.astype(np.float64) @ layer.weight.T + layer.bias
     out = k.dense_forward(x, w, b)
-    assert out.dtype == np.float32 and out.shape == (n, o)
+    assert out.dtype == np.float32
+    assert out.shape == (n, o)
     assert max_norm_err(out, want) <= TOL
 
     R = f32(rng.uniform(0.1, 1.0, size=(n, o)))
@@ -109,7 +112,7 @@ def test_kernel_argument_checks(k):
 
 def seed_net(rng, sizes, bias_scale=0.05):
     layers = []
-    for i, o in zip(sizes[:-1], sizes[1:]):
+    for i, o in itertools.pairwise(sizes):
         layers += [dt.Dense(dt.init.he_uniform((o, i), rng), -rng.uniform(0, bias_scale, o)), dt.ReLU()]
     return dt.Sequential(layers + [dt.GlobalSumPool()])
 
@@ -125,12 +128,13 @@ def test_cpu_backend_matches_numpy(sizes, batch, composite):
     ref = dt.Explainer(net, comp, backend="numpy").explain(x, return_layers=True)
     for dtype in (np.float32, np.float64):
         got = dt.Explainer(net, comp, backend="cpu", threads=2).explain(x.astype(dtype), return_layers=True)
-        assert got.backend == "cpu" and got.relevance.dtype == np.float32
+        assert got.backend == "cpu"
+        assert got.relevance.dtype == np.float32
         assert got.relevance.shape == x.shape
         assert max_norm_err(got.output, ref.output) <= TOL
         np.testing.assert_array_equal(got.target, ref.target)
         assert len(got.layers) == len(ref.layers) == len(net) + 1
-        for g, r in zip(got.layers, ref.layers):
+        for g, r in zip(got.layers, ref.layers, strict=True):
             assert g.shape == r.shape
             assert max_norm_err(g, r) <= TOL
         assert dt.checks.conservation(got).ok(rtol=1e-4)
@@ -182,8 +186,8 @@ def test_cpu_backend_refuses_clearly_or_agrees(index):
     desc, net, comp, x = _candidates(rng)[index]
     try:
         ex = dt.Explainer(net, comp, backend="cpu")
-    except dt.UnsupportedError as exc:
-        assert isinstance(exc, NotImplementedError)
+    except dt.UnsupportedError as exc:  # refusing is allowed: the message is what is tested
+        assert isinstance(exc, NotImplementedError)  # noqa: PT017
         msg = str(exc)
         assert "cpu" in msg                                    # says which backend refuses
         _assert_names_layer_and_rule(msg, net, comp)
@@ -214,8 +218,9 @@ def test_cpu_backend_refuses_methods_or_agrees(rng):
     for method in (dt.methods.Sensitivity(), dt.methods.GradientXInput()):
         try:
             ex = dt.Explainer(net, method, backend="cpu")
-        except dt.UnsupportedError as exc:
-            assert method.name in str(exc) and "numpy" in str(exc)
+        except dt.UnsupportedError as exc:  # refusing is allowed: the message is what is tested
+            assert method.name in str(exc)  # noqa: PT017
+            assert "numpy" in str(exc)  # noqa: PT017
             continue
         ref = dt.Explainer(net, method).explain(x)
         assert max_norm_err(ex.explain(x).relevance, ref.relevance) <= 1e-4

@@ -210,7 +210,7 @@ def test_pool(rng, case, cls, mode):
     h, w, k, s, p = case
     layer = cls(k, s, p)
     x = rng.normal(size=(2, 3, h, w))
-    want, win = loop_pool(x, layer.kernel_size, layer.stride, layer.padding, mode)
+    want, _win = loop_pool(x, layer.kernel_size, layer.stride, layer.padding, mode)
     assert layer.output_shape(x.shape) == want.shape
     close(fwd(layer, x), want)
 

@@ -60,7 +60,8 @@ def test_numbers_match_hand_computation(task, seed, capsys):
     d = task.run(seed, verbose=False)
     assert capsys.readouterr().out == ""
     x, w, b = d["x"].tolist(), d["w"].tolist(), d["b"].tolist()
-    assert all(0.0 <= v <= 1.0 for v in x) and x[-1] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in x)
+    assert x[-1] == 0.0
     assert all(v <= 0 for v in b)
     assert d["w"].shape == (6, 4)
     # every hidden unit away from its kink, so the comparison tests the rules
@@ -104,7 +105,8 @@ def test_zero_input_is_treated_as_the_rules_say(task):
     assert d["R_i/w2"][-1] > 0.0              # w² ignores the input value
     # zB: a dark pixel with a negative weight into an active unit is evidence for it
     active = d["hidden"] > 0
-    assert np.any(d["w"][-1, active] < 0) and d["R_i/zB"][-1] > 0.0
+    assert np.any(d["w"][-1, active] < 0)
+    assert d["R_i/zB"][-1] > 0.0
 
 
 def test_script_prints_tables_and_reading(task, capsys):

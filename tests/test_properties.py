@@ -171,6 +171,16 @@ def test_epsilon_and_bias_absorb_relevance(rng):
     np.testing.assert_allclose(cons.layer_totals[:, 1:], res.explained[:, None] * np.ones((1, 3)), rtol=1e-12)
 
 
+def test_zplus_with_bias_absorbs_positive_bias():
+    """ZPlus(use_bias=True) (Zennit's ZPlus) adds b+ to the denominator: b+ / (sum q + b+) is absorbed."""
+    net = dt.Sequential([dt.Dense(np.array([[1.0, 1.0]]), [0.5]), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[0.25, 0.25]])                     # z = 1.0; z+ denominator 0.5 + b+ 0.5
+    res = dt.Explainer(net, dt.rules.ZPlus(use_bias=True)).explain(x)
+    np.testing.assert_allclose(res.relevance, [[0.25, 0.25]])
+    assert not res.conservative_expected
+    assert dt.Explainer(net, dt.rules.ZPlus()).explain(x).conservative_expected
+
+
 def test_negative_explained_output_gives_negative_zplus_relevance(rng):
     """z+ on a top layer whose output is negative: conservative (bias ignored) but not positive."""
     net = dt.Sequential([dt.Dense(np.array([[1.0, -3.0]]), [0.0])])
@@ -192,26 +202,35 @@ def test_check_reports_print_and_assert(rng):
     res = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0)).explain(x, return_layers=True)
     cons = dt.checks.conservation(res)
     text = str(cons)
-    assert "conservation" in text and "3 samples" in text
+    assert "conservation" in text
+    assert "3 samples" in text
     assert f"{res.relevance.reshape(3, -1).sum(1).mean():.6g}" in text
     assert f"{res.explained.mean():.6g}" in text
-    assert f"{cons.max_abs_error:.3e}" in text and "per layer" in text
-    assert cons.ok() and cons.max_rel_error < 1e-12
+    assert f"{cons.max_abs_error:.3e}" in text
+    assert "per layer" in text
+    assert cons.ok()
+    assert cons.max_rel_error < 1e-12
     pos = dt.checks.positivity(res)
     text = str(pos)
-    assert "0.00 %" in text and "negative entries per layer" in text
-    assert pos.ok() and pos.negative_fraction == 0.0 and pos.negative_mass == 0.0
+    assert "0.00 %" in text
+    assert "negative entries per layer" in text
+    assert pos.ok()
+    assert pos.negative_fraction == 0.0
+    assert pos.negative_mass == 0.0
 
     # a non-conservative, non-positive explanation: the reports say so, with the numbers
     res2 = dt.Explainer(net, dt.rules.AlphaBeta(2.0, 1.0)).explain(x - 0.5)
     cons2, pos2 = dt.checks.conservation(res2), dt.checks.positivity(res2)
-    assert cons2.layer_totals is None and "per layer" not in str(cons2)
+    assert cons2.layer_totals is None
+    assert "per layer" not in str(cons2)
     assert f"{cons2.max_rel_error:.3e}" in str(cons2)
     expect_neg = float((res2.relevance < 0).mean())
     assert pos2.negative_fraction == pytest.approx(expect_neg)
     assert f"{100 * expect_neg:.2f} %" in str(pos2)
     assert pos2.min_value == pytest.approx(float(res2.relevance.min()))
-    assert not pos2.ok() and pos2.ok(tol=-pos2.min_value)
+    assert not pos2.ok()
+    assert pos2.ok(tol=-pos2.min_value)
     # ok() honours its tolerances
     err = cons2.max_abs_error
-    assert cons2.ok(rtol=0.0, atol=err * 1.01) and not cons2.ok(rtol=0.0, atol=err * 0.99)
+    assert cons2.ok(rtol=0.0, atol=err * 1.01)
+    assert not cons2.ok(rtol=0.0, atol=err * 0.99)

@@ -132,7 +132,7 @@ def alphabeta_definition(rule, m, a, R, lo, hi):
     dp = [sum(qp[j]) + pos(m.b[j]) for j in range(len(R))]
     dn = [sum(qn[j]) + neg(m.b[j]) for j in range(len(R))]
     rp, rn = redistribute(qp, dp, R), redistribute(qn, dn, R)
-    return [rule.alpha * p - rule.beta * n for p, n in zip(rp, rn)], dp + dn
+    return [rule.alpha * p - rule.beta * n for p, n in zip(rp, rn, strict=True)], dp + dn
 
 
 @replicates(WSquare)
@@ -412,14 +412,19 @@ def test_single_layer_conservation_and_positivity(layer_and_shape, rng, rule):
     Rin = linear_relevance(layer, rule, a, R)
     assert np.all(Rin >= 0)
     np.testing.assert_allclose(Rin.reshape(2, -1).sum(1), R.reshape(2, -1).sum(1), rtol=1e-12)
-    assert rule.conservative and rule.positive
+    assert rule.conservative
+    assert rule.positive
 
 
 def test_rule_flags_and_values():
-    assert not Z.conservative and not Epsilon.conservative and not Gamma.conservative
+    assert not Z.conservative
+    assert not Epsilon.conservative
+    assert not Gamma.conservative
     assert not AlphaBeta.positive
-    assert Epsilon(0.1) == Epsilon(0.1) and Epsilon(0.1) != Epsilon(0.2)
-    assert hash(ZBox(0, 1)) == hash(ZBox(0.0, 1.0)) and ZBox(0, 1) == ZBox(0.0, 1.0)
+    assert Epsilon(0.1) == Epsilon(0.1)
+    assert Epsilon(0.1) != Epsilon(0.2)
+    assert hash(ZBox(0, 1)) == hash(ZBox(0.0, 1.0))
+    assert ZBox(0, 1) == ZBox(0.0, 1.0)
     assert ZBox(np.zeros(3), 1.0) != ZBox(0.0, 1.0)
     assert repr(AlphaBeta(2, 1)) == "AlphaBeta(alpha=2.0, beta=1.0)"
     assert repr(ZBox(np.zeros((3, 1, 1)), 1)) == "ZBox(low=array(3, 1, 1), high=1.0)"

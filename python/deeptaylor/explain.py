@@ -237,8 +237,10 @@ class Explainer:
                 if return_layers else None
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
+        # ZPlus(use_bias=True) puts the positive bias in the denominator: it can absorb relevance
         conservative = (not isinstance(self.assignment, Method)
-                        and all(r is None or r.conservative for r in self.assignment))
+                        and all(r is None or (r.conservative and not getattr(r, "use_bias", False))
+                                for r in self.assignment))
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative)
