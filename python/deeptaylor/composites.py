@@ -101,6 +101,9 @@ class Composite:
             if not 0 <= idx < n:
                 raise RuleError(f"composite '{self.name}': layer index {key} out of range for a "
                                 f"network of {n} layers")
+            if idx in explicit:
+                raise RuleError(f"composite '{self.name}': layer {idx} is given two rules (indices "
+                                f"{idx} and {idx - n} name the same layer)")
             if not net[idx].linear:
                 raise RuleError(f"composite '{self.name}': rule {rule!r} assigned to layer {idx} "
                                 f"({net[idx].kind}), which takes no rule (only Dense and Conv2d do)")

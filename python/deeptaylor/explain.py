@@ -11,6 +11,7 @@ import numpy as np
 from .composites import Composite
 from .composites import get as _get_composite
 from .errors import InputError, InputTypeError, RuleError, ShapeError
+from .layers import Flatten
 from .methods import Method
 from .network import Sequential
 from .rules import Rule, ZBox
@@ -160,24 +161,30 @@ class Explainer:
         c = self.composite
         return c.name if isinstance(c, Method) else f"composite:{c.name}"
 
-    def _check_domains(self, x: np.ndarray) -> None:
+    def _check_domains(self, x: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
+        """Every ZBox's bounds must broadcast to its layer's input shape (RuleError otherwise). ZBox on
+        the layer that sees the input (layer 0, or the first layer after leading Flatten layers, which
+        only reshape) needs the input within its box (InputError otherwise). Both are checked before
+        any work. ZBox deeper in the network sees activations: there the bounds are the user's
+        statement about them."""
         if isinstance(self.assignment, Method):
             return
-        # The input of the first linear layer is x itself (up to a Flatten): check zB's box there.
-        first = next((i for i, layer in enumerate(self.net) if layer.linear), None)
-        if first is None or any(type(layer).__name__ != "Flatten" for layer in self.net.layers[:first]):
-            return
-        rule = self.assignment[first]
-        if isinstance(rule, ZBox):
-            if first > 0:
-                x = x.reshape(x.shape[0], -1)
-            lo, hi = rule.bounds_for(x.shape[1:])
-            tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
-            if np.any(x < lo - tol) or np.any(x > hi + tol):
-                raise InputError(
-                    f"ZBox on layer {first} needs inputs within [low, high]; got values in [{x.min():.4g}, {x.max():.4g}] "
-                    "(rescale the input or pass the right low/high)"
-                )
+        for rule, shape in zip(self.assignment, shapes):
+            if isinstance(rule, ZBox):
+                rule.bounds_for(shape[1:])
+        a = x
+        for i, (layer, rule) in enumerate(zip(self.net, self.assignment)):
+            if isinstance(rule, ZBox):
+                lo, hi = rule.bounds_for(a.shape[1:])
+                tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
+                if np.any(a < lo - tol) or np.any(a > hi + tol):
+                    raise InputError(
+                        f"ZBox on layer {i} ({layer.kind}) needs inputs within [low, high]; got values in "
+                        f"[{a.min():.4g}, {a.max():.4g}] (rescale the input or pass the right low/high)"
+                    )
+            if not isinstance(layer, Flatten):
+                return
+            a = a.reshape(a.shape[0], -1)
 
     def explain(self, x: Any, target: Any = None, return_layers: bool = False,
                 batch_size: int | None = None, progress: bool = False) -> Explanation:
@@ -204,7 +211,7 @@ class Explainer:
         x, shapes = validate_input(self.net, x)
         n, k = shapes[-1]
         targets = validate_targets(target, n, k)
-        self._check_domains(x)
+        self._check_domains(x, shapes)
         if batch_size is None:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -230,8 +237,10 @@ class Explainer:
                 if return_layers else None
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
+        # ZPlus(use_bias=True) puts the positive bias in the denominator: it can absorb relevance
         conservative = (not isinstance(self.assignment, Method)
-                        and all(r is None or r.conservative for r in self.assignment))
+                        and all(r is None or (r.conservative and not getattr(r, "use_bias", False))
+                                for r in self.assignment))
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputTypeError, ShapeError
+from .errors import InputError, InputTypeError, ShapeError
 
 __all__ = [
     "Layer",
@@ -51,7 +51,7 @@ def _param(value: Any, name: str, layer: str, ndim: int) -> np.ndarray:
         raise ShapeError(f"{layer}: {name} is empty (shape {arr.shape})")
     out = np.array(arr, dtype=np.float64, copy=True)
     if not np.all(np.isfinite(out)):
-        raise InputTypeError(f"{layer}: {name} contains NaN or Inf")
+        raise InputError(f"{layer}: {name} contains NaN or Inf")
     out.setflags(write=False)
     return out
 

@@ -86,7 +86,12 @@ class Sequential:
         return [i for i, layer in enumerate(self._layers) if layer.linear]
 
     def forward(self, x: Any) -> np.ndarray:
-        """Network output in float64 (NumPy reference), ``x`` of shape ``(N, ...)``."""
+        """Network output in float64 (NumPy reference), ``x`` of shape ``(N, ...)``.
+
+        Raises :class:`~deeptaylor.errors.ShapeError` (naming the layer) if a layer cannot take the
+        shape of its input."""
         from .reference import forward as _forward
 
-        return _forward(self, np.asarray(x, dtype=np.float64))
+        x = np.asarray(x, dtype=np.float64)
+        self.shapes(x.shape)
+        return _forward(self, x)

@@ -94,7 +94,9 @@ class Z(Rule):
 class Epsilon(Rule):
     """LRP-epsilon (Bach et al. 2015): as :class:`Z` with ``z_j + eps * sign(z_j)`` (sign(0) = +1).
 
-    Epsilon and the bias absorb relevance: not conservative, not positive.
+    Epsilon and the bias absorb relevance, exactly
+    ``sum_i R_i = sum_j R_j (z_j - b_j) / (z_j + eps sign z_j)``: not conservative, not positive.
+    ``Epsilon(0)`` is :class:`Z` (an output with ``z_j = 0`` passes nothing).
     """
 
     __slots__ = ("eps",)

@@ -47,7 +47,8 @@ def epsilon_rule(layer: Linear, rule: Epsilon, a: np.ndarray, R: np.ndarray) -> 
     """LRP-epsilon (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j)), sign(0)=+1."""
     W = layer.weight
     z = L(layer, a, W, layer.bias)
-    s = R / (z + rule.eps * np.where(z >= 0, 1.0, -1.0))
+    # safe_divide: with eps = 0 an output with z = 0 passes nothing (as Z), instead of NaN
+    s = safe_divide(R, z + rule.eps * np.where(z >= 0, 1.0, -1.0))
     return a * LT(layer, s, W, a.shape)
 
 

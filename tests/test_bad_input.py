@@ -1,0 +1,300 @@
+"""Bad input gives a clear exception of the documented type, with a message naming the problem."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import deeptaylor as dt
+
+
+@pytest.fixture
+def dense_net(rng):
+    return dt.Sequential([dt.Dense(rng.normal(size=(4, 6)), -0.1 * np.ones(4)), dt.ReLU(),
+                          dt.Dense(rng.normal(size=(3, 4)))])
+
+
+@pytest.fixture
+def conv_net(rng):
+    return dt.Sequential([dt.Conv2d(rng.normal(size=(2, 3, 3, 3)), padding=1), dt.ReLU(), dt.MaxPool2d(2),
+                          dt.Flatten(), dt.Dense(rng.normal(size=(5, 2 * 2 * 2)))])
+
+
+@pytest.fixture(params=dt.available_backends())
+def backend(request):
+    return request.param
+
+
+def _re(s):
+    return re.escape(s)
+
+
+def explain(net, x, backend="numpy", composite=None, **kw):
+    comp = composite if composite is not None else dt.rules.ZPlus()
+    return dt.Explainer(net, comp, backend=backend).explain(x, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# The input array
+
+
+@pytest.mark.parametrize(("shape", "exc", "phrase"), [
+    ((6,), dt.ShapeError, "rank 1"),
+    ((2, 6, 1), dt.ShapeError, "rank 3"),
+    ((2, 1, 1, 6, 1), dt.ShapeError, "rank 5"),
+    ((2, 7), dt.ShapeError, "expects 6 input features, got 7"),
+    ((2, 1, 2, 3), dt.ShapeError, "Dense expects input (N, 6), got rank 4"),
+])
+def test_wrong_rank_or_features(dense_net, backend, shape, exc, phrase):
+    with pytest.raises(exc, match=_re(phrase)):
+        explain(dense_net, np.zeros(shape), backend)
+
+
+def test_wrong_channels_names_layer(conv_net):
+    with pytest.raises(dt.ShapeError, match=_re("layer 0 (Conv2d)")) as info:
+        explain(conv_net, np.zeros((1, 2, 4, 4)))
+    assert "expects 3 input channels, got 2" in str(info.value)
+    with pytest.raises(dt.ShapeError, match=_re("layer 4 (Dense)")):
+        explain(conv_net, np.zeros((1, 3, 6, 6)))      # the image is too large for the Dense layer
+    with pytest.raises(dt.ShapeError, match="smaller than"):
+        explain(conv_net, np.zeros((1, 3, 1, 1)))
+
+
+def test_output_must_be_two_dimensional(rng):
+    net = dt.Sequential([dt.Conv2d(rng.normal(size=(2, 1, 3, 3))), dt.ReLU()])
+    with pytest.raises(dt.ShapeError, match=_re("output must be (N, K)")):
+        explain(net, np.zeros((1, 1, 5, 5)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_input(dense_net, backend, bad):
+    x = np.ones((3, 6))
+    x[1, 4] = bad
+    with pytest.raises(dt.InputError, match=_re("1 NaN/Inf value(s), first at index (1, 4)")):
+        explain(dense_net, x, backend)
+
+
+def test_empty_batch(dense_net, backend):
+    with pytest.raises(dt.InputError, match="empty batch"):
+        explain(dense_net, np.zeros((0, 6)), backend)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float16, np.complex128, np.bool_, object])
+def test_unsupported_dtypes(dense_net, backend, dtype):
+    with pytest.raises(dt.InputTypeError, match="use float32 or float64"):
+        explain(dense_net, np.ones((2, 6), dtype=dtype), backend)
+
+
+def test_non_array_input(dense_net):
+    with pytest.raises(dt.InputTypeError, match="dtype"):
+        explain(dense_net, [["a"] * 6])
+    # a nested list of floats is an array: accepted
+    assert explain(dense_net, [[0.5] * 6]).relevance.shape == (1, 6)
+
+
+def test_errors_are_builtin_subclasses():
+    assert issubclass(dt.InputError, ValueError)
+    assert issubclass(dt.ShapeError, ValueError)
+    assert issubclass(dt.InputTypeError, TypeError)
+    assert issubclass(dt.RuleError, ValueError)
+    assert issubclass(dt.UnsupportedError, NotImplementedError)
+    assert issubclass(dt.ModelFormatError, ValueError)
+    for e in (dt.InputError, dt.InputTypeError, dt.ShapeError, dt.RuleError, dt.UnsupportedError):
+        assert issubclass(e, dt.DeepTaylorError)
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+
+
+@pytest.mark.parametrize(("target", "exc", "phrase"), [
+    (3, dt.InputError, "target out of range: the network has 3 output(s) (0..2)"),
+    (-1, dt.InputError, "target out of range"),
+    (np.array([0, 5]), dt.InputError, "got values in [0, 5]"),
+    (1.0, dt.InputTypeError, "target must be an int or an integer array, got dtype float64"),
+    (np.array([0.0, 1.0]), dt.InputTypeError, "integer array"),
+    (True, dt.InputTypeError, "dtype bool"),
+    ("1", dt.InputTypeError, "target must be an int"),
+    (np.array([0, 1, 2]), dt.ShapeError, "target must be an int or have shape (2,), got shape (3,)"),
+    (np.array([[0], [1]]), dt.ShapeError, "got shape (2, 1)"),
+])
+def test_bad_targets(dense_net, backend, target, exc, phrase):
+    with pytest.raises(exc, match=_re(phrase)):
+        explain(dense_net, np.ones((2, 6)), backend, target=target)
+
+
+def test_good_targets(dense_net):
+    x = np.ones((2, 6))
+    assert explain(dense_net, x, target=np.int32(2)).target.tolist() == [2, 2]
+    assert explain(dense_net, x, target=[0, 2]).target.tolist() == [0, 2]
+    assert explain(dense_net, x, target=np.array([1, 0], dtype=np.uint8)).target.tolist() == [1, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules on layers, composites, ZBox
+
+
+def test_rule_on_a_layer_that_takes_none(dense_net):
+    comp = dt.Composite(by_index={1: dt.rules.ZPlus()}, default=dt.rules.ZPlus())
+    with pytest.raises(dt.RuleError, match=_re("assigned to layer 1 (ReLU), which takes no rule")):
+        dt.Explainer(dense_net, comp)
+    with pytest.raises(dt.RuleError, match="out of range for a network of 3 layers"):
+        dt.Explainer(dense_net, dt.Composite(by_index={7: dt.rules.ZPlus()}, default=dt.rules.ZPlus()))
+    with pytest.raises(dt.RuleError, match="given two rules"):
+        dt.Explainer(dense_net, dt.Composite(by_index={0: dt.rules.ZPlus(), -3: dt.rules.Flat()}))
+
+
+def test_unassigned_layer(dense_net):
+    with pytest.raises(dt.RuleError, match=_re("assigns no rule to layer 2 (Dense)")):
+        dt.Explainer(dense_net, dt.Composite(first=dt.rules.WSquare()))
+
+
+def test_not_a_rule_or_composite(dense_net):
+    with pytest.raises(dt.RuleError, match="not a deeptaylor rule"):
+        dt.Composite(default="zplus")
+    with pytest.raises(dt.RuleError, match="expected a composite"):
+        dt.Explainer(dense_net, 42)
+    with pytest.raises(dt.RuleError, match="unknown composite 'nope'; known: deep-taylor"):
+        dt.Explainer(dense_net, "nope")
+    with pytest.raises(dt.RuleError, match="unknown key"):
+        dt.Composite.from_mapping({"dense": dt.rules.ZPlus()})
+    with pytest.raises(dt.RuleError, match="by_type keys must be layer classes"):
+        dt.Composite(by_type={int: dt.rules.ZPlus()})
+    with pytest.raises(dt.RuleError, match="by_index keys must be layer indices"):
+        dt.Composite(by_index={"0": dt.rules.ZPlus()})
+
+
+def test_zbox_bounds_not_broadcastable(conv_net):
+    comp = dt.composites.deep_taylor(low=np.zeros(2), high=np.ones(2))     # (2,) vs the input's (3, 4, 4)
+    with pytest.raises(dt.RuleError, match=_re("do not broadcast to the layer's input shape (3, 4, 4)")):
+        dt.Explainer(conv_net, comp).explain(np.zeros((1, 3, 4, 4)))
+    with pytest.raises(dt.RuleError, match="do not broadcast"):
+        dt.rules.ZBox(np.zeros(2), np.ones(3))
+    with pytest.raises(dt.RuleError, match="low must be <= high"):
+        dt.rules.ZBox(1.0, 0.0)
+    with pytest.raises(dt.RuleError, match="finite"):
+        dt.rules.ZBox(-np.inf, 1.0)
+    # a ZBox deeper in the network is checked for shape too, before any work
+    deep = dt.Composite(by_index={4: dt.rules.ZBox(np.zeros(3), 1.0)}, default=dt.rules.ZPlus())
+    with pytest.raises(dt.RuleError, match=_re("(8,)")):
+        dt.Explainer(conv_net, deep).explain(np.zeros((1, 3, 4, 4)))
+
+
+@pytest.mark.parametrize("backend_name", dt.available_backends())
+def test_zbox_input_outside_box(conv_net, rng, backend_name):
+    x = rng.uniform(0, 1, size=(2, 3, 4, 4))
+    comp = dt.composites.deep_taylor(0.0, 1.0)
+    x[1, 2, 3, 0] = 1.5
+    try:
+        ex = dt.Explainer(conv_net, comp, backend=backend_name)
+    except dt.UnsupportedError:
+        pytest.skip("backend does not run this net")
+    with pytest.raises(dt.InputError, match=_re("ZBox on layer 0 (Conv2d) needs inputs within [low, high]")):
+        ex.explain(x)
+    # per-channel bounds: channel 2 may go to 2
+    ok = dt.composites.deep_taylor(np.zeros((3, 1, 1)), np.array([1.0, 1.0, 2.0]).reshape(3, 1, 1))
+    assert dt.Explainer(conv_net, ok).explain(x).relevance.shape == x.shape
+
+
+def test_zbox_domain_checked_after_flatten(rng):
+    """Flatten only reshapes: a ZBox on the Dense layer after it still sees the raw input."""
+    net = dt.Sequential([dt.Flatten(), dt.Dense(rng.normal(size=(3, 12)), -0.1 * np.ones(3)), dt.ReLU(),
+                         dt.GlobalSumPool()])
+    x = rng.uniform(size=(2, 3, 2, 2))
+    dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+    x[0, 0, 0, 0] = -0.2
+    with pytest.raises(dt.InputError, match=_re("ZBox on layer 1 (Dense)")):
+        dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+
+
+@pytest.mark.parametrize(("make", "phrase"), [
+    (lambda: dt.rules.Epsilon(-1e-3), "eps must be finite and >= 0"),
+    (lambda: dt.rules.Epsilon(np.nan), "eps must be finite"),
+    (lambda: dt.rules.Epsilon("small"), "eps must be a number"),
+    (lambda: dt.rules.Gamma(-0.5), "gamma must be finite and >= 0"),
+    (lambda: dt.rules.AlphaBeta(2.0, 2.0), "alpha - beta must equal 1"),
+    (lambda: dt.rules.AlphaBeta(0.5, -0.5), "beta must be finite and >= 0"),
+    (lambda: dt.rules.AlphaBeta(True, 0), "alpha must be a number"),
+])
+def test_invalid_rule_params(make, phrase):
+    with pytest.raises(dt.RuleError, match=_re(phrase)):
+        make()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer parameters
+
+
+@pytest.mark.parametrize(("make", "exc", "phrase"), [
+    (lambda: dt.Dense(np.ones((3, 2)), np.ones(4)), dt.ShapeError, "bias has 4 entries but weight has 3 outputs"),
+    (lambda: dt.Dense(np.ones(3)), dt.ShapeError, "weight must have 2 dimensions, got shape (3,)"),
+    (lambda: dt.Dense(np.ones((2, 2)), np.ones((2, 1))), dt.ShapeError, "bias must have 1 dimensions"),
+    (lambda: dt.Dense(np.zeros((0, 3))), dt.ShapeError, "weight is empty"),
+    (lambda: dt.Dense(np.array([[1.0, np.nan]])), dt.InputError, "Dense: weight contains NaN or Inf"),
+    (lambda: dt.Dense(np.ones((1, 1)), [np.inf]), dt.InputError, "bias contains NaN or Inf"),
+    (lambda: dt.Dense(np.array([["a"]])), dt.InputTypeError, "real numeric array"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3))), dt.ShapeError, "weight must have 4 dimensions"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3, 3)), np.ones(3)), dt.ShapeError, "2 output channels"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3, 3)), stride=0), dt.ShapeError, "stride must be >= 1"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3, 3)), padding=-1), dt.ShapeError, "padding must be >= 0"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3, 3)), padding=(1, 2, 3)), dt.ShapeError, "padding"),
+    (lambda: dt.Conv2d(np.ones((2, 1, 3, 3)), dilation=(1, 0)), dt.ShapeError, "dilation must be >= 1"),
+    (lambda: dt.MaxPool2d(2, padding=2), dt.ShapeError, "must be at most half the kernel size"),
+    (lambda: dt.AvgPool2d((4, 2), padding=(0, 0, 0, 2)), dt.ShapeError, "at most half"),
+    (lambda: dt.SumPool2d(3, stride=(1, 1, 1)), dt.ShapeError, "stride must be an int or a pair"),
+    (lambda: dt.MaxPool2d(0), dt.ShapeError, "kernel_size must be >= 1"),
+    (lambda: dt.LpPool(0.5), dt.ShapeError, "p must be a finite number >= 1"),
+    (lambda: dt.LpPool(2, stride=2), dt.ShapeError, "stride given without kernel_size"),
+    (lambda: dt.Sequential([]), dt.ShapeError, "at least one layer"),
+    (lambda: dt.Sequential([dt.ReLU(), "relu"]), TypeError, "item 1 is str"),
+])
+def test_bad_layer_params(make, exc, phrase):
+    with pytest.raises(exc, match=_re(phrase)):
+        make()
+
+
+def test_layers_are_immutable(rng):
+    d = dt.Dense(rng.normal(size=(2, 3)))
+    with pytest.raises(AttributeError, match="immutable"):
+        d.weight = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="read-only"):
+        d.weight[0, 0] = 1.0
+    w = np.ones((2, 3))
+    d = dt.Dense(w)
+    w[0, 0] = 5.0                  # the layer holds its own copy
+    assert d.weight[0, 0] == 1.0
+
+
+def test_sequential_output_shape_names_failing_layer(rng):
+    net = dt.Sequential([dt.Conv2d(rng.normal(size=(4, 3, 3, 3))), dt.ReLU(), dt.MaxPool2d(2), dt.Flatten(),
+                         dt.Dense(rng.normal(size=(2, 16)))])
+    assert net.output_shape((5, 3, 6, 6)) == (5, 2)
+    assert net.shapes((5, 3, 6, 6)) == [(5, 3, 6, 6), (5, 4, 4, 4), (5, 4, 4, 4), (5, 4, 2, 2), (5, 16), (5, 2)]
+    with pytest.raises(dt.ShapeError) as info:
+        net.output_shape((5, 3, 8, 8))
+    msg = str(info.value)
+    assert "layer 4 (Dense)" in msg
+    assert "(5, 36)" in msg
+    assert "expects 16 input features, got 36" in msg
+    with pytest.raises(dt.ShapeError, match=_re("layer 0 (Conv2d) cannot take input of shape (5, 2, 6, 6)")):
+        net.output_shape((5, 2, 6, 6))
+    with pytest.raises(dt.ShapeError, match=_re("layer 2 (MaxPool2d)")):
+        net.output_shape((5, 3, 3, 3))
+    with pytest.raises(dt.ShapeError, match="network input must be"):
+        net.output_shape((5, 3, 6))
+    with pytest.raises(dt.ShapeError, match=_re("layer 0 (Conv2d)")):
+        net.forward(np.zeros((1, 3, 2, 2)))
+
+
+def test_explainer_arguments(dense_net):
+    with pytest.raises(TypeError, match="must be a deeptaylor.Sequential"):
+        dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
+    ex = dt.Explainer(dense_net, dt.rules.ZPlus())
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        ex.explain(np.ones((2, 6)), batch_size=0)

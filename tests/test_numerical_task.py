@@ -1,0 +1,132 @@
+"""The seeds' numerical task (examples/numerical_task.py) against a hand computation of the slides'
+formulas (seed 003): R_k = x_k; R_j = x_j; R_i = sum_j q_ij / (sum_i' q_i'j) R_j with
+q = w², x w+ or x w - l w+ - h w-. The hand computation is written with explicit loops over i and j
+from the weights and input only; nothing is taken from deeptaylor's rule code."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "numerical_task.py"
+
+
+@pytest.fixture(scope="module")
+def task():
+    spec = importlib.util.spec_from_file_location("numerical_task", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hand(x: list[float], w: list[list[float]], b: list[float], rule: str, low: float = 0.0,
+         high: float = 1.0) -> dict[str, object]:
+    """The slides' computation with loops. x[i], w[i][j] (slide notation), b[j]."""
+    n_in, n_hid = len(x), len(b)
+    xj = []
+    for j in range(n_hid):
+        z = b[j]
+        for i in range(n_in):
+            z += x[i] * w[i][j]
+        xj.append(max(0.0, z))
+    xk = sum(xj)
+    rk = xk                      # step 1: R_k = x_k
+    rj = list(xj)                # steps 2-3: root x~_j = 0 and dR_k/dx_j = 1 give R_j = x_j
+    ri = [0.0] * n_in            # step 4: the detection layer's rule
+    for j in range(n_hid):
+        q = []
+        for i in range(n_in):
+            wp, wn = max(0.0, w[i][j]), min(0.0, w[i][j])
+            if rule == "w2":
+                q.append(w[i][j] ** 2)
+            elif rule == "zplus":
+                q.append(x[i] * wp)
+            elif rule == "zB":
+                q.append(x[i] * w[i][j] - low * wp - high * wn)
+            else:
+                raise ValueError(rule)
+        den = sum(q)
+        for i in range(n_in):
+            ri[i] += q[i] / den * rj[j] if den != 0 else 0.0
+    return {"x_k": xk, "R_k": rk, "R_j": rj, "R_i": ri, "x_j": xj}
+
+
+@pytest.mark.parametrize("seed", [0, 5, 21])
+def test_numbers_match_hand_computation(task, seed, capsys):
+    d = task.run(seed, verbose=False)
+    assert capsys.readouterr().out == ""
+    x, w, b = d["x"].tolist(), d["w"].tolist(), d["b"].tolist()
+    assert all(0.0 <= v <= 1.0 for v in x)
+    assert x[-1] == 0.0
+    assert all(v <= 0 for v in b)
+    assert d["w"].shape == (6, 4)
+    # every hidden unit away from its kink, so the comparison tests the rules
+    assert all(abs(v) > 1e-3 for v in d["z"])
+    tol = 1e-12
+    for rule in ("w2", "zplus", "zB"):
+        h = hand(x, w, b, rule)
+        scale = max(1.0, h["x_k"])
+        assert math.isclose(d["f"][0], h["x_k"], abs_tol=tol)
+        np.testing.assert_allclose(d["hidden"], h["x_j"], rtol=0, atol=tol)
+        np.testing.assert_allclose(d[f"R_k/{rule}"], [h["R_k"]], rtol=0, atol=tol * scale)
+        np.testing.assert_allclose(d[f"R_j/{rule}"], h["R_j"], rtol=0, atol=tol * scale)
+        np.testing.assert_allclose(d[f"R_i/{rule}"], h["R_i"], rtol=0, atol=tol * scale)
+        # conservation and positivity (what the slides' propositions promise) in the hand numbers too
+        assert math.isclose(sum(h["R_i"]), h["x_k"], rel_tol=1e-12, abs_tol=1e-15)
+        assert min(h["R_i"]) >= 0.0
+        assert d[f"conservation/{rule}"][0] <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("seed", [0, 21])
+def test_sensitivity_by_hand(task, seed):
+    d = task.run(seed, verbose=False)
+    x, w, b = d["x"], d["w"], d["b"]
+    grad = []
+    for i in range(6):
+        g = 0.0
+        for j in range(4):
+            z = sum(x[k] * w[k][j] for k in range(6)) + b[j]
+            if z > 0:                 # dx_j/dz_j = 1 where the unit fires, 0 elsewhere; dx_k/dx_j = 1
+                g += w[i][j]
+        grad.append(g)
+    np.testing.assert_allclose(d["sensitivity"], np.square(grad), rtol=1e-12, atol=1e-14)
+    # not conservative: the squared gradient does not sum to f(x) in general
+    assert abs(d["sensitivity"].sum() - d["f"][0]) > 1e-3
+
+
+def test_zero_input_is_treated_as_the_rules_say(task):
+    d = task.run(21, verbose=False)
+    assert d["x"][-1] == 0.0
+    assert d["R_i/zplus"][-1] == 0.0          # z+ gives nothing to an input that is off
+    assert d["R_i/w2"][-1] > 0.0              # w² ignores the input value
+    # zB: a dark pixel with a negative weight into an active unit is evidence for it
+    active = d["hidden"] > 0
+    assert np.any(d["w"][-1, active] < 0)
+    assert d["R_i/zB"][-1] > 0.0
+
+
+def test_script_prints_tables_and_reading(task, capsys):
+    task.run(21, verbose=True)
+    out = capsys.readouterr().out
+    for phrase in ("Relevance per layer", "Relevance of the inputs R_i", "Checks", "Reading the numbers",
+                   "w²", "z+", "zB", "(df/dx_i)^2", "not conservative"):
+        assert phrase in out
+    d = task.run(21, verbose=False)
+    assert f"{d['f'][0]:.6f}" in out
+    for rule in ("w2", "zplus", "zB"):
+        assert f"{d[f'R_i/{rule}'].sum():.6f}" in out
+    assert "NO" not in out.split("Checks")[1].split("Reading")[0]
+
+
+def test_no_unit_fires(task, capsys):
+    # seed 3 switches every unit off: the example must say so instead of dividing by zero
+    d = task.run(3, verbose=True)
+    out = capsys.readouterr().out
+    assert d["f"][0] == 0.0
+    assert "nothing to explain" in out
+    for rule in ("w2", "zplus", "zB"):
+        assert np.all(d[f"R_i/{rule}"] == 0.0)
