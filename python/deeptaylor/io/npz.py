@@ -86,7 +86,7 @@ def save_npz(net: Sequential, path: str | os.PathLike[str], input_shape: Any = N
     Parameters
     ----------
     net : Sequential
-    path : str or path-like
+    path : str, path-like or binary file object
     input_shape : tuple of int, optional
         The per-sample input shape (``(F,)`` or ``(C, H, W)``, no batch dimension). Stored in the
         description; :func:`load_npz` then checks that the layers compose for it.
@@ -110,6 +110,9 @@ def save_npz(net: Sequential, path: str | os.PathLike[str], input_shape: Any = N
     if shape is not None:
         meta["input_shape"] = shape
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    if hasattr(path, "write"):  # a binary file object
+        np.savez(path, **arrays)
+        return
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
 

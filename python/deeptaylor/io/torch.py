@@ -22,6 +22,7 @@ SUPPORTED_MODULES = ("Sequential (nested ones are flattened)", "Linear",
                      "Conv2d (groups=1, padding_mode='zeros')", "ReLU", "MaxPool2d", "AvgPool2d",
                      "AdaptiveAvgPool2d (when it is a fixed pooling for the input shape)",
                      "Flatten (start_dim=1, end_dim=-1)", "Dropout (dropped)", "Identity (dropped)",
+                     "ZeroPad2d/ConstantPad2d (folded into the following Conv2d/AvgPool2d, or MaxPool2d for -inf)",
                      "BatchNorm1d/BatchNorm2d (folded into the preceding Linear/Conv2d)")
 
 
@@ -149,11 +150,31 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
                              "with a Linear layer")
     shape = _input_shape(input_shape)
     layers: list[Layer] = []
+    pending: tuple[str, Any, tuple[int, int, int, int], float] | None = None  # a ZeroPad2d/ConstantPad2d
     last_linear = -1  # index in `layers` of a Linear/Conv2d that a BatchNorm may still be folded into
     for path, m in leaves:
         new: Layer | None = None
         if isinstance(m, (nn.Dropout, nn.Identity)):
             continue
+        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            if pending is not None:
+                raise _unsupported(pending[0], pending[1], "two padding modules in a row")
+            left, right, top, bottom = (int(v) for v in m.padding)
+            if min(left, right, top, bottom) < 0:
+                raise _unsupported(path, m, "negative padding (cropping)")
+            pending = (path, m, (top, bottom, left, right), float(getattr(m, "value", 0.0)))
+            continue
+        extra_pad = (0, 0, 0, 0)
+        if pending is not None:
+            ppath, pmod, extra_pad, value = pending
+            pending = None
+            fits = ((value == 0.0 and isinstance(m, (nn.Conv2d, nn.AvgPool2d)))
+                    or (value == float("-inf") and isinstance(m, nn.MaxPool2d)))
+            if not fits:
+                raise _unsupported(ppath, pmod, "padding is supported only right before a Conv2d or AvgPool2d "
+                                                "(value 0) or a MaxPool2d (value -inf), where it is folded")
+            if isinstance(m, nn.AvgPool2d) and not m.count_include_pad:
+                raise _unsupported(ppath, pmod, "padding before an AvgPool2d with count_include_pad=False")
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if last_linear != len(layers) - 1 or last_linear < 0:
                 raise _unsupported(path, m, "BatchNorm must directly follow a Linear or Conv2d to be folded")
@@ -185,6 +206,7 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             else:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
+            pad = tuple(a + b for a, b in zip(pad, extra_pad))
             new = Conv2d(_array(m.weight), None if m.bias is None else _array(m.bias), stride=_pair(m.stride),
                          padding=pad, dilation=(dh, dw))
         elif isinstance(m, nn.ReLU):
@@ -197,6 +219,7 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             k = _pair(m.kernel_size)
             s = k if m.stride is None or m.stride == [] else _pair(m.stride)
             p = _pair(m.padding)
+            pads = (p[0] + extra_pad[0], p[0] + extra_pad[1], p[1] + extra_pad[2], p[1] + extra_pad[3])
             if isinstance(m, nn.MaxPool2d):
                 if _pair(m.dilation) != (1, 1):
                     raise _unsupported(path, m, f"dilation={m.dilation}")
@@ -211,13 +234,14 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             if m.ceil_mode:
                 if len(shape) != 4:
                     raise _unsupported(path, m, "ceil_mode=True on a non-image input")
-                same = all(_pool_out(shape[2 + d], k[d], s[d], p[d], True)
-                           == _pool_out(shape[2 + d], k[d], s[d], p[d], False) for d in range(2))
+                same = all(_pool_out(shape[2 + d] + extra_pad[2 * d] + extra_pad[2 * d + 1], k[d], s[d], p[d], True)
+                           == _pool_out(shape[2 + d] + extra_pad[2 * d] + extra_pad[2 * d + 1], k[d], s[d], p[d],
+                                        False) for d in range(2))
                 if not same:
                     raise _unsupported(path, m, f"ceil_mode=True changes the output size for input {shape[1:]}")
             cls = MaxPool2d if isinstance(m, nn.MaxPool2d) else AvgPool2d
             try:
-                new = cls(k, stride=s, padding=p)
+                new = cls(k, stride=s, padding=pads)
             except ShapeError as exc:
                 raise _unsupported(path, m, str(exc)) from None
         elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -243,6 +267,8 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
         layers.append(new)
         if new.linear:
             last_linear = len(layers) - 1
+    if pending is not None:
+        raise _unsupported(pending[0], pending[1], "padding at the end of the model")
     if not layers:
         raise UnsupportedError("from_torch: the module has no layers deeptaylor can represent")
     return Sequential(layers)
@@ -320,7 +346,7 @@ def to_torch(net: Sequential, dtype: Any = None) -> Any:
 
     for layer in net:
         if isinstance(layer, Dense):
-            m = nn.Linear(layer.in_features, layer.out_features)
+            m = nn.Linear(layer.in_features, layer.out_features, dtype=dtype)
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(layer.weight.copy()))
                 m.bias.copy_(torch.from_numpy(layer.bias.copy()))
@@ -331,7 +357,7 @@ def to_torch(net: Sequential, dtype: Any = None) -> Any:
                 mods.append(pad(layer.padding, 0.0))
                 p = (0, 0)
             m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                          padding=p, dilation=layer.dilation)
+                          padding=p, dilation=layer.dilation, dtype=dtype)
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(layer.weight.copy()))
                 m.bias.copy_(torch.from_numpy(layer.bias.copy()))
