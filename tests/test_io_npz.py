@@ -56,7 +56,7 @@ def test_round_trip_outputs_and_heatmaps_identical(tmp_path, rng):
     path = tmp_path / "c.npz"
     dt.save(net, path)
     back = dt.load(path)
-    for a, b in zip(net, back):
+    for a, b in zip(net, back, strict=True):
         for name in ("weight", "bias"):
             if hasattr(a, name):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))  # float64 kept exactly

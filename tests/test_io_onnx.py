@@ -13,8 +13,8 @@ import deeptaylor as dt
 from deeptaylor.io.onnx import load_onnx
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx.reference import ReferenceEvaluator  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 RNG = np.random.default_rng(99)
 
@@ -208,7 +208,7 @@ torch_cases = {
 }
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("fold", [True, False])  # False: BatchNormalization nodes kept, initializers as inputs
 @pytest.mark.parametrize("opset", [11, 17])
 @pytest.mark.parametrize("name", sorted(torch_cases))
 def test_torch_exported_models_match_torch(name, opset, fold):
@@ -225,9 +225,9 @@ def test_torch_exported_models_match_torch(name, opset, fold):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(net_t, torch.zeros(2, *shape), buf, dynamo=False, opset_version=opset,
-                              do_constant_folding=fold, input_names=["image"],
+                              do_constant_folding=fold, keep_initializers_as_inputs=not fold, input_names=["image"],
                               dynamic_axes={"image": {0: "batch"}})
-    except Exception as exc:  # pragma: no cover - exporter unavailable
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
     net = load_onnx(buf.getvalue())
     x = np.random.default_rng(5).uniform(size=(4, *shape)).astype(np.float32)

@@ -67,8 +67,9 @@ def test_forward_matches_torch(name):
 
 def test_conv_options():
     torch.manual_seed(2)
-    cases = [dict(padding="same", kernel_size=4, dilation=2), dict(padding="valid", kernel_size=3, stride=2),
-             dict(padding=(2, 1), kernel_size=(3, 5), stride=(2, 1), dilation=(1, 2))]
+    cases = [{"padding": "same", "kernel_size": 4, "dilation": 2},
+             {"padding": "valid", "kernel_size": 3, "stride": 2},
+             {"padding": (2, 1), "kernel_size": (3, 5), "stride": (2, 1), "dilation": (1, 2)}]
     for kw in cases:
         model = nn.Sequential(nn.Conv2d(2, 3, **kw), nn.ReLU(), nn.Flatten()).double().eval()
         net = dt.from_torch(model, (1, 2, 11, 10))

@@ -22,19 +22,18 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import import_zennit
 
 import deeptaylor as dt
-
-from conftest import import_zennit
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 zennit = import_zennit()
-from zennit.attribution import Gradient  # noqa: E402
-from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonPlusFlat, SpecialFirstLayerMapComposite  # noqa: E402
-from zennit.rules import Norm, Pass, ZBox, ZPlus  # noqa: E402
-from zennit.types import Activation, AvgPool, Linear  # noqa: E402
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonPlusFlat, SpecialFirstLayerMapComposite
+from zennit.rules import Norm, Pass, ZBox, ZPlus
+from zennit.types import Activation, AvgPool, Linear
 
 
 def _randomise_bn(model):
@@ -121,7 +120,7 @@ def _import(model, shape, importer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model.float(), torch.zeros(1, *shape), buf, dynamo=False, do_constant_folding=False)
-    except Exception as exc:  # pragma: no cover - exporter unavailable in this torch build
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable in this torch build
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
     finally:
         model.double()

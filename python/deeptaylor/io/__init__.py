@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ModelFormatError
 from .npz import load_npz, save_npz
 
-__all__ = ["save", "load", "save_npz", "load_npz", "load_onnx", "from_torch", "to_torch"]
+__all__ = ["from_torch", "load", "load_npz", "load_onnx", "save", "save_npz", "to_torch"]
 
 
 def save(net: Any, path: str | os.PathLike[str], input_shape: Any = None) -> None:

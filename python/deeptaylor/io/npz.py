@@ -34,7 +34,7 @@ from ..errors import DeepTaylorError, ModelFormatError
 from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalSumPool, LpPool, MaxPool2d, ReLU, SumPool2d
 from ..network import Sequential
 
-__all__ = ["save_npz", "load_npz", "FORMAT", "VERSION"]
+__all__ = ["FORMAT", "VERSION", "load_npz", "save_npz"]
 
 FORMAT = "deeptaylor.model"
 VERSION = 1

@@ -42,7 +42,7 @@ from ..errors import DeepTaylorError, ModelFormatError, ShapeError, UnsupportedE
 from ..layers import AvgPool2d, Conv2d, Dense, Flatten, Layer, MaxPool2d, ReLU
 from ..network import Sequential
 
-__all__ = ["load_onnx", "SUPPORTED_OPS", "MIN_OPSET"]
+__all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Flatten", "Reshape (to 2-D)", "BatchNormalization (folded)", "Dropout",
@@ -54,7 +54,7 @@ _MAX_ELEMENTS = 1 << 34
 def _onnx() -> Any:
     try:
         import onnx
-        import onnx.numpy_helper  # noqa: F401
+        import onnx.numpy_helper
     except ImportError as exc:  # pragma: no cover - only without onnx
         raise ModelFormatError("ONNX support needs the onnx package: pip install 'deeptaylor[onnx]'") from exc
     return onnx
@@ -101,7 +101,7 @@ def load_onnx(source: str | os.PathLike[str] | bytes, input_shape: Any = None) -
             raise ModelFormatError(f"cannot open model file {where}: {exc.strerror or exc}") from None
     try:
         model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError and friends: any failure to parse is a format error
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: any parse failure is a format error
         raise ModelFormatError(f"{where}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     try:
         return _Importer(onnx, model, where, input_shape).run()
@@ -152,7 +152,7 @@ class _Importer:
             raise self.fmt(f"{what} {t.name!r} has invalid dimensions {dims}")
         try:
             arr = self.onnx.numpy_helper.to_array(t)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises on corrupt data
             raise self.fmt(f"{what} {t.name!r} cannot be decoded ({type(exc).__name__}: {exc})") from None
         if tuple(arr.shape) != tuple(dims):
             raise self.fmt(f"{what} {t.name!r} holds shape {arr.shape}, declares {tuple(dims)}")
@@ -338,14 +338,14 @@ class _Importer:
             if len(declared) != len(user):
                 raise ShapeError(f"{self.where}: input_shape {tuple(self.user_shape)} does not match the declared "
                                  f"input shape {self.show(declared)}")
-            for d, u in zip(declared, user):
+            for d, u in zip(declared, user, strict=True):
                 if d is not None and u is not None and d != u:
                     raise ShapeError(f"{self.where}: input_shape {tuple(self.user_shape)} contradicts the declared "
                                      f"input shape {self.show(declared)}")
         dims = declared if declared is not None else user
         assert dims is not None
         if user is not None:
-            dims = [u if u is not None else d for d, u in zip(dims, user)]
+            dims = [u if u is not None else d for d, u in zip(dims, user, strict=True)]
         self.rank = len(dims)
         self.batch = dims[0]
         per_sample = dims[1:]
@@ -368,7 +368,9 @@ class _Importer:
         if tt is not None and tt.HasField("shape"):
             declared = [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
                         for d in tt.shape.dim]
-            if len(declared) != len(out) or any(d is not None and d != o for d, o in zip(declared[1:], out[1:])):
+            mismatch = len(declared) != len(out) or any(
+                d is not None and d != o for d, o in zip(declared[1:], out[1:], strict=True))
+            if mismatch:
                 raise self.fmt(f"the graph declares output shape {self.show(declared)} but its layers give "
                                f"(N, {', '.join(map(str, out[1:]))}) for input {self.show(self.input_dims)}")
 
@@ -635,7 +637,7 @@ class _Importer:
         prev = self.layers[-1]
         c = prev.weight.shape[0]  # type: ignore[attr-defined]
         gamma, beta, mean, var = (self.weight(node, name, what, 1) for name, what in
-                                  zip(node.input[1:], ("scale", "B", "mean", "var")))
+                                  zip(node.input[1:], ("scale", "B", "mean", "var"), strict=True))
         if not all(v.shape == (c,) for v in (gamma, beta, mean, var)):
             raise self.fmt(f"BatchNormalization node {node.name!r}: parameters must have shape ({c},)")
         if np.any(var + eps <= 0):

@@ -13,10 +13,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError, UnsupportedError
-from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalSumPool, Layer, LpPool, MaxPool2d, ReLU, SumPool2d
+from ..layers import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalSumPool,
+    Layer,
+    LpPool,
+    MaxPool2d,
+    ReLU,
+    SumPool2d,
+)
 from ..network import Sequential
 
-__all__ = ["from_torch", "to_torch", "SUPPORTED_MODULES"]
+__all__ = ["SUPPORTED_MODULES", "from_torch", "to_torch"]
 
 SUPPORTED_MODULES = ("Sequential (nested ones are flattened)", "Linear",
                      "Conv2d (groups=1, padding_mode='zeros')", "ReLU", "MaxPool2d", "AvgPool2d",
@@ -206,7 +217,7 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             else:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
-            pad = tuple(a + b for a, b in zip(pad, extra_pad))
+            pad = tuple(a + b for a, b in zip(pad, extra_pad, strict=True))
             new = Conv2d(_array(m.weight), None if m.bias is None else _array(m.bias), stride=_pair(m.stride),
                          padding=pad, dilation=(dh, dw))
         elif isinstance(m, nn.ReLU):
