@@ -49,6 +49,7 @@ SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu
                  "Identity", "Constant")
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
+_MAX_SIZE = 1 << 24  # kernel sizes, strides, pads, dilations beyond this are treated as corrupt
 
 
 def _onnx() -> Any:
@@ -191,7 +192,8 @@ class _Importer:
     def attr(self, node: Any, attrs: dict[str, Any], name: str, default: Any, kind: type, n: int | None = None) -> Any:
         v = attrs.get(name, default)
         if kind is list:
-            ok = isinstance(v, list) and all(isinstance(x, int) for x in v) and (n is None or len(v) == n)
+            ok = (isinstance(v, list) and all(isinstance(x, int) and abs(x) <= _MAX_SIZE for x in v)
+                  and (n is None or len(v) == n))
             if not ok:
                 raise self.fmt(f"node {node.name!r} ({node.op_type}): attribute {name} must be {n} ints, got {v!r:.100}")
             return v
