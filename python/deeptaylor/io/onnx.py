@@ -158,7 +158,8 @@ class _Importer:
         if tuple(arr.shape) != tuple(dims):
             raise self.fmt(f"{what} {t.name!r} holds shape {arr.shape}, declares {tuple(dims)}")
         if arr.dtype.kind == "f":
-            arr = arr.astype(np.float64)
+            with np.errstate(all="ignore"):  # NaN/Inf are reported below, not warned about
+                arr = arr.astype(np.float64)
             if not np.all(np.isfinite(arr)):
                 raise self.fmt(f"{what} {t.name!r} contains NaN or Inf")
         else:
