@@ -237,6 +237,45 @@ def test_torch_exported_models_match_torch(name, opset, fold):
     assert net.output_shape((4, *shape)) == ref.shape
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_torch_view_flatten_exports(dynamic):
+    """``x.view(x.size(0), -1)`` exports as Shape/Gather/Unsqueeze/Concat/Reshape (dynamic batch) or as a
+    constant shape (static batch); both import as a Flatten that works for any batch size."""
+    torch = pytest.importorskip("torch")
+
+    class View(torch.nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), -1)
+
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), View(), torch.nn.Linear(72, 3)).eval()
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "b"}} if dynamic else None)
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
+        pytest.skip(f"torch.onnx.export unavailable: {exc}")
+    if dynamic:
+        assert any(n.op_type == "Shape" for n in onnx.load_model_from_string(buf.getvalue()).graph.node)
+    net = load_onnx(buf.getvalue())
+    assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "Flatten", "Dense"]
+    x = np.random.default_rng(2).uniform(size=(5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_shape_constant_cannot_fake_a_feature_dimension():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i"], ["g"], axis=0),
+             helper.make_node("Concat", ["g", "g"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "i")]
+    bad(nodes, inits, ["N", 6], "not a flatten")
+
+
 # ----------------------------------------------------------------------------------------------- fuzz
 
 

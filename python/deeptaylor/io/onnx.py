@@ -23,6 +23,8 @@ Flatten / Reshape           Flatten, when it flattens to ``(N, -1)`` (``axis = 1
 BatchNormalization          folded into the preceding Conv / Gemm / MatMul
 Dropout, Identity           dropped
 Constant                    a constant (initializers are read from ``graph.initializer`` too)
+Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``)
+Squeeze, Concat, Cast
 ==========================  ====================================================================
 
 The graph must have one input, one output, and be a single chain: every operator takes the previous
@@ -46,9 +48,10 @@ __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Flatten", "Reshape (to 2-D)", "BatchNormalization (folded)", "Dropout",
-                 "Identity", "Constant")
+                 "Identity", "Constant", "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast (shape arithmetic)")
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
+_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast")  # evaluated on constants (shape arithmetic)
 _MAX_SIZE = 1 << 24  # kernel sizes, strides, pads, dilations beyond this are treated as corrupt
 
 
@@ -122,6 +125,7 @@ class _Importer:
         self.where = where
         self.user_shape = input_shape
         self.consts: dict[str, np.ndarray] = {}
+        self.symbolic: set[str] = set()  # constants derived from Shape(chain): entry 0 stands for the batch
         self.layers: list[Layer] = []
         self.foldable = False  # the last layer is linear and nothing came after it (bias / BatchNorm fold)
         self.rank = 0
@@ -248,6 +252,12 @@ class _Importer:
                 raise self.unsupported(node, f"custom domain {node.domain!r}")
             if node.op_type == "Constant":
                 self.constant(node)
+                continue
+            if node.op_type == "Shape" and list(node.input) == [cur]:
+                self.shape_of(node)
+                continue
+            if node.op_type in _FOLDABLE and node.input and all(i in self.consts for i in node.input if i):
+                self.fold(node)
                 continue
             data = [i for i in node.input if i and i not in self.consts]
             if data != [cur] or not node.input or node.input[0] != cur:
@@ -420,6 +430,49 @@ class _Importer:
         else:
             raise self.unsupported(node, f"Constant with attribute {key!r}")
         self.consts[node.output[0]] = arr
+
+    def shape_of(self, node: Any) -> None:
+        """``Shape`` of the chain tensor (``x.size()`` in a traced ``x.view(x.size(0), -1)``): the per-sample
+        sizes, with 0 in place of the batch, which a following ``Reshape`` reads as "copy the batch"."""
+        if self.shape is None:
+            raise self.unsupported(node, "Shape of a tensor whose size is not static; pass input_shape")
+        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
+            raise self.fmt(f"Shape node {node.name!r} must have one new output")
+        attrs = self.attrs(node)
+        if "start" in attrs or "end" in attrs:
+            raise self.unsupported(node, "Shape with start/end")
+        self.consts[node.output[0]] = np.array([0, *self.shape[1:]], dtype=np.int64)
+        self.symbolic.add(node.output[0])
+
+    def fold(self, node: Any) -> None:
+        """Evaluate a shape-arithmetic op whose inputs are all constants (int64 tensors)."""
+        ins = [self.consts[i] for i in node.input if i]
+        attrs = self.attrs(node)
+        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
+            raise self.fmt(f"node {node.name!r} ({node.op_type}) must have one new output")
+        if any(a.dtype.kind != "i" or a.size > 64 for a in ins):
+            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
+        op = node.op_type
+        try:
+            if op == "Gather":
+                out = np.take(ins[0], ins[1], axis=self.attr(node, attrs, "axis", 0, int))
+            elif op in ("Unsqueeze", "Squeeze"):
+                axes = ins[1].tolist() if len(ins) > 1 else attrs.get("axes")
+                if op == "Unsqueeze":
+                    out = ins[0]
+                    for ax in sorted(int(a) for a in (axes or [])):
+                        out = np.expand_dims(out, ax)
+                else:
+                    out = np.squeeze(ins[0], axis=None if axes is None else tuple(int(a) for a in axes))
+            elif op == "Concat":
+                out = np.concatenate(ins, axis=self.attr(node, attrs, "axis", 0, int))
+            else:  # Cast: shape values stay integers
+                out = ins[0]
+        except (ValueError, IndexError, TypeError, np.exceptions.AxisError) as exc:
+            raise self.fmt(f"node {node.name!r} ({op}): {exc}") from None
+        self.consts[node.output[0]] = np.asarray(out, dtype=np.int64)
+        if any(i in self.symbolic for i in node.input):
+            self.symbolic.add(node.output[0])
 
     def weight(self, node: Any, name: str, what: str, ndim: int) -> np.ndarray:
         arr = self.const(node, name, what)
@@ -614,7 +667,7 @@ class _Importer:
             if f == -1:
                 f_ok = n != -1
             elif f == 0 and not allowzero:  # copy dimension 1: a flatten only of a rank-2 input
-                f_ok = self.rank == 2
+                f_ok = self.rank == 2 and node.input[1] not in self.symbolic
             else:
                 f_ok = f > 0 and f == feats
             ok = n_ok and f_ok
