@@ -237,8 +237,9 @@ def test_torch_exported_models_match_torch(name, opset, fold):
     assert net.output_shape((4, *shape)) == ref.shape
 
 
+@pytest.mark.parametrize("fold", [True, False])  # False: also Identity nodes aliasing constants
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_torch_view_flatten_exports(dynamic):
+def test_torch_view_flatten_exports(dynamic, fold):
     """``x.view(x.size(0), -1)`` exports as Shape/Gather/Unsqueeze/Concat/Reshape (dynamic batch) or as a
     constant shape (static batch); both import as a Flatten that works for any batch size."""
     torch = pytest.importorskip("torch")
@@ -248,13 +249,15 @@ def test_torch_view_flatten_exports(dynamic):
             return x.view(x.size(0), -1)
 
     torch.manual_seed(1)
-    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), View(), torch.nn.Linear(72, 3)).eval()
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), View(),
+                            torch.nn.Linear(72, 3)).eval()
+    m[1].running_var.fill_(2.0)
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(m, torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["x"],
-                              dynamic_axes={"x": {0: "b"}} if dynamic else None)
+                              dynamic_axes={"x": {0: "b"}} if dynamic else None, do_constant_folding=fold)
     except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
     if dynamic:

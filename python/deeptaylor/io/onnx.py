@@ -256,6 +256,13 @@ class _Importer:
             if node.op_type == "Shape" and list(node.input) == [cur]:
                 self.shape_of(node)
                 continue
+            if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in self.consts:
+                if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
+                    raise self.fmt(f"Identity node {node.name!r} must have one new output")
+                self.consts[node.output[0]] = self.consts[node.input[0]]  # exporters alias weights this way
+                if node.input[0] in self.symbolic:
+                    self.symbolic.add(node.output[0])
+                continue
             if node.op_type in _FOLDABLE and node.input and all(i in self.consts for i in node.input if i):
                 self.fold(node)
                 continue
