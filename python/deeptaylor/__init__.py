@@ -38,6 +38,15 @@ from .network import Sequential
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # PEP 562: torch is imported only when the interop is used
+    if name in ("from_torch", "to_torch"):
+        from .io import torch as _torch_io
+
+        return getattr(_torch_io, name)
+    raise AttributeError(f"module 'deeptaylor' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "available_backends",
@@ -47,6 +56,8 @@ __all__ = [
     "io",
     "load",
     "save",
+    "from_torch",
+    "to_torch",
     "methods",
     "reference",
     "rules",

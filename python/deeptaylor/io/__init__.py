@@ -1,7 +1,9 @@
 """Model input/output: the native ``.npz`` format, and importers (PyTorch, ONNX) where installed.
 
 :func:`save` writes the native format; :func:`load` reads a model file, dispatching on content
-(zip archive -> native ``.npz``; ONNX protobuf -> the ONNX importer) and then on the extension.
+(zip archive -> native ``.npz``; an ONNX protobuf -> the ONNX importer) and then on the extension.
+:func:`from_torch` / :func:`to_torch` (extra ``torch``) convert to and from ``torch.nn.Sequential``;
+they are imported lazily so that ``import deeptaylor`` never imports torch. See docs/importing.md.
 """
 
 from __future__ import annotations
@@ -12,18 +14,39 @@ from typing import Any
 from ..errors import ModelFormatError
 from .npz import load_npz, save_npz
 
-__all__ = ["save", "load", "save_npz", "load_npz"]
+__all__ = ["from_torch", "load", "load_npz", "load_onnx", "save", "save_npz", "to_torch"]
 
 
-def save(net: Any, path: str | os.PathLike[str]) -> None:
-    """Save ``net`` (a :class:`~deeptaylor.Sequential`) in the native ``.npz`` format."""
-    save_npz(net, path)
+def save(net: Any, path: str | os.PathLike[str], input_shape: Any = None) -> None:
+    """Save ``net`` (a :class:`~deeptaylor.Sequential`) in the native ``.npz`` format.
+
+    ``input_shape`` (per sample, e.g. ``(1, 28, 28)``), if given, is stored and checked on load.
+    """
+    save_npz(net, path, input_shape=input_shape)
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # A serialised onnx.ModelProto starts with field 1 (ir_version, varint: tag 0x08) when written by
+    # onnx/torch; other field orders are legal protobuf, hence the extension fallback below.
+    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 0x7F
 
 
 def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """Load a network from ``path``: a deeptaylor ``.npz`` or (with the ``onnx`` extra) an ``.onnx`` file.
+    """Load a network from ``path``: a deeptaylor ``.npz`` or (with the ``onnx`` extra) an ONNX model.
 
-    Raises :class:`~deeptaylor.errors.ModelFormatError` for missing, unreadable, corrupt or unknown files.
+    The format is chosen by content (a zip archive is a native ``.npz``; a protobuf starting with
+    ``ir_version`` is ONNX), then by extension (``.npz``, ``.onnx``). Keyword arguments go to the
+    ONNX importer (:func:`deeptaylor.io.onnx.load_onnx`, e.g. ``input_shape``).
+
+    Returns
+    -------
+    Sequential
+
+    Raises
+    ------
+    ModelFormatError
+        For missing, unreadable, corrupt or unknown files (an ONNX graph deeptaylor cannot represent
+        raises :class:`~deeptaylor.errors.UnsupportedError`).
     """
     p = os.fspath(path)
     try:
@@ -33,14 +56,38 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
         raise ModelFormatError(f"cannot read model file {p!r}: {exc.strerror}") from None
     ext = os.path.splitext(p)[1].lower()
     if head.startswith(b"PK"):
+        if kwargs:
+            raise TypeError(f"load: unexpected keyword arguments {sorted(kwargs)} for a native .npz model")
         return load_npz(p)
-    if ext == ".onnx":
-        try:
-            from .onnx import load_onnx
-        except ImportError as exc:
-            raise ModelFormatError(f"{p!r} looks like an ONNX model, but ONNX support is not available "
-                                   f"({exc}); install the 'onnx' extra") from None
+    if ext == ".onnx" or (ext != ".npz" and _looks_like_onnx(head)):
         return load_onnx(p, **kwargs)
     if ext == ".npz":
         raise ModelFormatError(f"{p!r} is not a valid .npz archive (corrupt or truncated)")
-    raise ModelFormatError(f"unknown model format for {p!r}: expected a deeptaylor .npz or an .onnx file")
+    raise ModelFormatError(f"unknown model format for {p!r}: expected a deeptaylor .npz (zip archive) or an "
+                           ".onnx file; convert PyTorch modules with deeptaylor.from_torch")
+
+
+def load_onnx(source: Any, **kwargs: Any) -> Any:
+    """Import an ONNX model (path or bytes); see :func:`deeptaylor.io.onnx.load_onnx`."""
+    try:
+        from .onnx import load_onnx as _load_onnx
+    except ImportError as exc:  # pragma: no cover - only without the onnx package
+        raise ModelFormatError(f"ONNX support is not available ({exc}); install the 'onnx' extra "
+                               "(pip install 'deeptaylor[onnx]')") from None
+    return _load_onnx(source, **kwargs)
+
+
+def from_torch(module: Any, input_shape: Any = None) -> Any:
+    """Convert a ``torch.nn.Sequential`` to a :class:`~deeptaylor.Sequential`; see
+    :func:`deeptaylor.io.torch.from_torch`."""
+    from .torch import from_torch as _from_torch
+
+    return _from_torch(module, input_shape)
+
+
+def to_torch(net: Any, dtype: Any = None) -> Any:
+    """Convert a :class:`~deeptaylor.Sequential` to a ``torch.nn.Sequential``; see
+    :func:`deeptaylor.io.torch.to_torch`."""
+    from .torch import to_torch as _to_torch
+
+    return _to_torch(net, dtype)

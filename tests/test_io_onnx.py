@@ -1,0 +1,311 @@
+"""ONNX import: hand-built graphs (onnx.helper) checked against onnx's own ReferenceEvaluator, models
+exported by torch.onnx.export checked against torch, clear errors, and a byte-mutation fuzz test."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+import deeptaylor as dt
+from deeptaylor.io.onnx import load_onnx
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+RNG = np.random.default_rng(99)
+
+
+def init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def model(nodes, inits, in_shape, out_shape=None, opset=13, input_name="x"):
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, in_shape)
+    y = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, out_shape)
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def check_against_reference(m, x, **kw):
+    net = load_onnx(m.SerializeToString(), **kw)
+    ref = ReferenceEvaluator(m).run(None, {m.graph.input[0].name: x.astype(np.float32)})[0]
+    got = net.forward(x.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    return net
+
+
+def w(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+def test_gemm_mlp_with_trans_alpha_beta_dropout_identity():
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h1"], transB=1, alpha=0.5, beta=2.0, name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Dropout", ["r1"], ["d1"]),
+             helper.make_node("Identity", ["d1"], ["i1"]),
+             helper.make_node("Gemm", ["i1", "W2"], ["y"], name="fc2")]
+    m = model(nodes, [init("W1", w(7, 5)), init("b1", w(1, 7)), init("W2", w(7, 3))], ["N", 5], ["N", 3])
+    net = check_against_reference(m, RNG.normal(size=(4, 5)))
+    assert [layer.kind for layer in net] == ["Dense", "ReLU", "Dense"]
+
+
+def test_matmul_add_and_constant_nodes():
+    nodes = [helper.make_node("Constant", [], ["B"], value=numpy_helper.from_array(w(5, 4))),
+             helper.make_node("MatMul", ["x", "B"], ["h"]),
+             helper.make_node("Constant", [], ["c"], value_floats=[0.1, -0.2, 0.3, 0.4]),
+             helper.make_node("Add", ["h", "c"], ["z"]),
+             helper.make_node("Relu", ["z"], ["y"])]
+    net = check_against_reference(model(nodes, [], [2, 5]), RNG.normal(size=(2, 5)))
+    assert np.allclose(net[0].bias, [0.1, -0.2, 0.3, 0.4], atol=1e-7)
+
+
+def lenet_nodes(conv_kw, pool_kw, gap=False):
+    nodes = [helper.make_node("Conv", ["x", "Wc", "bc"], ["c1"], name="conv1", **conv_kw),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", **pool_kw),
+             helper.make_node("Conv", ["p1", "Wc2"], ["c2"], name="conv2", pads=[0, 1, 1, 0]),
+             helper.make_node("Relu", ["c2"], ["r2"])]
+    if gap:
+        nodes += [helper.make_node("GlobalAveragePool", ["r2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"])]
+    else:
+        nodes += [helper.make_node("AveragePool", ["r2"], ["a"], kernel_shape=[2, 2], strides=[2, 2],
+                                   pads=[1, 0, 0, 1], count_include_pad=1),
+                  helper.make_node("Reshape", ["a", "shape"], ["f"])]
+    return nodes
+
+
+@pytest.mark.parametrize(("conv_kw", "pool_kw", "gap"), [
+    ({"pads": [1, 2, 2, 1], "strides": [1, 2]}, {"kernel_shape": [2, 2], "strides": [2, 2]}, False),
+    ({"auto_pad": "SAME_UPPER", "strides": [2, 2]}, {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+     False),
+    ({"auto_pad": "SAME_LOWER", "kernel_shape": [4, 4], "dilations": [1, 2]},
+     {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "VALID"}, True),
+    ({"auto_pad": "VALID"}, {"kernel_shape": [3, 3], "strides": [3, 3], "ceil_mode": 1}, True),
+])
+def test_conv_pool_graphs_match_reference(conv_kw, pool_kw, gap):
+    k = conv_kw.get("kernel_shape", [4, 4])
+    inits = [init("Wc", w(4, 2, *k)), init("bc", w(4)), init("Wc2", w(3, 4, 2, 2)),
+             numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "shape")]
+    nodes = lenet_nodes(conv_kw, pool_kw, gap)
+    tail = [helper.make_node("Gemm", ["f", "Wd"], ["y"], transB=1)]
+    # size the classifier from a first import without it
+    head = model(nodes, inits, [1, 2, 12, 12])
+    feats = load_onnx(head.SerializeToString()).output_shape((1, 2, 12, 12))[1]
+    m = model(nodes + tail, [*inits, init("Wd", w(5, feats))], ["batch", 2, 12, 12], ["batch", 5])
+    check_against_reference(m, RNG.uniform(size=(3, 2, 12, 12)))
+
+
+def test_batchnorm_folded_after_conv_and_gemm():
+    c = 4
+    bn = [init(n, v) for n, v in (("s", RNG.uniform(0.5, 2, c)), ("b", w(c)), ("m", w(c)), ("v", RNG.uniform(0.5, 2, c)))]
+    bn2 = [init(n + "2", v) for n, v in (("s", RNG.uniform(0.5, 2, 3)), ("b", w(3)), ("m", w(3)),
+                                          ("v", RNG.uniform(0.5, 2, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wd", "bd"], ["g"], transB=1),
+             helper.make_node("BatchNormalization", ["g", "s2", "b2", "m2", "v2"], ["y"])]
+    m = model(nodes, [init("W", w(c, 1, 3, 3)), init("Wd", w(3, c * 36)), init("bd", w(3)), *bn, *bn2],
+              ["N", 1, 6, 6], opset=15)  # onnx's reference BatchNormalization-9 uses batch statistics
+    net = check_against_reference(m, RNG.uniform(size=(2, 1, 6, 6)))
+    assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "Flatten", "Dense"]
+
+
+def bad(nodes, inits, shape, match, error=dt.UnsupportedError, opset=13, **kw):
+    with pytest.raises(error, match=match):
+        load_onnx(model(nodes, inits, shape, opset=opset).SerializeToString(), **kw)
+
+
+def test_unsupported_op_names_node_and_op():
+    bad([helper.make_node("Sigmoid", ["x"], ["y"], name="act7")], [], [1, 3],
+        r"node 'act7' \(op 'Sigmoid'\) is not supported.*supported ops: Gemm")
+
+
+@pytest.mark.parametrize(("nodes", "inits", "shape", "match"), [
+    ([helper.make_node("Conv", ["x", "W"], ["y"], group=2, name="g")], [init("W", w(4, 1, 3, 3))], [1, 2, 5, 5],
+     "group=2"),
+    ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])], [], [1, 2, 5, 5],
+     "count_include_pad=0"),
+    ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)], [], [1, 2, 5, 5],
+     "ceil_mode"),
+    ([helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2])], [], [1, 2, 5, 5], "extra outputs"),
+    ([helper.make_node("Relu", ["x"], ["r"]),
+      helper.make_node("BatchNormalization", ["r", "s", "s", "s", "s"], ["y"])],
+     [init("s", np.ones(2))], [1, 2], "none directly before"),
+    ([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])], [], [1, 2],
+     "single chain"),
+    ([helper.make_node("Reshape", ["x", "s"], ["y"])],
+     [numpy_helper.from_array(np.array([2, -1], np.int64), "s")], [1, 2, 3, 3], "not a flatten"),
+    ([helper.make_node("Flatten", ["x"], ["y"], axis=2)], [], [1, 2, 3, 3], "axis"),
+    ([helper.make_node("Gemm", ["x", "W"], ["y"], transA=1)], [init("W", w(3, 3))], [1, 3], "transA"),
+    ([helper.make_node("MatMul", ["x", "x"], ["y"])], [], [3, 3], "single chain"),
+    ([helper.make_node("GlobalAveragePool", ["x"], ["y"])], [], ["N", 2, "H", "W"], "input_shape"),
+])
+def test_unsupported_graphs(nodes, inits, shape, match):
+    bad(nodes, inits, shape, match)
+
+
+def test_input_shape_argument():
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Flatten", ["g"], ["y"])]
+    m = model(nodes, [], ["N", 2, "H", "W"]).SerializeToString()
+    net = load_onnx(m, input_shape=(2, 6, 4))
+    assert net[0].kernel_size == (6, 4)
+    m2 = model(nodes, [], ["N", 2, 6, 6]).SerializeToString()
+    with pytest.raises(dt.ShapeError, match="contradicts"):
+        load_onnx(m2, input_shape=(3, 6, 6))
+
+
+def test_declared_output_shape_is_checked():
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)]
+    m = model(nodes, [init("W", w(3, 4))], ["N", 4], ["N", 7])
+    with pytest.raises(dt.ModelFormatError, match="declares output shape"):
+        load_onnx(m.SerializeToString())
+
+
+def test_format_errors():
+    with pytest.raises(dt.ModelFormatError, match="not a readable ONNX model|no graph"):
+        load_onnx(b"\x08\x07\x12\xff\xff")
+    with pytest.raises(dt.ModelFormatError, match="no graph"):
+        load_onnx(b"")
+    ext = numpy_helper.from_array(w(3, 4), "W")
+    ext.ClearField("raw_data")
+    ext.data_location = TensorProto.EXTERNAL
+    ext.external_data.add(key="location", value="/etc/passwd")
+    bad([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [ext], [1, 4], "external data",
+        error=dt.ModelFormatError)
+    bad([helper.make_node("Relu", ["x"], ["y"])], [], [1, 4], "opset 3", opset=3)
+    bad([helper.make_node("Relu", ["nowhere"], ["y"])], [], [1, 4], "undefined tensor", error=dt.ModelFormatError)
+    broken = numpy_helper.from_array(w(3, 4), "W")
+    broken.dims[0] = 5
+    bad([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [broken], [1, 4], "cannot be decoded|holds shape",
+        error=dt.ModelFormatError)
+
+
+def test_load_dispatches_onnx_by_extension_and_content(tmp_path):
+    m = model([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [init("W", w(3, 4))], ["N", 4])
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    (tmp_path / "m.bin").write_bytes(m.SerializeToString())
+    for name in ("m.onnx", "m.bin"):
+        assert dt.load(tmp_path / name)[0].weight.shape == (3, 4)
+
+
+# ------------------------------------------------------------------------------------- torch export
+
+torch_cases = {
+    "mlp": (lambda nn: nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 10)),
+            (1, 8, 8)),
+    "lenet": (lambda nn: nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                                       nn.Conv2d(6, 8, 3, padding="same"), nn.ReLU(), nn.AvgPool2d(2),
+                                       nn.Flatten(), nn.Linear(8 * 7 * 7, 10)), (1, 28, 28)),
+    "bn": (lambda nn: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6),
+                                    nn.ReLU(), nn.Linear(6, 3)), (3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("fold", [True, False])  # False: BatchNormalization nodes kept, initializers as inputs
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("name", sorted(torch_cases))
+def test_torch_exported_models_match_torch(name, opset, fold):
+    torch = pytest.importorskip("torch")
+    factory, shape = torch_cases[name]
+    torch.manual_seed(0)
+    net_t = factory(torch.nn).eval()
+    for mod in net_t.modules():
+        if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net_t, torch.zeros(2, *shape), buf, dynamo=False, opset_version=opset,
+                              do_constant_folding=fold, keep_initializers_as_inputs=not fold, input_names=["image"],
+                              dynamic_axes={"image": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
+        pytest.skip(f"torch.onnx.export unavailable: {exc}")
+    net = load_onnx(buf.getvalue())
+    x = np.random.default_rng(5).uniform(size=(4, *shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = net_t(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert net.output_shape((4, *shape)) == ref.shape
+
+
+@pytest.mark.parametrize("fold", [True, False])  # False: also Identity nodes aliasing constants
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_torch_view_flatten_exports(dynamic, fold):
+    """``x.view(x.size(0), -1)`` exports as Shape/Gather/Unsqueeze/Concat/Reshape (dynamic batch) or as a
+    constant shape (static batch); both import as a Flatten that works for any batch size."""
+    torch = pytest.importorskip("torch")
+
+    class View(torch.nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), -1)
+
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), View(),
+                            torch.nn.Linear(72, 3)).eval()
+    m[1].running_var.fill_(2.0)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "b"}} if dynamic else None, do_constant_folding=fold)
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
+        pytest.skip(f"torch.onnx.export unavailable: {exc}")
+    if dynamic:
+        assert any(n.op_type == "Shape" for n in onnx.load_model_from_string(buf.getvalue()).graph.node)
+    net = load_onnx(buf.getvalue())
+    assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "Flatten", "Dense"]
+    x = np.random.default_rng(2).uniform(size=(5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_shape_constant_cannot_fake_a_feature_dimension():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i"], ["g"], axis=0),
+             helper.make_node("Concat", ["g", "g"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "i")]
+    bad(nodes, inits, ["N", 6], "not a flatten")
+
+
+# ----------------------------------------------------------------------------------------------- fuzz
+
+
+def test_fuzz_mutated_onnx_raises_only_library_errors():
+    nodes = lenet_nodes({"pads": [1, 1, 1, 1]}, {"kernel_shape": [2, 2], "strides": [2, 2]}, gap=True)
+    nodes.append(helper.make_node("Gemm", ["f", "Wd", "bd"], ["y"], transB=1))
+    inits = [init("Wc", w(4, 2, 4, 4)), init("bc", w(4)), init("Wc2", w(3, 4, 2, 2)), init("Wd", w(5, 3)),
+             init("bd", w(5))]
+    data = model(nodes, inits, ["N", 2, 12, 12], ["N", 5]).SerializeToString()
+    assert len(load_onnx(data)) == 8
+    rng = np.random.default_rng(31)
+    failures = 0
+    for _ in range(200):
+        b = bytearray(data)
+        kind = rng.integers(3)
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 6))):
+                b[int(rng.integers(len(b)))] ^= int(rng.integers(1, 256))
+        elif kind == 1:
+            b = b[: int(rng.integers(len(b)))]
+        else:
+            pos = int(rng.integers(len(b)))
+            b[pos:pos] = rng.integers(0, 256, size=int(rng.integers(1, 12))).astype(np.uint8).tobytes()
+        try:
+            net = load_onnx(bytes(b))
+        except dt.DeepTaylorError:
+            failures += 1
+            continue
+        assert isinstance(net, dt.Sequential)
+    assert failures > 0

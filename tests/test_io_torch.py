@@ -1,0 +1,166 @@
+"""dt.from_torch / dt.to_torch: outputs equal the torch model's, clear errors for what is unsupported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import deeptaylor as dt
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def _bn_stats(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            if m.weight is not None:
+                m.weight.data.copy_(torch.rand(c, generator=g) * 2 - 0.5)
+                m.bias.data.copy_(torch.rand(c, generator=g) * 2 - 1)
+    return model
+
+
+def lenet():
+    return nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Sequential(nn.Conv2d(8, 16, 5), nn.ReLU(), nn.MaxPool2d(2)),
+                         nn.Flatten(), nn.Linear(16 * 5 * 5, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.Identity(), nn.Linear(100, 100),
+                         nn.ReLU(), nn.Linear(100, 10))
+
+
+def bn_model():
+    return _bn_stats(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding="same", bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 4, stride=2, padding=1, dilation=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+        nn.AvgPool2d(3, stride=2, padding=1), nn.AdaptiveAvgPool2d((2, 1)), nn.Flatten(),
+        nn.Linear(16, 12), nn.Dropout(0.5), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)))
+
+
+CASES = {"lenet": (lenet, (1, 28, 28)), "mlp": (mlp, (1, 28, 28)), "bn": (bn_model, (3, 16, 16))}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_matches_torch(name):
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    net = dt.from_torch(model, shape)
+    x = np.random.default_rng(1).uniform(0, 1, size=(4, *shape)).astype(np.float32)
+    with torch.no_grad():
+        y32 = model(torch.from_numpy(x)).numpy()
+        y64 = model.double()(torch.from_numpy(x).double()).numpy()
+    ours = net.forward(x)
+    np.testing.assert_allclose(ours, y64, rtol=1e-9, atol=1e-9 * np.abs(y64).max())  # folding is exact maths
+    np.testing.assert_allclose(ours, y32, rtol=1e-5, atol=1e-5 * np.abs(y32).max())
+    assert not any(type(layer).__name__ == "BatchNorm" for layer in net)
+
+
+def test_conv_options():
+    torch.manual_seed(2)
+    cases = [{"padding": "same", "kernel_size": 4, "dilation": 2},
+             {"padding": "valid", "kernel_size": 3, "stride": 2},
+             {"padding": (2, 1), "kernel_size": (3, 5), "stride": (2, 1), "dilation": (1, 2)}]
+    for kw in cases:
+        model = nn.Sequential(nn.Conv2d(2, 3, **kw), nn.ReLU(), nn.Flatten()).double().eval()
+        net = dt.from_torch(model, (1, 2, 11, 10))
+        x = np.random.default_rng(3).normal(size=(2, 2, 11, 10))
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(net.forward(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_input_shape_forms_and_default():
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    for shape in (None, (5,), (7, 5)):
+        assert dt.from_torch(model, shape).output_shape((1, 5)) == (1, 2)
+    with pytest.raises(dt.ShapeError, match="input_shape"):
+        dt.from_torch(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(dt.ShapeError, match="module '0' \\(Linear\\)"):
+        dt.from_torch(model, (6,))
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), r"'0'.*Conv2d.*groups=2"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "padding_mode"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sequential(nn.ReLU(), nn.Tanh())), r"'1\.1' of type Tanh.*supported: "),
+    (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(2)), "BatchNorm must directly follow"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm1d(4)), "BatchNorm1d follows a Conv2d"),
+    (nn.Sequential(nn.AdaptiveAvgPool2d(3)), "not a fixed pooling"),
+    (nn.Sequential(nn.MaxPool2d(3, ceil_mode=True)), "ceil_mode"),
+    (nn.Sequential(nn.MaxPool2d(2, dilation=2)), "dilation"),
+    (nn.Sequential(nn.AvgPool2d(3, padding=1, count_include_pad=False)), "count_include_pad"),
+    (nn.Sequential(nn.Flatten(2)), "start_dim"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), "running"),
+])
+def test_unsupported_modules_name_path_and_type(model, match):
+    with pytest.raises(dt.UnsupportedError, match=match):
+        dt.from_torch(model, (2, 8, 8))
+
+
+def test_ceil_mode_accepted_when_size_unchanged():
+    model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()).double()
+    net = dt.from_torch(model, (1, 8, 8))
+    x = np.random.default_rng(0).normal(size=(1, 1, 8, 8))
+    np.testing.assert_array_equal(net.forward(x), model(torch.from_numpy(x)).numpy())
+
+
+def test_custom_module_and_non_module_errors():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+    with pytest.raises(dt.UnsupportedError, match="Net is a custom module"):
+        dt.from_torch(Net(), (3,))
+    with pytest.raises(TypeError):
+        dt.from_torch("model", (3,))
+    assert len(dt.from_torch(nn.Linear(3, 2))) == 1  # a single supported leaf module is fine
+
+
+def test_to_torch_round_trip_every_layer():
+    rng = np.random.default_rng(4)
+    body = [
+        dt.Conv2d(rng.normal(size=(4, 2, 3, 3)), rng.normal(size=4), stride=(1, 2), padding=((1, 2), (0, 1)),
+                  dilation=(2, 1)),
+        dt.ReLU(), dt.MaxPool2d(2, stride=1, padding=(1, 0, 1, 1)), dt.AvgPool2d(3, stride=1, padding=1),
+        dt.AvgPool2d((2, 1), padding=(1, 0, 0, 0)), dt.SumPool2d(2, stride=1, padding=(1, 0, 0, 1)),
+        dt.LpPool(3.0, kernel_size=2, stride=1), dt.Conv2d(rng.normal(size=(3, 4, 2, 2)), padding=1), dt.Flatten(),
+    ]
+    feats = dt.Sequential(body).output_shape((1, 2, 9, 10))[1]
+    net = dt.Sequential([*body, dt.Dense(rng.normal(size=(5, feats)), rng.normal(size=5)), dt.ReLU()])
+    x = rng.normal(size=(2, 2, 9, 10))
+    tm = dt.to_torch(net, dtype=torch.float64)
+    with torch.no_grad():
+        np.testing.assert_allclose(tm(torch.from_numpy(x)).numpy(), net.forward(x), rtol=1e-10, atol=1e-10)
+    for tail in (dt.GlobalSumPool(), dt.LpPool(2.0)):
+        n2 = dt.Sequential([*net.layers, tail])
+        with torch.no_grad():
+            got = dt.to_torch(n2, torch.float64)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, n2.forward(x), rtol=1e-10)
+    sub = [*body[:5], dt.Flatten()]
+    feats = dt.Sequential(sub).output_shape((1, 2, 9, 10))[1]
+    sub = dt.Sequential([*sub, dt.Dense(rng.normal(size=(3, feats)))])
+    back = dt.from_torch(dt.to_torch(sub, torch.float64), (2, 9, 10))  # padding modules fold back
+    assert [repr(a) for a in back] == [repr(b) for b in sub]
+    np.testing.assert_array_equal(back.forward(x), sub.forward(x))
+    assert dt.to_torch(net)[1].weight.dtype == torch.float32  # [0] pads the asymmetric padding
+
+
+def test_import_deeptaylor_does_not_import_torch():
+    code = ("import sys, deeptaylor; assert 'torch' not in sys.modules; "
+            "assert callable(deeptaylor.from_torch) and callable(deeptaylor.to_torch); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
