@@ -1,0 +1,165 @@
+// Layout and window kernels (channels-last). Plain loops on the calling thread; see ops.hpp.
+#include <cstring>
+#include <limits>
+
+#include "deeptaylor/ops.hpp"
+
+namespace deeptaylor {
+
+void nchw_to_nhwc(const float* src, float* dst, int64_t T, int64_t C, int64_t H, int64_t W) {
+    const int64_t HW = H * W;
+    for (int64_t t = 0; t < T; ++t) {
+        const float* s = src + t * C * HW;
+        float* d = dst + t * C * HW;
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t p = 0; p < HW; ++p) d[p * C + c] = s[c * HW + p];
+    }
+}
+
+void nhwc_to_nchw(const float* src, float* dst, int64_t T, int64_t C, int64_t H, int64_t W) {
+    const int64_t HW = H * W;
+    for (int64_t t = 0; t < T; ++t) {
+        const float* s = src + t * C * HW;
+        float* d = dst + t * C * HW;
+        for (int64_t p = 0; p < HW; ++p)
+            for (int64_t c = 0; c < C; ++c) d[c * HW + p] = s[p * C + c];
+    }
+}
+
+void im2col_rows(const float* a, const Geom& g, int64_t r0, int64_t r1, float* col) {
+    const int64_t P = g.P(), Kc = g.Kc(), C = g.C;
+    const size_t cb = sizeof(float) * static_cast<size_t>(C);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / P, p = r % P, oy = p / g.OW, ox = p % g.OW;
+        const float* img = a + t * g.in_size();
+        float* row = col + (r - r0) * Kc;
+        for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t iy = oy * g.sh - g.pt + i * g.dh;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t ix = ox * g.sw - g.pl + j * g.dw;
+                float* dst = row + (i * g.kw + j) * C;
+                if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W)
+                    std::memset(dst, 0, cb);
+                else
+                    std::memcpy(dst, img + (iy * g.W + ix) * C, cb);
+            }
+        }
+    }
+}
+
+void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img_all) {
+    const int64_t P = g.P(), Kc = g.Kc(), C = g.C;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / P, p = r % P, oy = p / g.OW, ox = p % g.OW;
+        float* img = img_all + t * g.in_size();
+        const float* row = col + (r - r0) * Kc;
+        for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t iy = oy * g.sh - g.pt + i * g.dh;
+            if (iy < 0 || iy >= g.H) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t ix = ox * g.sw - g.pl + j * g.dw;
+                if (ix < 0 || ix >= g.W) continue;
+                const float* src = row + (i * g.kw + j) * C;
+                float* dst = img + (iy * g.W + ix) * C;
+                for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+            }
+        }
+    }
+}
+
+void window_sum(const float* a, const Geom& g, int64_t T, float* out) {
+    const int64_t C = g.C;
+    for (int64_t t = 0; t < T; ++t) {
+        const float* img = a + t * g.in_size();
+        for (int64_t oy = 0; oy < g.OH; ++oy)
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                float* o = out + ((t * g.OH + oy) * g.OW + ox) * C;
+                for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
+                for (int64_t i = 0; i < g.kh; ++i) {
+                    const int64_t iy = oy * g.sh - g.pt + i;
+                    if (iy < 0 || iy >= g.H) continue;
+                    for (int64_t j = 0; j < g.kw; ++j) {
+                        const int64_t ix = ox * g.sw - g.pl + j;
+                        if (ix < 0 || ix >= g.W) continue;
+                        const float* src = img + (iy * g.W + ix) * C;
+                        for (int64_t c = 0; c < C; ++c) o[c] += src[c];
+                    }
+                }
+            }
+    }
+}
+
+void window_scatter(const float* y, const Geom& g, int64_t T, float* img_all) {
+    const int64_t C = g.C;
+    std::memset(img_all, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+    for (int64_t t = 0; t < T; ++t) {
+        float* img = img_all + t * g.in_size();
+        for (int64_t oy = 0; oy < g.OH; ++oy)
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                const float* v = y + ((t * g.OH + oy) * g.OW + ox) * C;
+                for (int64_t i = 0; i < g.kh; ++i) {
+                    const int64_t iy = oy * g.sh - g.pt + i;
+                    if (iy < 0 || iy >= g.H) continue;
+                    for (int64_t j = 0; j < g.kw; ++j) {
+                        const int64_t ix = ox * g.sw - g.pl + j;
+                        if (ix < 0 || ix >= g.W) continue;
+                        float* dst = img + (iy * g.W + ix) * C;
+                        for (int64_t c = 0; c < C; ++c) dst[c] += v[c];
+                    }
+                }
+            }
+    }
+}
+
+void maxpool_forward(const float* a, const Geom& g, int64_t T, float* out, int32_t* arg) {
+    const int64_t C = g.C;
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+        const float* img = a + t * g.in_size();
+        for (int64_t oy = 0; oy < g.OH; ++oy)
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                const int64_t o0 = ((t * g.OH + oy) * g.OW + ox) * C;
+                float* o = out + o0;
+                int32_t* k = arg + o0;
+                for (int64_t c = 0; c < C; ++c) {
+                    o[c] = ninf;
+                    k[c] = 0;
+                }
+                for (int64_t i = 0; i < g.kh; ++i) {
+                    const int64_t iy = oy * g.sh - g.pt + i;
+                    if (iy < 0 || iy >= g.H) continue;
+                    for (int64_t j = 0; j < g.kw; ++j) {
+                        const int64_t ix = ox * g.sw - g.pl + j;
+                        if (ix < 0 || ix >= g.W) continue;
+                        const float* src = img + (iy * g.W + ix) * C;
+                        const int32_t tap = static_cast<int32_t>(i * g.kw + j);
+                        for (int64_t c = 0; c < C; ++c)
+                            if (src[c] > o[c]) {  // strict: the first maximum wins
+                                o[c] = src[c];
+                                k[c] = tap;
+                            }
+                    }
+                }
+            }
+    }
+}
+
+void maxpool_scatter(const float* y, const int32_t* arg, const Geom& g, int64_t T, float* img_all) {
+    const int64_t C = g.C;
+    std::memset(img_all, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+    for (int64_t t = 0; t < T; ++t) {
+        float* img = img_all + t * g.in_size();
+        for (int64_t oy = 0; oy < g.OH; ++oy)
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                const int64_t o0 = ((t * g.OH + oy) * g.OW + ox) * C;
+                for (int64_t c = 0; c < C; ++c) {
+                    const int64_t tap = arg[o0 + c];
+                    const int64_t iy = oy * g.sh - g.pt + tap / g.kw;
+                    const int64_t ix = ox * g.sw - g.pl + tap % g.kw;
+                    img[(iy * g.W + ix) * C + c] += y[o0 + c];
+                }
+            }
+    }
+}
+
+}  // namespace deeptaylor
