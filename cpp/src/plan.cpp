@@ -141,6 +141,25 @@ void prepare_linear(size_t i, const OpSpec& op, LinearPrep& lp) {
     }
 }
 
+// The output size must follow from the window parameters, and every window must hold at least
+// one real input (max pooling's winner must exist): a mismatch would index out of bounds.
+void check_geometry(size_t i, const OpSpec& op) {
+    const Geom& g = op.g;
+    if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.pt < 0 || g.pb < 0 ||
+        g.pl < 0 || g.pr < 0)
+        fail(i, op, "kernel, stride and dilation must be >= 1 and padding >= 0");
+    const int64_t oh = (g.H + g.pt + g.pb - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+    const int64_t ow = (g.W + g.pl + g.pr - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+    if (g.H + g.pt + g.pb - g.dh * (g.kh - 1) - 1 < 0 || g.W + g.pl + g.pr - g.dw * (g.kw - 1) - 1 < 0 ||
+        oh != op.out.h || ow != op.out.w || op.out.rank != 3)
+        fail(i, op, "output shape does not match the window geometry");
+    if (op.kind != OpKind::Conv2d && (g.dh != 1 || g.dw != 1 || std::max(g.pt, g.pb) > g.kh / 2 ||
+                                      std::max(g.pl, g.pr) > g.kw / 2))
+        fail(i, op, "pooling padding must be at most half the kernel, without dilation");
+    if (op.kind == OpKind::LpPool && (g.pt || g.pb || g.pl || g.pr)) fail(i, op, "LpPool takes no padding");
+    if (op.kind != OpKind::Conv2d && op.out.c != op.in.c) fail(i, op, "pooling keeps the channels");
+}
+
 }  // namespace
 
 int64_t ArenaSizes::bytes() const {
@@ -217,6 +236,7 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
                 g.OW = op.out.w;
                 break;
             case OpKind::LpPool:
+                if (!(op.p >= 1.0f) || !std::isfinite(op.p)) fail(i, op, "p must be finite and >= 1");
                 if (!op.global) {
                     if (op.in.rank != 3) fail(i, op, "LpPool with a kernel needs (C, H, W)");
                     g.C = g.O = op.in.c;
@@ -234,11 +254,19 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
             case OpKind::Flatten:
                 break;
         }
-        if ((op.kind == OpKind::Dense || op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool ||
-             op.kind == OpKind::AvgPool || op.kind == OpKind::SumPool ||
-             (op.kind == OpKind::LpPool && !op.global)) &&
-            (g.OH < 1 || g.OW < 1 || g.out_size() != op.out.size()))
-            fail(i, op, "output shape does not match the window geometry");
+        const bool windowed = op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool ||
+                              op.kind == OpKind::AvgPool || op.kind == OpKind::SumPool ||
+                              (op.kind == OpKind::LpPool && !op.global);
+        if (windowed) check_geometry(i, op);
+        if (op.kind == OpKind::Dense && (!g.identity() || g.O != op.out.c || op.out.rank != 1))
+            fail(i, op, "Dense geometry must be 1x1");
+        if (op.kind == OpKind::ReLU && (op.out.rank != op.in.rank || op.out.size() != op.in.size()))
+            fail(i, op, "ReLU keeps its input shape");
+        if (op.kind == OpKind::Flatten && (op.out.rank != 1 || op.out.size() != op.in.size()))
+            fail(i, op, "Flatten gives (C*H*W)");
+        if ((op.kind == OpKind::GlobalSum || (op.kind == OpKind::LpPool && op.global)) &&
+            (op.out.rank != 1 || op.out.size() != 1))
+            fail(i, op, "global pooling gives (1)");
         plan->max_size = std::max(plan->max_size, op.out.size());
         cur = op.out;
     }
