@@ -1,4 +1,5 @@
 // Layout and window kernels (channels-last). Plain loops on the calling thread; see ops.hpp.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -26,42 +27,75 @@ void nhwc_to_nchw(const float* src, float* dst, int64_t T, int64_t C, int64_t H,
     }
 }
 
+// Valid kernel columns j in [j0, j1) for output column ox: 0 <= ox*sw - pl + j*dw < W.
+static inline void valid_taps(int64_t ox, const Geom& g, int64_t& j0, int64_t& j1) {
+    const int64_t x0 = ox * g.sw - g.pl;  // input column of tap 0
+    j0 = x0 >= 0 ? 0 : (-x0 + g.dw - 1) / g.dw;
+    j1 = x0 >= g.W ? 0 : std::min<int64_t>(g.kw, (g.W - 1 - x0) / g.dw + 1);
+    if (j1 < j0) j1 = j0;
+}
+
 void im2col_rows(const float* a, const Geom& g, int64_t r0, int64_t r1, float* col) {
-    const int64_t P = g.P(), Kc = g.Kc(), C = g.C;
-    const size_t cb = sizeof(float) * static_cast<size_t>(C);
+    const int64_t P = g.P(), Kc = g.Kc(), C = g.C, rowlen = g.kw * C;
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / P, p = r % P, oy = p / g.OW, ox = p % g.OW;
         const float* img = a + t * g.in_size();
         float* row = col + (r - r0) * Kc;
+        int64_t j0, j1;
+        valid_taps(ox, g, j0, j1);
+        const int64_t x0 = ox * g.sw - g.pl;
         for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t iy = oy * g.sh - g.pt + i * g.dh;
-            for (int64_t j = 0; j < g.kw; ++j) {
-                const int64_t ix = ox * g.sw - g.pl + j * g.dw;
-                float* dst = row + (i * g.kw + j) * C;
-                if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W)
-                    std::memset(dst, 0, cb);
-                else
-                    std::memcpy(dst, img + (iy * g.W + ix) * C, cb);
+            float* dst = row + i * rowlen;
+            if (iy < 0 || iy >= g.H || j1 == j0) {
+                for (int64_t k = 0; k < rowlen; ++k) dst[k] = 0.0f;
+                continue;
             }
+            for (int64_t k = 0; k < j0 * C; ++k) dst[k] = 0.0f;
+            const float* src = img + iy * g.W * C;  // input row iy; tap j reads column x0 + j*dw
+            if (g.dw == 1) {  // the valid taps of a kernel row are one contiguous run of the input
+                const float* s = src + (x0 + j0) * C;
+                float* d = dst + j0 * C;
+                const int64_t n = (j1 - j0) * C;
+                for (int64_t k = 0; k < n; ++k) d[k] = s[k];
+            } else {
+                for (int64_t j = j0; j < j1; ++j) {
+                    const float* s = src + (x0 + j * g.dw) * C;
+                    float* d = dst + j * C;
+                    for (int64_t c = 0; c < C; ++c) d[c] = s[c];
+                }
+            }
+            for (int64_t k = j1 * C; k < rowlen; ++k) dst[k] = 0.0f;
         }
     }
 }
 
 void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img_all) {
-    const int64_t P = g.P(), Kc = g.Kc(), C = g.C;
+    const int64_t P = g.P(), Kc = g.Kc(), C = g.C, rowlen = g.kw * C;
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / P, p = r % P, oy = p / g.OW, ox = p % g.OW;
         float* img = img_all + t * g.in_size();
         const float* row = col + (r - r0) * Kc;
+        int64_t j0, j1;
+        valid_taps(ox, g, j0, j1);
+        if (j1 == j0) continue;
+        const int64_t x0 = ox * g.sw - g.pl;
         for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t iy = oy * g.sh - g.pt + i * g.dh;
             if (iy < 0 || iy >= g.H) continue;
-            for (int64_t j = 0; j < g.kw; ++j) {
-                const int64_t ix = ox * g.sw - g.pl + j * g.dw;
-                if (ix < 0 || ix >= g.W) continue;
-                const float* src = row + (i * g.kw + j) * C;
-                float* dst = img + (iy * g.W + ix) * C;
-                for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+            const float* src = row + i * rowlen;
+            float* dst = img + iy * g.W * C;
+            if (g.dw == 1) {
+                const float* s = src + j0 * C;
+                float* d = dst + (x0 + j0) * C;
+                const int64_t n = (j1 - j0) * C;
+                for (int64_t k = 0; k < n; ++k) d[k] += s[k];
+            } else {
+                for (int64_t j = j0; j < j1; ++j) {
+                    const float* s = src + j * C;
+                    float* d = dst + (x0 + j * g.dw) * C;
+                    for (int64_t c = 0; c < C; ++c) d[c] += s[c];
+                }
             }
         }
     }
@@ -133,11 +167,11 @@ void maxpool_forward(const float* a, const Geom& g, int64_t T, float* out, int32
                         if (ix < 0 || ix >= g.W) continue;
                         const float* src = img + (iy * g.W + ix) * C;
                         const int32_t tap = static_cast<int32_t>(i * g.kw + j);
-                        for (int64_t c = 0; c < C; ++c)
-                            if (src[c] > o[c]) {  // strict: the first maximum wins
-                                o[c] = src[c];
-                                k[c] = tap;
-                            }
+                        for (int64_t c = 0; c < C; ++c) {  // branch-free so it vectorises
+                            const bool better = src[c] > o[c];  // strict: the first maximum wins
+                            o[c] = better ? src[c] : o[c];
+                            k[c] = better ? tap : k[c];
+                        }
                     }
                 }
             }
