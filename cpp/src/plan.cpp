@@ -82,7 +82,8 @@ void prepare_linear(size_t i, const OpSpec& op, LinearPrep& lp) {
             for (int64_t a = 0; a < g.kh; ++a)
                 for (int64_t b = 0; b < g.kw; ++b)
                     lp.Wm[o * Kc + (a * g.kw + b) * C + c] = op.weight[((o * C + c) * g.kh + a) * g.kw + b];
-    lp.chunk_rows = std::max<int64_t>(8, kChunkFloats / std::max<int64_t>(Kc, 1));
+    // at least 128 rows per GEMM block: fewer would re-stream the packed weights per block
+    lp.chunk_rows = std::max<int64_t>(kMinChunkRows, kChunkFloats / std::max<int64_t>(Kc, 1));
 
     const RuleSpec& r = op.rule;
     const std::vector<float>& b = op.bias;

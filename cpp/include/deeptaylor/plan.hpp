@@ -112,6 +112,7 @@ constexpr int64_t kArenaBudgetBytes = 16 << 20;
 constexpr int64_t kMaxTile = 64;
 // Floats of one im2col block (rows x Kc); bounds the conv working set independent of the batch.
 constexpr int64_t kChunkFloats = 1 << 17;
+constexpr int64_t kMinChunkRows = 128;
 
 const char* op_name(OpKind k);
 
