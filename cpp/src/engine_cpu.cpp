@@ -66,6 +66,25 @@ struct Packs {
 
 inline float safe_div(float num, float den) { return den != 0.0f ? num / den : 0.0f; }
 
+// f(begin, end) over [0, n), split into contiguous ranges across gth threads; serial when gth == 1
+// (the parallel-over-tiles path, which must not nest) or when there is too little to split.
+template <class F>
+void split(int64_t n, int gth, const F& f) {
+    if (gth <= 1 || n < 2 * gth) {
+        f(int64_t{0}, n);
+        return;
+    }
+#pragma omp parallel num_threads(gth)
+    {
+        int64_t nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        f(n * id / nt, n * (id + 1) / nt);
+    }
+}
+
 struct Arena {
     std::vector<std::vector<float>> act;
     std::vector<std::vector<int32_t>> arg;
@@ -192,6 +211,9 @@ private:
     }
 
     // ---- linear ops ------------------------------------------------------------------------
+    // On the one-tile-at-a-time path (gth > 1) the work around the GEMMs is split too, so it does
+    // not become the serial part: im2col and element-wise loops by rows (disjoint writes), col2im
+    // by channel ranges (overlapping windows write the same pixels, never the same channel).
     // a (T, H, W, C) -> z (T, OH, OW, O) = conv/dense(a) + bias, block by block.
     void linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth) const {
         const OpSpec& op = plan_->ops[i];
@@ -200,13 +222,20 @@ private:
         for (int64_t r = 0; r < rows; ++r) std::memcpy(z + r * O, op.bias.data(), sizeof(float) * O);
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            const float* col = a + r0 * Kc;
-            if (!g.identity()) {
-                im2col_rows(a, g, r0, r0 + m, ar.col.data());
-                col = ar.col.data();
-            }
-            sgemm_packed(m, col, Kc, *packs_[i].fwd, z + r0 * O, O, true, gth);
+            sgemm_packed(m, im2col(a, g, r0, m, ar, gth), Kc, *packs_[i].fwd, z + r0 * O, O, true, gth);
         }
+    }
+
+    // Rows [r0, r0 + m) of im2col(a) (a pointer into a itself when im2col is the identity).
+    static const float* im2col(const float* a, const Geom& g, int64_t r0, int64_t m, Arena& ar, int gth) {
+        if (g.identity()) return a + r0 * g.Kc();
+        float* col = ar.col.data();
+        split(m, gth, [&](int64_t b, int64_t e) { im2col_rows(a, g, r0 + b, r0 + e, col + b * g.Kc()); });
+        return col;
+    }
+
+    static void col2im(const float* c, const Geom& g, int64_t r0, int64_t m, float* img, int gth) {
+        split(g.C, gth, [&](int64_t c0, int64_t c1) { col2im_add_rows(c, g, r0, r0 + m, img, c0, c1); });
     }
 
     // Plain backward (gradients): gin (T, H, W, C) = L^T(gout; W).
@@ -219,7 +248,7 @@ private:
             const int64_t m = std::min(RB, rows - r0);
             float* c = id ? gin + r0 * Kc : ar.comb.data();
             sgemm_packed(m, gout + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
-            if (!id) col2im_add_rows(c, g, r0, r0 + m, gin);
+            if (!id) col2im(c, g, r0, m, gin, gth);
         }
     }
 
@@ -237,27 +266,28 @@ private:
         if (!id) std::memset(Rin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            const float* colA = a + r0 * Kc;
-            if (!id) {
-                im2col_rows(a, g, r0, r0 + m, ar.col.data());
-                colA = ar.col.data();
-            }
+            const float* colA = im2col(a, g, r0, m, ar, gth);
             const float* Rr = R + r0 * O;
             const float* zr = z + r0 * O;
             float* comb = id ? Rin + r0 * Kc : ar.comb.data();
             float* s = ar.s.data();
             float* cc = ar.ccol.data();
             const int64_t mK = m * Kc;
+            // element-wise loop over the block's rows [b, e)
+            auto rows_do = [&](auto&& f) { split(m, gth, f); };
             switch (rule.kind) {
                 case RuleKind::Z:  // LRP-0, Bach et al. 2015: s = R / z (0 where z = 0)
                 case RuleKind::Epsilon: {  // LRP-eps, Bach et al. 2015: s = R / (z + eps sign z)
-                    if (rule.kind == RuleKind::Z)
-                        for (int64_t k = 0; k < m * O; ++k) s[k] = safe_div(Rr[k], zr[k]);
-                    else
-                        for (int64_t k = 0; k < m * O; ++k)
-                            s[k] = Rr[k] / (zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps));
+                    const bool eps = rule.kind == RuleKind::Epsilon;
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t k = b * O; k < e * O; ++k)
+                            s[k] = eps ? Rr[k] / (zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps))
+                                       : safe_div(Rr[k], zr[k]);
+                    });
                     sgemm_packed(m, s, O, *pk.bwd, cc, Kc, false, gth);
-                    for (int64_t k = 0; k < mK; ++k) comb[k] = colA[k] * cc[k];
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * cc[k];
+                    });
                     break;
                 }
                 case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
@@ -267,10 +297,12 @@ private:
                     const float *cp = colA, *cn = nullptr;
                     if (!nonneg) {
                         float *P_ = ar.colP.data(), *N_ = ar.colN.data();
-                        for (int64_t k = 0; k < mK; ++k) {
-                            P_[k] = colA[k] > 0.0f ? colA[k] : 0.0f;
-                            N_[k] = colA[k] < 0.0f ? colA[k] : 0.0f;
-                        }
+                        rows_do([&](int64_t b, int64_t e) {
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) {
+                                P_[k] = colA[k] > 0.0f ? colA[k] : 0.0f;
+                                N_[k] = colA[k] < 0.0f ? colA[k] : 0.0f;
+                            }
+                        });
                         cp = P_;
                         cn = N_;
                     }
@@ -280,66 +312,74 @@ private:
                         for (int64_t r = 0; r < m; ++r) std::memcpy(den + r * wO, lp.bias2.data(), sizeof(float) * wO);
                     sgemm_packed(m, cp, Kc, *pk.fP, den, wO, has_bias, gth);
                     if (cn) sgemm_packed(m, cn, Kc, *pk.fQ, den, wO, true, gth);
-                    if (rule.kind == RuleKind::ZPlus) {
-                        for (int64_t k = 0; k < m * O; ++k) s[k] = safe_div(Rr[k], den[k]);
-                    } else if (rule.kind == RuleKind::Gamma) {
-                        // outputs with z > 0 use the up-weighted positive contributions, z < 0 the negative
-                        for (int64_t r = 0; r < m; ++r)
-                            for (int64_t o = 0; o < O; ++o) {
-                                const float zz = zr[r * O + o], rr = Rr[r * O + o];
-                                s[r * wO + o] = safe_div(zz > 0.0f ? rr : 0.0f, den[r * wO + o]);
-                                s[r * wO + O + o] = safe_div(zz < 0.0f ? rr : 0.0f, den[r * wO + O + o]);
-                            }
-                    } else {
-                        for (int64_t r = 0; r < m; ++r)
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r)
                             for (int64_t o = 0; o < O; ++o) {
                                 const float rr = Rr[r * O + o];
-                                s[r * wO + o] = rule.alpha * safe_div(rr, den[r * wO + o]);
-                                s[r * wO + O + o] = -rule.beta * safe_div(rr, den[r * wO + O + o]);
+                                const float* d = den + r * wO;
+                                float* sr = s + r * wO;
+                                if (rule.kind == RuleKind::ZPlus) {
+                                    sr[o] = safe_div(rr, d[o]);
+                                } else if (rule.kind == RuleKind::Gamma) {
+                                    // z > 0: up-weighted positive contributions; z < 0: the negative
+                                    const float zz = zr[r * O + o];
+                                    sr[o] = safe_div(zz > 0.0f ? rr : 0.0f, d[o]);
+                                    sr[O + o] = safe_div(zz < 0.0f ? rr : 0.0f, d[O + o]);
+                                } else {
+                                    sr[o] = rule.alpha * safe_div(rr, d[o]);
+                                    sr[O + o] = -rule.beta * safe_div(rr, d[O + o]);
+                                }
                             }
-                    }
+                    });
                     sgemm_packed(m, s, wO, *pk.bP, cc, Kc, false, gth);
-                    if (cn) {
-                        float* cc2 = cc + mK;
-                        sgemm_packed(m, s, wO, *pk.bQ, cc2, Kc, false, gth);
-                        for (int64_t k = 0; k < mK; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
-                    } else {
-                        for (int64_t k = 0; k < mK; ++k) comb[k] = cp[k] * cc[k];
-                    }
+                    float* cc2 = cc + mK;
+                    if (cn) sgemm_packed(m, s, wO, *pk.bQ, cc2, Kc, false, gth);
+                    rows_do([&](int64_t b, int64_t e) {
+                        if (cn)
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
+                        else
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k];
+                    });
                     break;
                 }
                 case RuleKind::WSquare:  // w², Montavon et al. 2017: s = R / L(1; W²) (constant)
                 case RuleKind::Flat: {   // flat, Lapuschkin et al. 2019: s = R / L(1; 1)
-                    for (int64_t r = 0; r < m; ++r) {
-                        const float* inv = lp.inv_den.data() + ((r0 + r) % P) * O;
-                        for (int64_t o = 0; o < O; ++o) s[r * O + o] = Rr[r * O + o] * inv[o];
-                    }
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const float* inv = lp.inv_den.data() + ((r0 + r) % P) * O;
+                            for (int64_t o = 0; o < O; ++o) s[r * O + o] = Rr[r * O + o] * inv[o];
+                        }
+                    });
                     sgemm_packed(m, s, O, *pk.bP, comb, Kc, false, gth);
                     break;
                 }
                 case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
-                    for (int64_t r = 0; r < m; ++r) {
-                        const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
-                        for (int64_t o = 0; o < O; ++o)
-                            s[r * O + o] = safe_div(Rr[r * O + o], zr[r * O + o] - cb[o]);
-                    }
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
+                            for (int64_t o = 0; o < O; ++o)
+                                s[r * O + o] = safe_div(Rr[r * O + o], zr[r * O + o] - cb[o]);
+                        }
+                    });
                     sgemm_packed(m, s, O, *pk.b3, cc, 3 * Kc, false, gth);
-                    for (int64_t r = 0; r < m; ++r) {
-                        const int64_t p = (r0 + r) % P;
-                        const float* lo = lp.lo_col.data() + p * Kc;
-                        const float* hi = lp.hi_col.data() + p * Kc;
-                        const float* c3 = cc + r * 3 * Kc;
-                        const float* ar_ = colA + r * Kc;
-                        float* out = comb + r * Kc;
-                        for (int64_t k = 0; k < Kc; ++k)
-                            out[k] = ar_[k] * c3[k] - lo[k] * c3[Kc + k] - hi[k] * c3[2 * Kc + k];
-                    }
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const int64_t p = (r0 + r) % P;
+                            const float* lo = lp.lo_col.data() + p * Kc;
+                            const float* hi = lp.hi_col.data() + p * Kc;
+                            const float* c3 = cc + r * 3 * Kc;
+                            const float* ar_ = colA + r * Kc;
+                            float* out = comb + r * Kc;
+                            for (int64_t k = 0; k < Kc; ++k)
+                                out[k] = ar_[k] * c3[k] - lo[k] * c3[Kc + k] - hi[k] * c3[2 * Kc + k];
+                        }
+                    });
                     break;
                 }
                 case RuleKind::None:
                     throw std::logic_error("linear op without a rule");
             }
-            if (!id) col2im_add_rows(comb, g, r0, r0 + m, Rin);
+            if (!id) col2im(comb, g, r0, m, Rin, gth);
         }
     }
 

@@ -70,8 +70,11 @@ void im2col_rows(const float* a, const Geom& g, int64_t r0, int64_t r1, float* c
     }
 }
 
-void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img_all) {
+void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img_all, int64_t c0,
+                     int64_t c1) {
     const int64_t P = g.P(), Kc = g.Kc(), C = g.C, rowlen = g.kw * C;
+    if (c1 < 0) c1 = C;
+    const bool all = c0 == 0 && c1 == C;
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = r / P, p = r % P, oy = p / g.OW, ox = p % g.OW;
         float* img = img_all + t * g.in_size();
@@ -85,7 +88,7 @@ void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, fl
             if (iy < 0 || iy >= g.H) continue;
             const float* src = row + i * rowlen;
             float* dst = img + iy * g.W * C;
-            if (g.dw == 1) {
+            if (g.dw == 1 && all) {
                 const float* s = src + j0 * C;
                 float* d = dst + (x0 + j0) * C;
                 const int64_t n = (j1 - j0) * C;
@@ -94,7 +97,7 @@ void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, fl
                 for (int64_t j = j0; j < j1; ++j) {
                     const float* s = src + j * C;
                     float* d = dst + (x0 + j * g.dw) * C;
-                    for (int64_t c = 0; c < C; ++c) d[c] += s[c];
+                    for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
                 }
             }
         }

@@ -1,5 +1,5 @@
-// Layout and window kernels of the engine, channels-last. All run on the calling thread: the engine
-// parallelises over batch tiles (or inside the GEMM), never inside these loops.
+// Layout and window kernels of the engine, channels-last. All run on the calling thread; the engine
+// splits im2col rows and col2im channels across threads when it runs one tile at a time.
 #pragma once
 #include <cstdint>
 
@@ -16,7 +16,10 @@ void nhwc_to_nchw(const float* src, float* dst, int64_t T, int64_t C, int64_t H,
 // columns (i, j, c); taps in the zero padding are 0. col is (r1 - r0, Kc).
 void im2col_rows(const float* a, const Geom& g, int64_t r0, int64_t r1, float* col);
 // Transpose of im2col_rows: img (T, H, W, C) += scatter of col (r1 - r0, Kc); padding taps dropped.
-void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img);
+// Only channels [c0, c1) are touched (c1 < 0: all), so threads may split the channels without
+// write conflicts.
+void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img, int64_t c0 = 0,
+                     int64_t c1 = -1);
 
 // Window sum with zero padding: a (T, H, W, C) -> out (T, OH, OW, C).
 void window_sum(const float* a, const Geom& g, int64_t T, float* out);
