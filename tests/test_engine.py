@@ -59,7 +59,7 @@ def compare(net: dt.Sequential, composite, x: np.ndarray, target=None, threads=N
     assert nerr(got.output, ref.output) <= TOL
     np.testing.assert_array_equal(got.target, ref.target)
     assert len(got.layers) == len(net) + 1
-    for i, (g, r) in enumerate(zip(got.layers, ref.layers)):
+    for i, (g, r) in enumerate(zip(got.layers, ref.layers, strict=True)):
         assert nerr(g, r) <= TOL, f"layer {i} ({net[i].kind if i < len(net) else 'output'})"
     assert nerr(got.relevance, ref.relevance) <= TOL
     return got
@@ -209,7 +209,7 @@ def test_thread_count_independence(rng):
         r1 = ex1.explain(xb, return_layers=True)
         r2 = ex2.explain(xb, return_layers=True)
         assert nerr(r2.output, r1.output) <= 1e-6
-        for a, b in zip(r2.layers, r1.layers):
+        for a, b in zip(r2.layers, r1.layers, strict=True):
             assert nerr(a, b) <= 1e-6
 
 

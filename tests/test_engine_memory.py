@@ -68,7 +68,7 @@ MARGIN = 100 * 2**20
 
 
 def test_50k_images_in_one_call_stay_within_the_memory_bound():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["shape"] == [50_000, 1, 28, 28]

@@ -69,7 +69,7 @@ def op_specs(net: Sequential, assignment: list[Rule | None] | Method,
     shapes = [s[1:] for s in net.shapes((1,) + tuple(sample_shape))]
     rules = [None] * len(net) if isinstance(assignment, Method) else assignment
     ops = []
-    for i, (layer, rule) in enumerate(zip(net, rules)):
+    for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
         spec: dict[str, Any] = {"kind": layer.kind, "in_shape": shapes[i], "out_shape": shapes[i + 1]}
         if isinstance(layer, (Dense, Conv2d)):
             spec["weight"], spec["bias"] = _f32(layer.weight), _f32(layer.bias)
@@ -130,7 +130,7 @@ class CpuBackend:
             rules: list[Rule | None] = [None] * len(net)
         else:
             rules = assignment
-        for i, (layer, rule) in enumerate(zip(net, rules)):
+        for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
             if not isinstance(layer, _LAYERS):
                 raise UnsupportedError(f"backend 'cpu' does not support layer {i} ({layer.kind})")
             if rule is not None and not isinstance(rule, _RULES):
