@@ -214,15 +214,25 @@ private:
     // On the one-tile-at-a-time path (gth > 1) the work around the GEMMs is split too, so it does
     // not become the serial part: im2col and element-wise loops by rows (disjoint writes), col2im
     // by channel ranges (overlapping windows write the same pixels, never the same channel).
-    // a (T, H, W, C) -> z (T, OH, OW, O) = conv/dense(a) + bias, block by block.
-    void linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth) const {
+    // a (T, H, W, C) -> z (T, OH, OW, O) = conv/dense(a) + bias, block by block. Fused per block
+    // while it is in cache: the bias is the GEMM's initial C (accumulate), and when a ReLU follows,
+    // its output relu_out = max(z, 0) is written in the same sweep (the ReLU op is then skipped).
+    void linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth,
+                        float* relu_out) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(z + r * O, op.bias.data(), sizeof(float) * O);
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            sgemm_packed(m, im2col(a, g, r0, m, ar, gth), Kc, *packs_[i].fwd, z + r0 * O, O, true, gth);
+            float* zb = z + r0 * O;
+            for (int64_t r = 0; r < m; ++r) std::memcpy(zb + r * O, op.bias.data(), sizeof(float) * O);
+            sgemm_packed(m, im2col(a, g, r0, m, ar, gth), Kc, *packs_[i].fwd, zb, O, true, gth);
+            if (relu_out) {
+                float* yb = relu_out + r0 * O;
+                split(m, gth, [&](int64_t b, int64_t e) {
+                    for (int64_t k = b * O; k < e * O; ++k) yb[k] = zb[k] > 0.0f ? zb[k] : 0.0f;
+                });
+            }
         }
     }
 
@@ -398,6 +408,14 @@ private:
         }
         for (size_t i = 0; i < L; ++i) {
             float* out = ar.act[i + 1].data();
+            const OpKind k = pl.ops[i].kind;
+            if ((k == OpKind::Dense || k == OpKind::Conv2d) && i + 1 < L && pl.ops[i + 1].kind == OpKind::ReLU) {
+                linear_forward(i, act[i], out, T, ar, gth, ar.act[i + 2].data());  // + fused ReLU
+                act[i + 1] = out;
+                act[i + 2] = ar.act[i + 2].data();
+                ++i;
+                continue;
+            }
             forward_op(i, act[i], out, T, ar, gth);
             act[i + 1] = out;
         }
@@ -452,7 +470,7 @@ private:
         switch (op.kind) {
             case OpKind::Dense:
             case OpKind::Conv2d:
-                linear_forward(i, a, out, T, ar, gth);
+                linear_forward(i, a, out, T, ar, gth, nullptr);
                 break;
             case OpKind::ReLU:
                 for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;

@@ -156,8 +156,8 @@ void maxpool_forward(const float* a, const Geom& g, int64_t T, float* out, int32
         for (int64_t oy = 0; oy < g.OH; ++oy)
             for (int64_t ox = 0; ox < g.OW; ++ox) {
                 const int64_t o0 = ((t * g.OH + oy) * g.OW + ox) * C;
-                float* o = out + o0;
-                int32_t* k = arg + o0;
+                float* __restrict o = out + o0;  // restrict: lets the channel loop vectorise
+                int32_t* __restrict k = arg + o0;
                 for (int64_t c = 0; c < C; ++c) {
                     o[c] = ninf;
                     k[c] = 0;
@@ -168,12 +168,14 @@ void maxpool_forward(const float* a, const Geom& g, int64_t T, float* out, int32
                     for (int64_t j = 0; j < g.kw; ++j) {
                         const int64_t ix = ox * g.sw - g.pl + j;
                         if (ix < 0 || ix >= g.W) continue;
-                        const float* src = img + (iy * g.W + ix) * C;
+                        const float* __restrict src = img + (iy * g.W + ix) * C;
                         const int32_t tap = static_cast<int32_t>(i * g.kw + j);
-                        for (int64_t c = 0; c < C; ++c) {  // branch-free so it vectorises
-                            const bool better = src[c] > o[c];  // strict: the first maximum wins
-                            o[c] = better ? src[c] : o[c];
-                            k[c] = better ? tap : k[c];
+                        for (int64_t c = 0; c < C; ++c) {  // branch-free selects so it vectorises
+                            const float v = src[c], cur = o[c];
+                            const int32_t kc = k[c];
+                            const int32_t better = v > cur ? -1 : 0;  // strict: the first maximum wins
+                            o[c] = v > cur ? v : cur;
+                            k[c] = (tap & better) | (kc & ~better);
                         }
                     }
                 }
