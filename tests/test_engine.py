@@ -317,3 +317,19 @@ def test_inconsistent_specs_are_refused_not_crashed(rng, field):
         ops[0]["low"] = ops[0]["low"][:, :2]
     with pytest.raises(ValueError, match="plan: op"):
         _core.Plan(ops, (1, 6, 6), "rules")
+
+
+def test_concurrent_calls_share_one_plan(rng):
+    """The GIL is released during a run and runs are reentrant (arenas are per call): two Python
+    threads explaining with the same Explainer get the same results as sequential calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = lenet_like(rng)
+    ex = dt.Explainer(net, dt.composites.deep_taylor(), backend="cpu", threads=1)
+    xs = [rng.uniform(0.0, 1.0, size=(23, 1, 12, 12)).astype(np.float32) for _ in range(4)]
+    want = [ex.explain(x).relevance for x in xs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = list(pool.map(lambda x: ex.explain(x).relevance, xs))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert ex.backend.plans == 1
