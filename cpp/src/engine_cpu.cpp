@@ -115,7 +115,9 @@ public:
             const int64_t O = op.g.O, Kc = op.g.Kc();
             Packs& pk = packs_[i];
             pk.fwd = pack_fwd(Wm, O, Kc);
-            pk.bwd = pack_bwd(Wm, O, Kc);
+            // the plain transpose W is used by gradients and by the Z/Epsilon relevance only
+            if (pl.mode != Mode::Rules || op.rule.kind == RuleKind::Z || op.rule.kind == RuleKind::Epsilon)
+                pk.bwd = pack_bwd(Wm, O, Kc);
             if (pl.mode != Mode::Rules) continue;
             const bool need_q = !pl.nonneg_in[i];  // a- terms vanish on inputs known to be >= 0
             auto two = [&](const std::vector<float>& P, const std::vector<float>& Q, int w) {

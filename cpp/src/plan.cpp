@@ -224,6 +224,7 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
                 g.OW = op.out.w;
                 if (op.rule.kind == RuleKind::None && mode == Mode::Rules) fail(i, op, "no rule assigned");
                 prepare_linear(i, op, plan->lin[i]);
+                std::vector<float>().swap(op.weight);  // Wm (channels-last) is the plan's copy now
                 nonneg = false;
                 break;
             case OpKind::MaxPool:

@@ -59,7 +59,7 @@ struct OpSpec {
     OpKind kind = OpKind::ReLU;
     Shape in, out;
     Geom g;                     // linear ops and window pools
-    std::vector<float> weight;  // Dense (O, I) or Conv2d (O, C, kh, kw)
+    std::vector<float> weight;  // Dense (O, I) or Conv2d (O, C, kh, kw); emptied by build_plan (see Wm)
     std::vector<float> bias;    // (O)
     float p = 2.0f;             // LpPool exponent
     bool global = false;        // LpPool without a kernel (pools everything to (N, 1))
