@@ -1,4 +1,10 @@
-"""The compiled C++ backend (float32)."""
+"""The compiled C++ backend (float32): fused forward + relevance passes over batch tiles.
+
+The network and its rules are described once per input sample-shape as a list of plain op specs and
+compiled by the C++ core into a ``Plan`` (rule matrices derived, weights packed for the GEMM, tile
+and arena sizes fixed). ``run`` hands the whole batch to the plan with the GIL released: the loop
+over layers and tiles is in C++. See docs/engine.md.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,23 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedError
-from ..layers import Dense, GlobalSumPool, ReLU
-from ..methods import Method
+from ..layers import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalSumPool,
+    LpPool,
+    MaxPool2d,
+    ReLU,
+    SumPool2d,
+)
+from ..methods import GradientXInput, Method, Sensitivity
 from ..network import Sequential
-from ..rules import Rule, WSquare, ZPlus
+from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 
-_SUPPORTED_LAYERS = (Dense, ReLU, GlobalSumPool)
-_SUPPORTED_RULES = {ZPlus: "ZPlus", WSquare: "WSquare"}
+_LAYERS = (Dense, Conv2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten)
+_RULES = (Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox)
 
 
 def _core() -> Any:
@@ -25,58 +41,120 @@ def _core() -> Any:
     return _core
 
 
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _rule_spec(rule: Rule, in_shape: tuple[int, ...]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"rule": rule.name}
+    if isinstance(rule, Epsilon):
+        spec["eps"] = rule.eps
+    elif isinstance(rule, ZPlus):
+        spec["use_bias"] = rule.use_bias
+    elif isinstance(rule, Gamma):
+        spec["gamma"] = rule.gamma
+    elif isinstance(rule, AlphaBeta):
+        spec["alpha"], spec["beta"] = rule.alpha, rule.beta
+    elif isinstance(rule, ZBox):
+        lo, hi = rule.bounds_for(in_shape)
+        spec["low"], spec["high"] = _f32(lo), _f32(hi)
+    return spec
+
+
+def op_specs(net: Sequential, assignment: list[Rule | None] | Method,
+             sample_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Describe every layer as a plain dict for the C++ ``Plan``: ``kind``, per-sample ``in_shape`` /
+    ``out_shape``, int window parameters, float32 ``weight``/``bias`` and the rule's kind and
+    parameters (ZBox bounds broadcast to the layer's input shape)."""
+    shapes = [s[1:] for s in net.shapes((1,) + tuple(sample_shape))]
+    rules = [None] * len(net) if isinstance(assignment, Method) else assignment
+    ops = []
+    for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
+        spec: dict[str, Any] = {"kind": layer.kind, "in_shape": shapes[i], "out_shape": shapes[i + 1]}
+        if isinstance(layer, (Dense, Conv2d)):
+            spec["weight"], spec["bias"] = _f32(layer.weight), _f32(layer.bias)
+            if isinstance(layer, Conv2d):
+                spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                            dilation=layer.dilation)
+            if rule is not None:
+                spec.update(_rule_spec(rule, shapes[i]))
+        elif isinstance(layer, (MaxPool2d, AvgPool2d, SumPool2d)):
+            spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, LpPool):
+            spec["p"] = layer.p
+            spec["global"] = layer.kernel_size is None
+            if layer.kernel_size is not None:
+                spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+        ops.append(spec)
+    return ops
+
+
+def _mode(assignment: list[Rule | None] | Method) -> str:
+    if isinstance(assignment, Sensitivity):
+        return "sensitivity"
+    if isinstance(assignment, GradientXInput):
+        return "gradient_x_input"
+    return "rules"
+
+
 class CpuBackend:
-    """C++ kernels, float32. Supports Dense/ReLU/GlobalSumPool with ZPlus and WSquare."""
+    """The C++/OpenMP engine, float32. Supports every layer, rule and method of the NumPy reference.
+
+    Parameters
+    ----------
+    threads : int, optional
+        OpenMP threads (default: OpenMP's default, ``OMP_NUM_THREADS`` or the core count).
+
+    Compiled plans are cached per input sample-shape (``plans`` counts them); an Explainer makes one
+    backend, so its plans live as long as the Explainer.
+    """
 
     name = "cpu"
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
-        self._k = _core().kernels
+        self._core = _core()
+        self._plans: dict[tuple[int, ...], Any] = {}
+        self._owner: tuple[Any, Any] | None = None
+
+    @property
+    def plans(self) -> int:
+        """Number of compiled plans held (one per input sample-shape seen)."""
+        return len(self._plans)
 
     def check(self, net: Sequential, assignment: list[Rule | None] | Method) -> None:
+        """Raise :class:`UnsupportedError` for a layer or rule this backend cannot run."""
         if isinstance(assignment, Method):
-            raise UnsupportedError(f"backend 'cpu' does not support the method {assignment.name} yet; "
-                                   "use backend='numpy'")
-        for i, (layer, rule) in enumerate(zip(net, assignment)):
-            if not isinstance(layer, _SUPPORTED_LAYERS):
-                raise UnsupportedError(f"backend 'cpu' does not support layer {i} ({layer.kind}) yet; "
-                                       "supported: Dense, ReLU, GlobalSumPool; use backend='numpy'")
-            if rule is not None and (type(rule) not in _SUPPORTED_RULES
-                                     or (isinstance(rule, ZPlus) and rule.use_bias)):
-                raise UnsupportedError(f"backend 'cpu' does not support rule {rule!r} on layer {i} "
-                                       f"({layer.kind}) yet; supported: ZPlus(), WSquare()")
+            if not isinstance(assignment, (Sensitivity, GradientXInput)):
+                raise UnsupportedError(f"backend 'cpu' does not support the method {assignment.name}")
+            rules: list[Rule | None] = [None] * len(net)
+        else:
+            rules = assignment
+        for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
+            if not isinstance(layer, _LAYERS):
+                raise UnsupportedError(f"backend 'cpu' does not support layer {i} ({layer.kind})")
+            if rule is not None and not isinstance(rule, _RULES):
+                raise UnsupportedError(f"backend 'cpu' does not support rule {rule!r} on layer {i} ({layer.kind})")
 
-    def run(self, net: Sequential, assignment: list[Rule | None], x: np.ndarray, targets: np.ndarray | None,
-            return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-        k = self._k
-        acts = [np.ascontiguousarray(x, dtype=np.float32)]
-        weights = [np.ascontiguousarray(layer.weight, dtype=np.float32) if isinstance(layer, Dense) else None
-                   for layer in net]
-        for layer, w in zip(net, weights):
-            a = acts[-1]
-            if isinstance(layer, Dense):
-                acts.append(k.dense_forward(a, w, np.ascontiguousarray(layer.bias, dtype=np.float32)))
-            elif isinstance(layer, ReLU):
-                acts.append(np.maximum(a, np.float32(0)))
-            else:  # GlobalSumPool
-                acts.append(a.reshape(a.shape[0], -1).sum(axis=1, keepdims=True, dtype=np.float32))
-        output = acts[-1]
-        n = output.shape[0]
-        t = np.argmax(output, axis=1) if targets is None else targets
-        R = np.zeros_like(output)
-        R[np.arange(n), t] = output[np.arange(n), t]
-        layers = [R]
-        for i in range(len(net) - 1, -1, -1):
-            layer, a = net[i], acts[i]
-            if isinstance(layer, Dense):
-                if isinstance(assignment[i], ZPlus):
-                    R = k.dense_zplus_relevance(a, weights[i], R)
-                else:
-                    R = k.dense_wsquare_relevance(weights[i], R)
-            elif isinstance(layer, GlobalSumPool):
-                flat = np.ascontiguousarray(a.reshape(a.shape[0], -1))
-                R = k.global_sum_relevance(flat, np.ascontiguousarray(R[:, 0])).reshape(a.shape)
-            layers.append(R)
-        layers.reverse()
-        return output, R, (layers if return_layers else None)
+    def plan(self, net: Sequential, assignment: list[Rule | None] | Method, sample_shape: tuple[int, ...]) -> Any:
+        """The compiled plan for ``sample_shape`` (the input shape without the batch), cached."""
+        if self._owner is None or self._owner[0] is not net or self._owner[1] is not assignment:
+            self._plans.clear()
+            self._owner = (net, assignment)
+        key = tuple(int(s) for s in sample_shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._core.Plan(op_specs(net, assignment, key), key, _mode(assignment))
+            self._plans[key] = plan
+        return plan
+
+    def run(self, net: Sequential, assignment: list[Rule | None] | Method, x: np.ndarray,
+            targets: np.ndarray | None, return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """Forward + relevance for x (N, ...) float32/float64 (copied to C-contiguous float32 if it is
+        not already). Returns ``(output (N, K), relevance (shape of x), layers | None)``, float32."""
+        plan = self.plan(net, assignment, x.shape[1:])
+        xc = np.ascontiguousarray(x, dtype=np.float32)
+        t = None if targets is None else np.ascontiguousarray(targets, dtype=np.int64)
+        output, relevance, layers = plan.run(xc, t, bool(return_layers), int(self.threads or 0))
+        return output, relevance, layers
+

@@ -1,0 +1,207 @@
+// The compiled Plan, bound as _core.Plan: built once from a list of op specs (plain dicts made by
+// python/deeptaylor/backends/cpu.py), then run on whole batches with the GIL released.
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "arrays.hpp"
+#include "deeptaylor/engine.hpp"
+#include "deeptaylor/plan.hpp"
+
+namespace deeptaylor::bind {
+
+namespace {
+
+using iarray = py::array_t<int64_t, py::array::c_style>;
+
+Shape to_shape(const py::handle& h) {
+    const auto v = h.cast<std::vector<int64_t>>();
+    Shape s;
+    if (v.size() == 1) {
+        s.rank = 1;
+        s.c = v[0];
+    } else if (v.size() == 3) {
+        s.rank = 3;
+        s.c = v[0];
+        s.h = v[1];
+        s.w = v[2];
+    } else {
+        throw py::value_error("plan: a sample shape must have 1 or 3 dimensions");
+    }
+    for (int64_t d : v)
+        if (d < 1) throw py::value_error("plan: shapes must be positive");
+    return s;
+}
+
+std::vector<float> floats(const py::dict& d, const char* key) {
+    if (!d.contains(key) || d[key].is_none()) return {};
+    auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(d[key]);
+    if (!a) throw py::type_error(std::string("plan: ") + key + " must be a float array");
+    return std::vector<float>(a.data(), a.data() + a.size());
+}
+
+template <class T>
+T get(const py::dict& d, const char* key, T dflt) {
+    return d.contains(key) && !d[key].is_none() ? d[key].cast<T>() : dflt;
+}
+
+OpKind op_kind(const std::string& k) {
+    if (k == "Dense") return OpKind::Dense;
+    if (k == "Conv2d") return OpKind::Conv2d;
+    if (k == "ReLU") return OpKind::ReLU;
+    if (k == "MaxPool2d") return OpKind::MaxPool;
+    if (k == "AvgPool2d") return OpKind::AvgPool;
+    if (k == "SumPool2d") return OpKind::SumPool;
+    if (k == "GlobalSumPool") return OpKind::GlobalSum;
+    if (k == "LpPool") return OpKind::LpPool;
+    if (k == "Flatten") return OpKind::Flatten;
+    throw py::value_error("plan: unknown op kind '" + k + "'");
+}
+
+RuleKind rule_kind(const std::string& k) {
+    if (k == "Z") return RuleKind::Z;
+    if (k == "Epsilon") return RuleKind::Epsilon;
+    if (k == "ZPlus") return RuleKind::ZPlus;
+    if (k == "Gamma") return RuleKind::Gamma;
+    if (k == "AlphaBeta") return RuleKind::AlphaBeta;
+    if (k == "WSquare") return RuleKind::WSquare;
+    if (k == "Flat") return RuleKind::Flat;
+    if (k == "ZBox") return RuleKind::ZBox;
+    throw py::value_error("plan: unknown rule '" + k + "'");
+}
+
+OpSpec to_op(const py::dict& d) {
+    OpSpec op;
+    op.kind = op_kind(d["kind"].cast<std::string>());
+    op.in = to_shape(d["in_shape"]);
+    op.out = to_shape(d["out_shape"]);
+    op.weight = floats(d, "weight");
+    op.bias = floats(d, "bias");
+    const auto k = get<std::vector<int64_t>>(d, "kernel", {1, 1});
+    const auto st = get<std::vector<int64_t>>(d, "stride", {1, 1});
+    const auto pad = get<std::vector<int64_t>>(d, "padding", {0, 0, 0, 0});
+    const auto dil = get<std::vector<int64_t>>(d, "dilation", {1, 1});
+    if (k.size() != 2 || st.size() != 2 || pad.size() != 4 || dil.size() != 2)
+        throw py::value_error("plan: kernel/stride/dilation need 2 entries, padding 4");
+    op.g.kh = k[0];
+    op.g.kw = k[1];
+    op.g.sh = st[0];
+    op.g.sw = st[1];
+    op.g.pt = pad[0];
+    op.g.pb = pad[1];
+    op.g.pl = pad[2];
+    op.g.pr = pad[3];
+    op.g.dh = dil[0];
+    op.g.dw = dil[1];
+    op.p = get<float>(d, "p", 2.0f);
+    op.global = get<bool>(d, "global", false);
+    const auto rule = get<std::string>(d, "rule", "");
+    if (!rule.empty()) {
+        op.rule.kind = rule_kind(rule);
+        op.rule.eps = get<float>(d, "eps", 0.0f);
+        op.rule.gamma = get<float>(d, "gamma", 0.0f);
+        op.rule.alpha = get<float>(d, "alpha", 1.0f);
+        op.rule.beta = get<float>(d, "beta", 0.0f);
+        op.rule.use_bias = get<bool>(d, "use_bias", false);
+        op.rule.low = floats(d, "low");
+        op.rule.high = floats(d, "high");
+    }
+    return op;
+}
+
+std::vector<py::ssize_t> full_shape(int64_t N, const Shape& s) {
+    if (s.rank == 1) return {N, s.c};
+    return {N, s.c, s.h, s.w};
+}
+
+struct PyPlan {
+    std::shared_ptr<const Plan> plan;
+    std::unique_ptr<Executor> exec;
+};
+
+}  // namespace
+
+void register_plan(py::module_& m) {
+    py::class_<PyPlan>(m, "Plan", "A compiled network + rules + input shape (see docs/engine.md).")
+        .def(py::init([](const py::list& ops, const py::tuple& input_shape, const std::string& mode) {
+                 std::vector<OpSpec> specs;
+                 for (const auto& h : ops) specs.push_back(to_op(h.cast<py::dict>()));
+                 Mode md = Mode::Rules;
+                 if (mode == "sensitivity")
+                     md = Mode::Sensitivity;
+                 else if (mode == "gradient_x_input")
+                     md = Mode::GradientXInput;
+                 else if (mode != "rules")
+                     throw py::value_error("plan: mode must be rules, sensitivity or gradient_x_input");
+                 const Shape in = to_shape(input_shape);
+                 auto p = std::make_unique<PyPlan>();
+                 {
+                     py::gil_scoped_release nogil;
+                     std::shared_ptr<const Plan> plan = build_plan(std::move(specs), in, md);
+                     p->exec = make_cpu_executor(plan);
+                     p->plan = std::move(plan);
+                 }
+                 return p;
+             }),
+             py::arg("ops"), py::arg("input_shape"), py::arg("mode"),
+             "ops: list of op dicts; input_shape: per-sample shape; mode: rules|sensitivity|gradient_x_input.")
+        .def_property_readonly("tile", [](const PyPlan& p) { return p.plan->tile; },
+                               "Images per batch tile (fixed at plan time, independent of threads).")
+        .def_property_readonly("arena_bytes",
+                               [](const PyPlan& p) { return arena_sizes(*p.plan, p.plan->tile).bytes(); },
+                               "Working memory of one thread for a full tile, in bytes.")
+        .def_property_readonly("executor", [](const PyPlan& p) { return std::string(p.exec->name()); })
+        .def(
+            "run",
+            [](const PyPlan& p, const py::array& x_, const py::object& targets_, bool return_layers,
+               int threads) {
+                const Plan& pl = *p.plan;
+                const Shape& in = pl.input;
+                auto x = checked(x_, "x", in.rank == 1 ? 2 : 4);
+                const int64_t N = x.shape(0);
+                const auto want = full_shape(N, in);
+                for (size_t d = 1; d < want.size(); ++d)
+                    expect_dim(x, "x", static_cast<py::ssize_t>(d), want[d], "the plan's input shape");
+                iarray targets;
+                const int64_t K = pl.num_outputs();
+                if (!targets_.is_none()) {
+                    targets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(targets_);
+                    if (!targets || targets.ndim() != 1 || targets.shape(0) != N)
+                        throw py::value_error("targets must be an int array of shape (N,)");
+                    for (int64_t n = 0; n < N; ++n)
+                        if (targets.data()[n] < 0 || targets.data()[n] >= K)
+                            throw py::value_error("targets out of range");
+                }
+                farray output({N, K});
+                farray relevance(full_shape(N, in));
+                py::list layers;
+                RunArgs a;
+                a.x = x.data();
+                a.N = N;
+                a.targets = targets_.is_none() ? nullptr : targets.data();
+                a.output = output.mutable_data();
+                a.relevance = relevance.mutable_data();
+                a.threads = threads;
+                if (return_layers) {
+                    const size_t L = pl.ops.size();
+                    for (size_t i = 0; i <= L; ++i) {
+                        farray li(full_shape(N, i < L ? pl.ops[i].in : pl.ops[L - 1].out));
+                        a.layers.push_back(li.mutable_data());
+                        layers.append(li);
+                    }
+                }
+                {
+                    py::gil_scoped_release nogil;
+                    p.exec->run(a);
+                }
+                return py::make_tuple(output, relevance, return_layers ? py::object(layers) : py::none());
+            },
+            py::arg("x"), py::arg("targets") = py::none(), py::arg("return_layers") = false,
+            py::arg("threads") = 0,
+            "x (N, input...) C-contiguous float32; targets (N,) int64 or None (argmax); threads <= 0: OpenMP's "
+            "default. Returns (output (N, K), relevance (shape of x), layers list or None).");
+    m.def("default_threads", &default_threads, "OpenMP's default thread count (1 without OpenMP).");
+}
+
+}  // namespace deeptaylor::bind

@@ -1,0 +1,39 @@
+// The backend seam: a Plan (plan.hpp, backend-independent data) is run by an Executor. The CPU
+// executor (engine_cpu.cpp) packs the weights for the SGEMM at creation and runs fused
+// forward + relevance passes over batch tiles; a CUDA executor can implement the same interface
+// (upload the Plan's matrices, run per tile on the device) without touching the Python surface.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "deeptaylor/plan.hpp"
+
+namespace deeptaylor {
+
+// One call: x (N, input...) in the user's layout (NCHW or (N, F)), C-contiguous float32.
+struct RunArgs {
+    const float* x = nullptr;
+    int64_t N = 0;
+    const int64_t* targets = nullptr;  // (N) explained output per sample, or null for argmax
+    float* output = nullptr;           // (N, K) network output
+    float* relevance = nullptr;        // (N, input...) relevance at the input, user layout
+    std::vector<float*> layers;        // empty, or L+1 arrays (N, shape_i): relevance at layer i's
+                                       // input, the last at the network output
+    int threads = 0;                   // <= 0: OpenMP's default
+};
+
+class Executor {
+public:
+    virtual ~Executor() = default;
+    virtual const char* name() const = 0;
+    // Runs without touching Python objects (callers release the GIL).
+    virtual void run(const RunArgs& args) const = 0;
+};
+
+std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Plan> plan);
+
+// OpenMP's default thread count (1 without OpenMP).
+int default_threads();
+
+}  // namespace deeptaylor

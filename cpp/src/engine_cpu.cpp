@@ -1,0 +1,653 @@
+// The CPU executor: fused forward + relevance (or gradient) passes over batch tiles.
+//
+// Every linear rule is run as im2col blocks + GEMMs on weights packed once (PackedB):
+//   z    = sum_t L(inmod_t(a); W_t) (+ bias)         forward GEMM(s), or a stored/constant map
+//   s    = R / stab(z)                               element-wise (rule's zero-denominator policy)
+//   c_t  = L^T(s; W_t)                               one transpose GEMM per weight variant
+//   Rin  = sum_t coef_t * inmod_t(a) (.) c_t          combined in column space, then col2im
+// Using a (.) col2im(c) = col2im(im2col(a) (.) c), the input modifiers are applied to the im2col
+// block that the denominator GEMM already read, so no input-sized temporaries are needed.
+//
+// Threads: OpenMP over tiles when there are at least as many tiles as threads (each thread owns an
+// arena, no sharing, no atomics); otherwise the tiles run one after another with the threads inside
+// the GEMM. Tile boundaries depend only on the plan, so results do not depend on the thread count
+// beyond the GEMM's own float rounding.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "deeptaylor/engine.hpp"
+#include "deeptaylor/gemm.hpp"
+#include "deeptaylor/ops.hpp"
+#include "deeptaylor/plan.hpp"
+
+namespace deeptaylor {
+
+int default_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+namespace {
+
+using PB = std::unique_ptr<PackedB>;
+
+// (R, Kc) rows of output units -> forward operand (Kc, R): z = col @ M^T
+PB pack_fwd(const std::vector<float>& M, int64_t R, int64_t Kc) {
+    return std::make_unique<PackedB>(M.data(), Kc, R, Kc, true);
+}
+// (R, Kc) -> transpose operand (R, Kc): c = s @ M
+PB pack_bwd(const std::vector<float>& M, int64_t R, int64_t Kc) {
+    return std::make_unique<PackedB>(M.data(), R, Kc, Kc, false);
+}
+std::vector<float> vstack(const std::vector<float>& A, const std::vector<float>& B) {
+    std::vector<float> out(A);
+    out.insert(out.end(), B.begin(), B.end());
+    return out;
+}
+
+struct Packs {
+    PB fwd, bwd;     // W: forward (Kc, O) and transpose (O, Kc)
+    PB fP, fQ;       // denominator GEMMs on a+ / a- (Kc, wO)
+    PB bP, bQ;       // transpose GEMMs for a+ / a- (wO, Kc); WSquare/Flat: V in bP
+    PB b3;           // ZBox: (O, 3 Kc) = [W | W+ | W-]
+    int width = 1;   // w: 1, or 2 for the two-denominator rules (Gamma, AlphaBeta)
+};
+
+inline float safe_div(float num, float den) { return den != 0.0f ? num / den : 0.0f; }
+
+// f(begin, end) over [0, n), split into contiguous ranges across gth threads; serial when gth == 1
+// (the parallel-over-tiles path, which must not nest) or when there is too little to split.
+template <class F>
+void split(int64_t n, int gth, const F& f) {
+    if (gth <= 1 || n < 2 * gth) {
+        f(int64_t{0}, n);
+        return;
+    }
+#pragma omp parallel num_threads(gth)
+    {
+        int64_t nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        f(n * id / nt, n * (id + 1) / nt);
+    }
+}
+
+struct Arena {
+    std::vector<std::vector<float>> act;
+    std::vector<std::vector<int32_t>> arg;
+    std::vector<float> R0, R1, tmp, tmp2;
+    std::vector<float> col, colP, colN, comb, den, s, ccol;
+    explicit Arena(const ArenaSizes& z) {
+        act.resize(z.act.size());
+        for (size_t i = 0; i < z.act.size(); ++i) act[i].resize(static_cast<size_t>(z.act[i]));
+        arg.resize(z.arg.size());
+        for (size_t i = 0; i < z.arg.size(); ++i) arg[i].resize(static_cast<size_t>(z.arg[i]));
+        for (auto* v : {&R0, &R1, &tmp, &tmp2}) v->resize(static_cast<size_t>(z.work));
+        for (auto* v : {&col, &colP, &colN, &comb}) v->resize(static_cast<size_t>(z.col));
+        den.resize(static_cast<size_t>(z.den));
+        s.resize(static_cast<size_t>(z.den));
+        ccol.resize(static_cast<size_t>(z.ccol));
+    }
+};
+
+class CpuExecutor final : public Executor {
+public:
+    explicit CpuExecutor(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {
+        const Plan& pl = *plan_;
+        packs_.resize(pl.ops.size());
+        for (size_t i = 0; i < pl.ops.size(); ++i) {
+            const OpSpec& op = pl.ops[i];
+            if (op.kind != OpKind::Dense && op.kind != OpKind::Conv2d) continue;
+            const auto& Wm = pl.lin[i].Wm;
+            const int64_t O = op.g.O, Kc = op.g.Kc();
+            Packs& pk = packs_[i];
+            pk.fwd = pack_fwd(Wm, O, Kc);
+            // the plain transpose W is used by gradients and by the Z/Epsilon relevance only
+            if (pl.mode != Mode::Rules || op.rule.kind == RuleKind::Z || op.rule.kind == RuleKind::Epsilon)
+                pk.bwd = pack_bwd(Wm, O, Kc);
+            if (pl.mode != Mode::Rules) continue;
+            const bool need_q = !pl.nonneg_in[i];  // a- terms vanish on inputs known to be >= 0
+            auto two = [&](const std::vector<float>& P, const std::vector<float>& Q, int w) {
+                pk.width = w;
+                pk.fP = pack_fwd(P, w * O, Kc);
+                pk.bP = pack_bwd(P, w * O, Kc);
+                if (need_q) {
+                    pk.fQ = pack_fwd(Q, w * O, Kc);
+                    pk.bQ = pack_bwd(Q, w * O, Kc);
+                }
+            };
+            switch (op.rule.kind) {
+                case RuleKind::ZPlus:
+                    two(derive(Wm, Derived::Wplus), derive(Wm, Derived::Wminus), 1);
+                    break;
+                case RuleKind::Gamma: {
+                    const auto up = derive(Wm, Derived::GammaUp, op.rule.gamma);
+                    const auto dn = derive(Wm, Derived::GammaDown, op.rule.gamma);
+                    two(vstack(up, dn), vstack(dn, up), 2);
+                    break;
+                }
+                case RuleKind::AlphaBeta: {
+                    const auto wp = derive(Wm, Derived::Wplus), wn = derive(Wm, Derived::Wminus);
+                    two(vstack(wp, wn), vstack(wn, wp), 2);
+                    break;
+                }
+                case RuleKind::WSquare:
+                    pk.bP = pack_bwd(derive(Wm, Derived::WSquare), O, Kc);
+                    break;
+                case RuleKind::Flat:
+                    pk.bP = pack_bwd(derive(Wm, Derived::Ones), O, Kc);
+                    break;
+                case RuleKind::ZBox: {
+                    const auto wp = derive(Wm, Derived::Wplus), wn = derive(Wm, Derived::Wminus);
+                    std::vector<float> M3(static_cast<size_t>(O * 3 * Kc));
+                    for (int64_t o = 0; o < O; ++o) {
+                        std::memcpy(&M3[o * 3 * Kc], &Wm[o * Kc], sizeof(float) * Kc);
+                        std::memcpy(&M3[o * 3 * Kc + Kc], &wp[o * Kc], sizeof(float) * Kc);
+                        std::memcpy(&M3[o * 3 * Kc + 2 * Kc], &wn[o * Kc], sizeof(float) * Kc);
+                    }
+                    pk.b3 = std::make_unique<PackedB>(M3.data(), O, 3 * Kc, 3 * Kc, false);
+                    break;
+                }
+                case RuleKind::Z:
+                case RuleKind::Epsilon:
+                case RuleKind::None:
+                    break;
+            }
+        }
+    }
+
+    const char* name() const override { return "cpu"; }
+
+    void run(const RunArgs& args) const override {
+        const Plan& pl = *plan_;
+        const int64_t N = args.N, T = std::min(pl.tile, N);
+        if (N <= 0) return;
+        const int threads = args.threads > 0 ? args.threads : default_threads();
+        const int64_t ntiles = (N + T - 1) / T;
+        const ArenaSizes sizes = arena_sizes(pl, T);
+        if (ntiles >= threads && threads > 1) {
+            // Enough tiles for every thread: parallelise over tiles, single-threaded GEMMs.
+            // Arenas are allocated here, before the parallel region, so a failed allocation
+            // raises normally; nothing in the region throws.
+            std::vector<std::unique_ptr<Arena>> arenas;
+            for (int t = 0; t < threads; ++t) arenas.push_back(std::make_unique<Arena>(sizes));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+            for (int64_t k = 0; k < ntiles; ++k) {
+                int tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                run_tile(args, k * T, std::min(T, N - k * T), *arenas[static_cast<size_t>(tid)], 1);
+            }
+        } else {
+            // Few tiles: one at a time, the threads work inside each GEMM.
+            Arena arena(sizes);
+            for (int64_t k = 0; k < ntiles; ++k) run_tile(args, k * T, std::min(T, N - k * T), arena, threads);
+        }
+    }
+
+private:
+    std::shared_ptr<const Plan> plan_;
+    std::vector<Packs> packs_;
+
+    // Write a tile's per-sample values v (T, shape, channels-last) to dst (N, shape) at row n0.
+    static void write_user(const float* v, const Shape& s, float* dst, int64_t n0, int64_t T) {
+        float* d = dst + n0 * s.size();
+        if (s.permuted())
+            nhwc_to_nchw(v, d, T, s.c, s.h, s.w);
+        else
+            std::memcpy(d, v, sizeof(float) * static_cast<size_t>(T * s.size()));
+    }
+
+    // ---- linear ops ------------------------------------------------------------------------
+    // On the one-tile-at-a-time path (gth > 1) the work around the GEMMs is split too, so it does
+    // not become the serial part: im2col and element-wise loops by rows (disjoint writes), col2im
+    // by channel ranges (overlapping windows write the same pixels, never the same channel).
+    // a (T, H, W, C) -> z (T, OH, OW, O) = conv/dense(a) + bias, block by block. Fused per block
+    // while it is in cache: the bias is the GEMM's initial C (accumulate), and when a ReLU follows,
+    // its output relu_out = max(z, 0) is written in the same sweep (the ReLU op is then skipped).
+    void linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth,
+                        float* relu_out) const {
+        const OpSpec& op = plan_->ops[i];
+        const Geom& g = op.g;
+        const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+            const int64_t m = std::min(RB, rows - r0);
+            float* zb = z + r0 * O;
+            for (int64_t r = 0; r < m; ++r) std::memcpy(zb + r * O, op.bias.data(), sizeof(float) * O);
+            sgemm_packed(m, im2col(a, g, r0, m, ar, gth), Kc, *packs_[i].fwd, zb, O, true, gth);
+            if (relu_out) {
+                float* yb = relu_out + r0 * O;
+                split(m, gth, [&](int64_t b, int64_t e) {
+                    for (int64_t k = b * O; k < e * O; ++k) yb[k] = zb[k] > 0.0f ? zb[k] : 0.0f;
+                });
+            }
+        }
+    }
+
+    // Rows [r0, r0 + m) of im2col(a) (a pointer into a itself when im2col is the identity).
+    static const float* im2col(const float* a, const Geom& g, int64_t r0, int64_t m, Arena& ar, int gth) {
+        if (g.identity()) return a + r0 * g.Kc();
+        float* col = ar.col.data();
+        split(m, gth, [&](int64_t b, int64_t e) { im2col_rows(a, g, r0 + b, r0 + e, col + b * g.Kc()); });
+        return col;
+    }
+
+    static void col2im(const float* c, const Geom& g, int64_t r0, int64_t m, float* img, int gth) {
+        split(g.C, gth, [&](int64_t c0, int64_t c1) { col2im_add_rows(c, g, r0, r0 + m, img, c0, c1); });
+    }
+
+    // Plain backward (gradients): gin (T, H, W, C) = L^T(gout; W).
+    void linear_gradient(size_t i, const float* gout, float* gin, int64_t T, Arena& ar, int gth) const {
+        const Geom& g = plan_->ops[i].g;
+        const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
+        const bool id = g.identity();
+        if (!id) std::memset(gin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+            const int64_t m = std::min(RB, rows - r0);
+            float* c = id ? gin + r0 * Kc : ar.comb.data();
+            sgemm_packed(m, gout + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
+            if (!id) col2im(c, g, r0, m, gin, gth);
+        }
+    }
+
+    // Relevance of a linear op under its rule: a (T,H,W,C) input, z (T,OH,OW,O) stored output,
+    // R (T,OH,OW,O) relevance of the outputs -> Rin (T,H,W,C).
+    void linear_relevance(size_t i, const float* a, const float* z, const float* R, float* Rin, int64_t T,
+                          bool nonneg, Arena& ar, int gth) const {
+        const OpSpec& op = plan_->ops[i];
+        const LinearPrep& lp = plan_->lin[i];
+        const Packs& pk = packs_[i];
+        const Geom& g = op.g;
+        const RuleSpec& rule = op.rule;
+        const int64_t O = g.O, Kc = g.Kc(), P = g.P(), rows = T * P, RB = lp.chunk_rows;
+        const bool id = g.identity();
+        if (!id) std::memset(Rin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+            const int64_t m = std::min(RB, rows - r0);
+            const float* colA = im2col(a, g, r0, m, ar, gth);
+            const float* Rr = R + r0 * O;
+            const float* zr = z + r0 * O;
+            float* comb = id ? Rin + r0 * Kc : ar.comb.data();
+            float* s = ar.s.data();
+            float* cc = ar.ccol.data();
+            const int64_t mK = m * Kc;
+            // element-wise loop over the block's rows [b, e)
+            auto rows_do = [&](auto&& f) { split(m, gth, f); };
+            switch (rule.kind) {
+                case RuleKind::Z:  // LRP-0, Bach et al. 2015: s = R / z (0 where z = 0)
+                case RuleKind::Epsilon: {  // LRP-eps, Bach et al. 2015: s = R / (z + eps sign z)
+                    const bool eps = rule.kind == RuleKind::Epsilon;
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t k = b * O; k < e * O; ++k)
+                            s[k] = eps ? Rr[k] / (zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps))
+                                       : safe_div(Rr[k], zr[k]);
+                    });
+                    sgemm_packed(m, s, O, *pk.bwd, cc, Kc, false, gth);
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * cc[k];
+                    });
+                    break;
+                }
+                case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
+                case RuleKind::Gamma:       // LRP-gamma, Montavon et al. 2019 (Zennit's generalised form)
+                case RuleKind::AlphaBeta: {  // LRP-alpha-beta, Bach et al. 2015
+                    const int64_t wO = pk.width * O;
+                    const float *cp = colA, *cn = nullptr;
+                    if (!nonneg) {
+                        float *P_ = ar.colP.data(), *N_ = ar.colN.data();
+                        rows_do([&](int64_t b, int64_t e) {
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) {
+                                P_[k] = colA[k] > 0.0f ? colA[k] : 0.0f;
+                                N_[k] = colA[k] < 0.0f ? colA[k] : 0.0f;
+                            }
+                        });
+                        cp = P_;
+                        cn = N_;
+                    }
+                    float* den = ar.den.data();
+                    const bool has_bias = !lp.bias2.empty();
+                    if (has_bias)
+                        for (int64_t r = 0; r < m; ++r) std::memcpy(den + r * wO, lp.bias2.data(), sizeof(float) * wO);
+                    sgemm_packed(m, cp, Kc, *pk.fP, den, wO, has_bias, gth);
+                    if (cn) sgemm_packed(m, cn, Kc, *pk.fQ, den, wO, true, gth);
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r)
+                            for (int64_t o = 0; o < O; ++o) {
+                                const float rr = Rr[r * O + o];
+                                const float* d = den + r * wO;
+                                float* sr = s + r * wO;
+                                if (rule.kind == RuleKind::ZPlus) {
+                                    sr[o] = safe_div(rr, d[o]);
+                                } else if (rule.kind == RuleKind::Gamma) {
+                                    // z > 0: up-weighted positive contributions; z < 0: the negative
+                                    const float zz = zr[r * O + o];
+                                    sr[o] = safe_div(zz > 0.0f ? rr : 0.0f, d[o]);
+                                    sr[O + o] = safe_div(zz < 0.0f ? rr : 0.0f, d[O + o]);
+                                } else {
+                                    sr[o] = rule.alpha * safe_div(rr, d[o]);
+                                    sr[O + o] = -rule.beta * safe_div(rr, d[O + o]);
+                                }
+                            }
+                    });
+                    sgemm_packed(m, s, wO, *pk.bP, cc, Kc, false, gth);
+                    float* cc2 = cc + mK;
+                    if (cn) sgemm_packed(m, s, wO, *pk.bQ, cc2, Kc, false, gth);
+                    rows_do([&](int64_t b, int64_t e) {
+                        if (cn)
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
+                        else
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k];
+                    });
+                    break;
+                }
+                case RuleKind::WSquare:  // w², Montavon et al. 2017: s = R / L(1; W²) (constant)
+                case RuleKind::Flat: {   // flat, Lapuschkin et al. 2019: s = R / L(1; 1)
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const float* inv = lp.inv_den.data() + ((r0 + r) % P) * O;
+                            for (int64_t o = 0; o < O; ++o) s[r * O + o] = Rr[r * O + o] * inv[o];
+                        }
+                    });
+                    sgemm_packed(m, s, O, *pk.bP, comb, Kc, false, gth);
+                    break;
+                }
+                case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
+                            for (int64_t o = 0; o < O; ++o)
+                                s[r * O + o] = safe_div(Rr[r * O + o], zr[r * O + o] - cb[o]);
+                        }
+                    });
+                    sgemm_packed(m, s, O, *pk.b3, cc, 3 * Kc, false, gth);
+                    rows_do([&](int64_t b, int64_t e) {
+                        for (int64_t r = b; r < e; ++r) {
+                            const int64_t p = (r0 + r) % P;
+                            const float* lo = lp.lo_col.data() + p * Kc;
+                            const float* hi = lp.hi_col.data() + p * Kc;
+                            const float* c3 = cc + r * 3 * Kc;
+                            const float* ar_ = colA + r * Kc;
+                            float* out = comb + r * Kc;
+                            for (int64_t k = 0; k < Kc; ++k)
+                                out[k] = ar_[k] * c3[k] - lo[k] * c3[Kc + k] - hi[k] * c3[2 * Kc + k];
+                        }
+                    });
+                    break;
+                }
+                case RuleKind::None:
+                    throw std::logic_error("linear op without a rule");
+            }
+            if (!id) col2im(comb, g, r0, m, Rin, gth);
+        }
+    }
+
+    // ---- one tile ---------------------------------------------------------------------------
+    void run_tile(const RunArgs& args, int64_t n0, int64_t T, Arena& ar, int gth) const {
+        const Plan& pl = *plan_;
+        const size_t L = pl.ops.size();
+        std::vector<const float*> act(L + 1);
+        // forward
+        const float* x = args.x + n0 * pl.input.size();
+        if (pl.input.permuted()) {
+            nchw_to_nhwc(x, ar.act[0].data(), T, pl.input.c, pl.input.h, pl.input.w);
+            act[0] = ar.act[0].data();
+        } else {
+            act[0] = x;
+        }
+        for (size_t i = 0; i < L; ++i) {
+            float* out = ar.act[i + 1].data();
+            const OpKind k = pl.ops[i].kind;
+            if ((k == OpKind::Dense || k == OpKind::Conv2d) && i + 1 < L && pl.ops[i + 1].kind == OpKind::ReLU) {
+                linear_forward(i, act[i], out, T, ar, gth, ar.act[i + 2].data());  // + fused ReLU
+                act[i + 1] = out;
+                act[i + 2] = ar.act[i + 2].data();
+                ++i;
+                continue;
+            }
+            forward_op(i, act[i], out, T, ar, gth);
+            act[i + 1] = out;
+        }
+        // outputs, targets, the starting relevance (or one-hot gradient)
+        const int64_t K = pl.num_outputs();
+        const float* y = act[L];
+        std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(T * K));
+        float* cur = ar.R0.data();
+        std::memset(cur, 0, sizeof(float) * static_cast<size_t>(T * K));
+        for (int64_t n = 0; n < T; ++n) {
+            int64_t t = 0;
+            if (args.targets) {
+                t = args.targets[n0 + n];
+            } else {
+                for (int64_t k = 1; k < K; ++k)
+                    if (y[n * K + k] > y[n * K + t]) t = k;  // first maximum, as np.argmax
+            }
+            cur[n * K + t] = pl.mode == Mode::Rules ? y[n * K + t] : 1.0f;
+        }
+        const bool want_layers = !args.layers.empty();
+        if (pl.mode == Mode::Rules) {
+            if (want_layers) write_user(cur, pl.ops[L - 1].out, args.layers[L], n0, T);
+            for (size_t ii = L; ii-- > 0;) {
+                float* nxt = cur == ar.R0.data() ? ar.R1.data() : ar.R0.data();
+                cur = relevance_op(ii, act[ii], act[ii + 1], cur, nxt, T, ar, gth);
+                if (want_layers && ii > 0) write_user(cur, pl.ops[ii].in, args.layers[ii], n0, T);
+            }
+            write_user(cur, pl.input, args.relevance, n0, T);
+            if (want_layers) write_user(cur, pl.input, args.layers[0], n0, T);
+        } else {
+            const bool sens = pl.mode == Mode::Sensitivity;
+            auto emit = [&](const float* gr, const float* a, const Shape& s, float* dst) {
+                float* v = ar.tmp2.data();
+                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = sens ? gr[k] * gr[k] : gr[k] * a[k];
+                write_user(v, s, dst, n0, T);
+            };
+            if (want_layers) emit(cur, act[L], pl.ops[L - 1].out, args.layers[L]);
+            for (size_t ii = L; ii-- > 0;) {
+                float* nxt = cur == ar.R0.data() ? ar.R1.data() : ar.R0.data();
+                cur = gradient_op(ii, act[ii], act[ii + 1], cur, nxt, T, ar, gth);
+                if (want_layers && ii > 0) emit(cur, act[ii], pl.ops[ii].in, args.layers[ii]);
+            }
+            emit(cur, act[0], pl.input, args.relevance);
+            if (want_layers) emit(cur, act[0], pl.input, args.layers[0]);
+        }
+    }
+
+    void forward_op(size_t i, const float* a, float* out, int64_t T, Arena& ar, int gth) const {
+        const OpSpec& op = plan_->ops[i];
+        const Geom& g = op.g;
+        const int64_t nin = T * op.in.size(), nout = T * op.out.size();
+        switch (op.kind) {
+            case OpKind::Dense:
+            case OpKind::Conv2d:
+                linear_forward(i, a, out, T, ar, gth, nullptr);
+                break;
+            case OpKind::ReLU:
+                for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;
+                break;
+            case OpKind::MaxPool:
+                maxpool_forward(a, g, T, out, ar.arg[i].data());
+                break;
+            case OpKind::AvgPool: {
+                window_sum(a, g, T, out);
+                const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
+                for (int64_t k = 0; k < nout; ++k) out[k] *= inv;
+                break;
+            }
+            case OpKind::SumPool:
+                window_sum(a, g, T, out);
+                break;
+            case OpKind::GlobalSum: {
+                const int64_t F = op.in.size();
+                for (int64_t n = 0; n < T; ++n) {
+                    double acc = 0.0;
+                    for (int64_t k = 0; k < F; ++k) acc += a[n * F + k];
+                    out[n] = static_cast<float>(acc);
+                }
+                break;
+            }
+            case OpKind::LpPool: {
+                const float p = op.p;
+                float* ap = ar.tmp.data();
+                for (int64_t k = 0; k < nin; ++k) ap[k] = std::pow(std::fabs(a[k]), p);
+                if (op.global) {
+                    const int64_t F = op.in.size();
+                    for (int64_t n = 0; n < T; ++n) {
+                        double acc = 0.0;
+                        for (int64_t k = 0; k < F; ++k) acc += ap[n * F + k];
+                        out[n] = static_cast<float>(acc);
+                    }
+                } else {
+                    window_sum(ap, g, T, out);
+                }
+                for (int64_t k = 0; k < nout; ++k) out[k] = std::pow(out[k], 1.0f / p);
+                break;
+            }
+            case OpKind::Flatten:
+                if (op.in.permuted())
+                    nhwc_to_nchw(a, out, T, op.in.c, op.in.h, op.in.w);
+                else
+                    std::memcpy(out, a, sizeof(float) * static_cast<size_t>(nin));
+                break;
+        }
+    }
+
+    // Relevance through op i: R (output relevance) -> returns the buffer holding the input relevance
+    // (nxt, or R itself for ReLU).
+    float* relevance_op(size_t i, const float* a, const float* y, float* R, float* nxt, int64_t T, Arena& ar,
+                        int gth) const {
+        const OpSpec& op = plan_->ops[i];
+        const Geom& g = op.g;
+        const int64_t nin = T * op.in.size(), nout = T * op.out.size();
+        switch (op.kind) {
+            case OpKind::Dense:
+            case OpKind::Conv2d: {
+                bool nonneg = plan_->nonneg_in[i];
+                if (!nonneg && packs_[i].fP) {
+                    // sign-split rules: when this tile's input happens to be >= 0 the a- terms are
+                    // exactly zero, so skip them (same result, half the GEMMs)
+                    nonneg = true;
+                    for (int64_t k = 0; k < nin && nonneg; ++k) nonneg = a[k] >= 0.0f;
+                }
+                linear_relevance(i, a, y, R, nxt, T, nonneg, ar, gth);
+                return nxt;
+            }
+            case OpKind::ReLU:  // relevance passes unchanged (DTD, Montavon et al. 2017)
+                return R;
+            case OpKind::MaxPool:  // winner-take-all
+                maxpool_scatter(R, ar.arg[i].data(), g, T, nxt);
+                return nxt;
+            case OpKind::AvgPool:
+            case OpKind::SumPool:
+            case OpKind::LpPool:
+            case OpKind::GlobalSum: {
+                // in proportion to the inputs: R_i = a_i sum_j R_j / (sum_{i' in j} a_i')
+                if (op.kind == OpKind::GlobalSum || (op.kind == OpKind::LpPool && op.global)) {
+                    const int64_t F = op.in.size();
+                    for (int64_t n = 0; n < T; ++n) {
+                        double acc = 0.0;
+                        for (int64_t k = 0; k < F; ++k) acc += a[n * F + k];
+                        const float sv = safe_div(R[n], static_cast<float>(acc));
+                        for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = a[n * F + k] * sv;
+                    }
+                } else {
+                    float* z = ar.tmp.data();
+                    window_sum(a, g, T, z);
+                    for (int64_t k = 0; k < nout; ++k) z[k] = safe_div(R[k], z[k]);
+                    window_scatter(z, g, T, nxt);
+                    for (int64_t k = 0; k < nin; ++k) nxt[k] *= a[k];
+                }
+                return nxt;
+            }
+            case OpKind::Flatten:
+                if (op.in.permuted())
+                    nchw_to_nhwc(R, nxt, T, op.in.c, op.in.h, op.in.w);
+                else
+                    return R;
+                return nxt;
+        }
+        return nxt;
+    }
+
+    // Gradient through op i (PyTorch conventions: ReLU'(0) = 0, max pooling to the first maximum).
+    float* gradient_op(size_t i, const float* a, const float* y, float* G, float* nxt, int64_t T, Arena& ar,
+                       int gth) const {
+        const OpSpec& op = plan_->ops[i];
+        const Geom& g = op.g;
+        const int64_t nin = T * op.in.size(), nout = T * op.out.size();
+        switch (op.kind) {
+            case OpKind::Dense:
+            case OpKind::Conv2d:
+                linear_gradient(i, G, nxt, T, ar, gth);
+                return nxt;
+            case OpKind::ReLU:
+                for (int64_t k = 0; k < nin; ++k) nxt[k] = a[k] > 0.0f ? G[k] : 0.0f;
+                return nxt;
+            case OpKind::MaxPool:
+                maxpool_scatter(G, ar.arg[i].data(), g, T, nxt);
+                return nxt;
+            case OpKind::AvgPool: {
+                float* t = ar.tmp.data();
+                const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
+                for (int64_t k = 0; k < nout; ++k) t[k] = G[k] * inv;
+                window_scatter(t, g, T, nxt);
+                return nxt;
+            }
+            case OpKind::SumPool:
+                window_scatter(G, g, T, nxt);
+                return nxt;
+            case OpKind::GlobalSum: {
+                const int64_t F = op.in.size();
+                for (int64_t n = 0; n < T; ++n)
+                    for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = G[n];
+                return nxt;
+            }
+            case OpKind::LpPool: {
+                // d/da_i (sum |a|^p)^(1/p) = sign(a_i) |a_i|^(p-1) / y^(p-1)
+                const float p = op.p;
+                float* gy = ar.tmp.data();
+                for (int64_t k = 0; k < nout; ++k) gy[k] = safe_div(G[k], std::pow(y[k], p - 1.0f));
+                if (op.global) {
+                    const int64_t F = op.in.size();
+                    for (int64_t n = 0; n < T; ++n)
+                        for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = gy[n];
+                } else {
+                    window_scatter(gy, g, T, nxt);
+                }
+                for (int64_t k = 0; k < nin; ++k) {
+                    const float v = a[k];
+                    const float sg = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
+                    nxt[k] *= sg * std::pow(std::fabs(v), p - 1.0f);
+                }
+                return nxt;
+            }
+            case OpKind::Flatten:
+                if (op.in.permuted()) {
+                    nchw_to_nhwc(G, nxt, T, op.in.c, op.in.h, op.in.w);
+                    return nxt;
+                }
+                return G;
+        }
+        return nxt;
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Plan> plan) {
+    return std::make_unique<CpuExecutor>(std::move(plan));
+}
+
+}  // namespace deeptaylor
