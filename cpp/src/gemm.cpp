@@ -97,7 +97,7 @@ struct Scratch {
     }
     ~Scratch() { release(); }
 };
-thread_local Scratch tl_a, tl_b;
+thread_local Scratch tl_a, tl_b, tl_bfull;
 
 // Pack rows [i0, i0+mc) x columns [p0, p0+kc) of op(A) into MR-row micro-panels:
 // out[(ir / MR) * MR * kc + k * MR + r] = op(A)[i0 + ir + r, p0 + k]; rows past mc are zero.
@@ -206,10 +206,15 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
     }
 }
 
-// Split C into at most `threads` slabs and run them. Threads split the rows when there are enough
-// MR-row tiles for everyone (each thread then packs its own rows of A, and the B blocks it needs),
-// otherwise the columns in NR multiples (small batches times wide layers). Each thread writes its
-// own part of C: no atomics, no reductions, results independent of the thread count.
+// Largest op(B) (floats) that a multi-threaded call packs once for all threads (32 MB).
+constexpr int64_t kSharedPackMax = int64_t(8) << 20;
+
+// Split C into slabs (row or column ranges of whole tiles) and run them on up to `threads` threads. Each thread writes its own part
+// of C: no atomics, no reductions, and every element is summed in the same order whatever the split
+// (results do not depend on the thread count). Row slabs need every thread to see all of op(B):
+// a small enough op(B) is packed once, cooperatively, before the slabs start (as a PackedB);
+// otherwise each thread packs the B blocks it needs. Column slabs (few rows, e.g. a small batch
+// times a wide layer) need all of op(A): each thread packs its own copy, which is small then.
 void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, const BSource& bs,
                  int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate, int threads) {
     if (M <= 0 || N <= 0) return;
@@ -220,32 +225,55 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
         return;
     }
     const int64_t mt = (M + kr.mr - 1) / kr.mr, nt = (N + kr.nr - 1) / kr.nr;
-    // Below ~2 MFLOP a second thread costs more (wake-up, duplicate packing) than it saves.
+    // Below ~2 MFLOP a second thread costs more (wake-up, packing) than it saves.
     int T = std::max(1, threads);
     if (2.0 * double(M) * double(N) * double(K) < 2.0e6) T = 1;
     if (T == 1 || mt * nt == 1) {
         gemm_slab(kr, trans_a, A, lda, bs, K, 0, M, 0, N, C, ldc, accumulate);
         return;
     }
-    const bool split_rows = mt >= 2 * T || mt >= nt;
+    const int64_t npad = nt * kr.nr;
+    const bool share_b = !bs.packed && mt >= 2 * T && K * npad <= kSharedPackMax;
+    // Without a shared op(B), split the dimension whose operand is cheaper to pack twice.
+    const bool split_rows = mt >= 2 * T && (bs.packed || share_b || M >= N || nt < T);
     const int64_t tiles = split_rows ? mt : nt;
     T = static_cast<int>(std::min<int64_t>(T, tiles));
-    const int64_t per = (tiles + T - 1) / T;
+    // Chunks: T when every chunk would pack its own copy of op(B) (row split, B not shared); otherwise
+    // up to 4 per thread (>= 4 tiles each), taken dynamically, so that a thread slowed down by
+    // another process on its core does not hold the whole product back (a shared machine).
+    const int64_t want = (split_rows && !share_b) ? T : std::max<int64_t>(T, std::min<int64_t>(4 * T, tiles / 4));
+    const int64_t per = (tiles + want - 1) / want;
     const int nslabs = static_cast<int>((tiles + per - 1) / per);
+    BSource src = bs;
+    const int64_t kblocks = (K + kr.kc - 1) / kr.kc;
+    if (share_b) src = BSource{nullptr, 0, false, tl_bfull.get(static_cast<std::size_t>(K * npad)), npad};
+    float* const shared = const_cast<float*>(src.packed);
+    auto pack_part = [&](int64_t idx) {  // kc-block idx / nt, NR panel idx % nt of op(B)
+        const int64_t pc = (idx / nt) * kr.kc, jp = (idx % nt) * kr.nr;
+        const int64_t kc = std::min(kr.kc, K - pc);
+        pack_b(bs.B, bs.ldb, bs.trans, pc, kc, jp, std::min<int64_t>(kr.nr, N - jp), kr.nr,
+               shared + pc * npad + jp * kc);
+    };
     auto run = [&](int s) {
         const int64_t t0 = s * per, t1 = std::min(tiles, t0 + per);
         if (split_rows)
-            gemm_slab(kr, trans_a, A, lda, bs, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc, accumulate);
+            gemm_slab(kr, trans_a, A, lda, src, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc, accumulate);
         else
-            gemm_slab(kr, trans_a, A, lda, bs, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc, accumulate);
+            gemm_slab(kr, trans_a, A, lda, src, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc, accumulate);
     };
 #ifdef DEEPTAYLOR_HAVE_OPENMP
-#pragma omp parallel num_threads(nslabs)
+#pragma omp parallel num_threads(T)
     {
-        // A nested call may get fewer threads than asked for: stride over the slabs.
-        for (int s = omp_get_thread_num(); s < nslabs; s += omp_get_num_threads()) run(s);
+        if (share_b) {
+#pragma omp for schedule(static)
+            for (int64_t idx = 0; idx < kblocks * nt; ++idx) pack_part(idx);
+        }  // implicit barrier: op(B) is packed before any slab reads it
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < nslabs; ++s) run(s);
     }
 #else
+    if (share_b)
+        for (int64_t idx = 0; idx < kblocks * nt; ++idx) pack_part(idx);
     for (int s = 0; s < nslabs; ++s) run(s);
 #endif
 }

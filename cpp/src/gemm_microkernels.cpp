@@ -65,7 +65,11 @@ DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float*
                                 int64_t ldc, bool add) {
     __m256 c0[M], c1[M];
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (int i = 0; i < M; ++i) {  // the C tile is read at the end: start fetching it now
+        _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 15), _MM_HINT_T0);
+        c0[i] = c1[i] = _mm256_setzero_ps();
+    }
 #pragma GCC unroll 2
     for (int64_t k = 0; k < kc; ++k) {
         const __m256 b0 = _mm256_load_ps(Bp + k * kNr2), b1 = _mm256_load_ps(Bp + k * kNr2 + 8);
@@ -129,7 +133,11 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
                                     int64_t ldc, bool add) {
     __m512 c0[M], c1[M];
 #pragma GCC unroll 16
-    for (int i = 0; i < M; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int i = 0; i < M; ++i) {  // the C tile is read at the end: start fetching it now
+        _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 31), _MM_HINT_T0);
+        c0[i] = c1[i] = _mm512_setzero_ps();
+    }
 #pragma GCC unroll 2
     for (int64_t k = 0; k < kc; ++k) {
         const __m512 b0 = _mm512_load_ps(Bp + k * kNr5), b1 = _mm512_load_ps(Bp + k * kNr5 + 16);
