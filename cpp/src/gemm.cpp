@@ -142,13 +142,18 @@ void pack_b(const float* B, int64_t ldb, bool trans, int64_t p0, int64_t kc, int
                 for (int j = nr; j < NR; ++j) d[j] = 0.0f;
             }
         } else {
-            for (int j = 0; j < nr; ++j) {
-                const float* src = B + (j0 + jr + j) * ldb + p0;
-                for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k];
-            }
-            if (nr < NR)
-                for (int64_t k = 0; k < kc; ++k)
+            // A transpose: chunks of 64 k so that the chunk's destination rows (64 x NR floats) and
+            // source segments (NR x 64 floats) stay in L1 while every source row is read in order.
+            constexpr int64_t kChunk = 64;
+            for (int64_t k0 = 0; k0 < kc; k0 += kChunk) {
+                const int64_t k1 = std::min(kc, k0 + kChunk);
+                for (int j = 0; j < nr; ++j) {
+                    const float* src = B + (j0 + jr + j) * ldb + p0;
+                    for (int64_t k = k0; k < k1; ++k) dst[k * NR + j] = src[k];
+                }
+                for (int64_t k = k0; k < k1; ++k)
                     for (int j = nr; j < NR; ++j) dst[k * NR + j] = 0.0f;
+            }
         }
     }
 }
