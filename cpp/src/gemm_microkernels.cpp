@@ -189,8 +189,8 @@ DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, con
 // 60-75% of L2; mc rows of A packed at once (in L3).
 const Kernel kScalar{"scalar", kMrS, kNrS, 256, 256, 1024, &tile_scalar};
 #ifdef DEEPTAYLOR_GEMM_X86
-const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 1536, &tile_avx2};
-const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 1536, &tile_avx512};
+const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 4096, &tile_avx2};
+const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 4096, &tile_avx512};
 #endif
 
 }  // namespace deeptaylor::gemm_detail
