@@ -157,3 +157,22 @@ def test_kernel_selection_and_environment_override():
     env = {**os.environ, "DEEPTAYLOR_GEMM_KERNEL": "scalar"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_bias_relu_epilogue(kernel, threads):
+    # The epilogue must see every element exactly once, after all of K: adding the bias twice, or
+    # before the last kc block, or missing a tile would show.
+    rng = np.random.default_rng(11)
+    for m, n, k in [(1, 1, 1), (37, 45, 800), (300, 70, 20), (5, 3, 0)]:
+        a, b = _operands(rng, m, n, k, False, True)
+        bias = rng.standard_normal(n, dtype=np.float32) * 3
+        c0 = rng.standard_normal((m, n), dtype=np.float32)
+        ref = a.astype(np.float64) @ b.T.astype(np.float64) + c0 + bias
+        tol = 4 * EPS32 * np.sqrt(max(k, 1)) * ((np.abs(a) @ np.abs(b.T)).max(initial=0) + 10)
+        c = K.sgemm(a, b, trans_b=True, threads=threads, kernel=kernel, c=c0, bias=bias, relu=True)
+        assert np.abs(c - np.maximum(ref, 0)).max(initial=0) <= tol
+        if kernel != "reference":
+            c = K.sgemm_packed(a, b, trans_b=True, threads=threads, kernel=kernel, bias=bias)
+            assert np.abs(c - (ref - c0)).max(initial=0) <= tol

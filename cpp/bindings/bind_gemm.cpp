@@ -39,6 +39,28 @@ farray result(const std::optional<py::array>& c_, py::ssize_t M, py::ssize_t N) 
     return out;
 }
 
+// The test epilogue: C = [relu](C + bias[j]).
+struct BiasRelu {
+    const float* bias;
+    bool relu;
+    static void apply(void* ctx, int64_t, int64_t j0, int64_t m, int64_t n, float* C, int64_t ldc) {
+        const auto* e = static_cast<const BiasRelu*>(ctx);
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+                float v = C[i * ldc + j] + (e->bias ? e->bias[j0 + j] : 0.0f);
+                C[i * ldc + j] = e->relu && v < 0.0f ? 0.0f : v;
+            }
+    }
+};
+
+// bias (N,) or None; returns the data pointer (kept alive by the caller's array).
+const float* bias_ptr(const std::optional<py::array>& b_, py::ssize_t N, farray& keep) {
+    if (!b_) return nullptr;
+    keep = checked(*b_, "bias", 1);
+    expect_dim(keep, "bias", 0, N, "columns of op(b)");
+    return keep.data();
+}
+
 void check_threads(int threads) {
     if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
 }
@@ -49,7 +71,8 @@ void register_gemm(py::module_& m) {
     m.def(
         "sgemm",
         [](const py::array& a_, const py::array& b_, bool trans_a, bool trans_b, int threads,
-           const std::optional<std::string>& kernel, const std::optional<py::array>& c_) {
+           const std::optional<std::string>& kernel, const std::optional<py::array>& c_,
+           const std::optional<py::array>& bias_, bool relu) {
             auto a = checked(a_, "a", 2), b = checked(b_, "b", 2);
             check_threads(threads);
             const py::ssize_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
@@ -62,24 +85,35 @@ void register_gemm(py::module_& m) {
             const float *pa = a.data(), *pb = b.data();
             float* pc = out.mutable_data();
             const int64_t lda = a.shape(1), ldb = b.shape(1);
+            farray keep;
+            BiasRelu e{bias_ptr(bias_, N, keep), relu};
+            const bool fused = e.bias || relu;
             {
                 py::gil_scoped_release nogil;
-                if (ref)
+                if (ref) {
                     sgemm_reference(trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, acc, threads);
-                else
+                    if (fused && M > 0 && N > 0) BiasRelu::apply(&e, 0, 0, M, N, pc, N);
+                } else if (fused) {
+                    sgemm_epilogue(k, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, acc, threads,
+                                   GemmEpilogue{&BiasRelu::apply, &e});
+                } else {
                     sgemm_with(k, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, acc, threads);
+                }
             }
             return out;
         },
         py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
         py::arg("threads") = 1, py::arg("kernel") = py::none(), py::arg("c") = py::none(),
+        py::arg("bias") = py::none(), py::arg("relu") = false,
         "op(a) (M, K) @ op(b) (K, N) [+ c (M, N)] -> new (M, N) float32 array; op = transpose if "
-        "trans_a / trans_b. kernel: None (selected), 'scalar', 'avx2', 'avx512' or 'reference'.");
+        "trans_a / trans_b. kernel: None (selected), 'scalar', 'avx2', 'avx512' or 'reference'. "
+        "bias (N,) / relu: a fused epilogue C = [relu](C + bias).");
 
     m.def(
         "sgemm_packed",
         [](const py::array& a_, const py::array& b_, bool trans_b, int threads,
-           const std::optional<std::string>& kernel, const std::optional<py::array>& c_) {
+           const std::optional<std::string>& kernel, const std::optional<py::array>& c_,
+           const std::optional<py::array>& bias_, bool relu) {
             auto a = checked(a_, "a", 2), b = checked(b_, "b", 2);
             check_threads(threads);
             const py::ssize_t M = a.shape(0), K = a.shape(1), N = trans_b ? b.shape(0) : b.shape(1);
@@ -91,16 +125,23 @@ void register_gemm(py::module_& m) {
             const float *pa = a.data(), *pb = b.data();
             float* pc = out.mutable_data();
             const int64_t ldb = b.shape(1);
+            farray keep;
+            BiasRelu e{bias_ptr(bias_, N, keep), relu};
             {
                 py::gil_scoped_release nogil;
                 const PackedB packed(pb, K, N, ldb, trans_b, k);
-                sgemm_packed(M, pa, K, packed, pc, N, acc, threads);
+                if (e.bias || relu)
+                    sgemm_packed_epilogue(M, pa, K, packed, pc, N, acc, threads, GemmEpilogue{&BiasRelu::apply, &e});
+                else
+                    sgemm_packed(M, pa, K, packed, pc, N, acc, threads);
             }
             return out;
         },
         py::arg("a"), py::arg("b"), py::arg("trans_b") = false, py::arg("threads") = 1,
-        py::arg("kernel") = py::none(), py::arg("c") = py::none(),
-        "a (M, K) @ op(b) (K, N) [+ c] through PackedB (op(b) packed first) -> new (M, N) float32.");
+        py::arg("kernel") = py::none(), py::arg("c") = py::none(), py::arg("bias") = py::none(),
+        py::arg("relu") = false,
+        "a (M, K) @ op(b) (K, N) [+ c] through PackedB (op(b) packed first) -> new (M, N) float32; "
+        "bias (N,) / relu: a fused epilogue C = [relu](C + bias).");
 
     m.def("gemm_kernel_name", []() { return std::string(gemm_kernel_name()); },
           "Name of the GEMM micro-kernel family selected at run time: 'avx512', 'avx2' or 'scalar'.");

@@ -160,14 +160,19 @@ void pack_b(const float* B, int64_t ldb, bool trans, int64_t p0, int64_t kc, int
 
 // C (mc, nc) (+)= Ap (mc, kc) Bp (kc, nc), both packed; ir outer so one A micro-panel stays in L1
 // while the B block streams from L2.
+// ep (if any) runs on each finished tile while it is still in L1; (i0, j0) = C's position in the
+// whole product, for the epilogue's indexing.
 void macro_kernel(const Kernel& kr, int64_t mc, int64_t nc, int64_t kc, const float* Ap,
-                  const float* Bp, float* C, int64_t ldc, bool add) {
+                  const float* Bp, float* C, int64_t ldc, bool add, const GemmEpilogue* ep,
+                  int64_t i0, int64_t j0) {
     for (int64_t ir = 0; ir < mc; ir += kr.mr) {
         const int m = static_cast<int>(std::min<int64_t>(kr.mr, mc - ir));
         const float* a = Ap + ir * kc;
         for (int64_t jr = 0; jr < nc; jr += kr.nr) {
             const int n = static_cast<int>(std::min<int64_t>(kr.nr, nc - jr));
-            kr.tile(m, n, kc, a, Bp + jr * kc, C + ir * ldc + jr, ldc, add);
+            float* c = C + ir * ldc + jr;
+            kr.tile(m, n, kc, a, Bp + jr * kc, c, ldc, add);
+            if (ep) ep->fn(ep->ctx, i0 + ir, j0 + jr, m, n, c, ldc);
         }
     }
 }
@@ -183,7 +188,8 @@ struct BSource {
 
 // One slab of C: rows [i0, i1), columns [j0, j1) (j0 a multiple of NR), on the calling thread.
 void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, const BSource& bs, int64_t K,
-               int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* C, int64_t ldc, bool accumulate) {
+               int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* C, int64_t ldc, bool accumulate,
+               const GemmEpilogue* ep) {
     const int64_t mcmax = std::min(kr.mc, ((i1 - i0 + kr.mr - 1) / kr.mr) * kr.mr);
     const int64_t kcmax = std::min(kr.kc, K);
     float* Ap = tl_a.get(static_cast<std::size_t>(mcmax * kcmax));
@@ -205,7 +211,8 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
                     pack_b(bs.B, bs.ldb, bs.trans, pc, kc, jc, nc, kr.nr, Bbuf);
                     Bp = Bbuf;
                 }
-                macro_kernel(kr, mc, nc, kc, Ap, Bp, C + ic * ldc + jc, ldc, add);
+                macro_kernel(kr, mc, nc, kc, Ap, Bp, C + ic * ldc + jc, ldc, add,
+                             pc + kc >= K ? ep : nullptr, ic, jc);
             }
         }
     }
@@ -214,19 +221,22 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
 // Largest op(B) (floats) that a multi-threaded call packs once for all threads (32 MB).
 constexpr int64_t kSharedPackMax = int64_t(8) << 20;
 
-// Split C into slabs (row or column ranges of whole tiles) and run them on up to `threads` threads. Each thread writes its own part
-// of C: no atomics, no reductions, and every element is summed in the same order whatever the split
+// Split C into slabs (row or column ranges of whole tiles) and run them on up to `threads` threads.
+// Each thread writes its own part of C: no atomics, no reductions, and every element is summed in the same order whatever the split
 // (results do not depend on the thread count). Row slabs need every thread to see all of op(B):
 // a small enough op(B) is packed once, cooperatively, before the slabs start (as a PackedB);
 // otherwise each thread packs the B blocks it needs. Column slabs (few rows, e.g. a small batch
 // times a wide layer) need all of op(A): each thread packs its own copy, which is small then.
 void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, const BSource& bs,
-                 int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate, int threads) {
+                 int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate, int threads,
+                 const GemmEpilogue* ep = nullptr) {
     if (M <= 0 || N <= 0) return;
+    if (ep && !ep->fn) ep = nullptr;
     if (K <= 0) {
         if (!accumulate)
             for (int64_t i = 0; i < M; ++i)
                 std::memset(C + i * ldc, 0, sizeof(float) * static_cast<std::size_t>(N));
+        if (ep) ep->fn(ep->ctx, 0, 0, M, N, C, ldc);
         return;
     }
     const int64_t mt = (M + kr.mr - 1) / kr.mr, nt = (N + kr.nr - 1) / kr.nr;
@@ -234,7 +244,7 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     int T = std::max(1, threads);
     if (2.0 * double(M) * double(N) * double(K) < 2.0e6) T = 1;
     if (T == 1 || mt * nt == 1) {
-        gemm_slab(kr, trans_a, A, lda, bs, K, 0, M, 0, N, C, ldc, accumulate);
+        gemm_slab(kr, trans_a, A, lda, bs, K, 0, M, 0, N, C, ldc, accumulate, ep);
         return;
     }
     const int64_t npad = nt * kr.nr;
@@ -262,9 +272,9 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     auto run = [&](int s) {
         const int64_t t0 = s * per, t1 = std::min(tiles, t0 + per);
         if (split_rows)
-            gemm_slab(kr, trans_a, A, lda, src, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc, accumulate);
+            gemm_slab(kr, trans_a, A, lda, src, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc, accumulate, ep);
         else
-            gemm_slab(kr, trans_a, A, lda, src, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc, accumulate);
+            gemm_slab(kr, trans_a, A, lda, src, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc, accumulate, ep);
     };
 #ifdef DEEPTAYLOR_HAVE_OPENMP
 #pragma omp parallel num_threads(T)
@@ -311,6 +321,22 @@ void sgemm_with(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_
     const Kernel& kr = kernel_of(resolve(kernel));
     gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0}, M, N, K, C, ldc, accumulate,
                 threads);
+}
+
+void sgemm_epilogue(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                    bool accumulate, int threads, const GemmEpilogue& epilogue) {
+    const Kernel& kr = kernel_of(resolve(kernel));
+    gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0}, M, N, K, C, ldc, accumulate,
+                threads, &epilogue);
+}
+
+void sgemm_packed_epilogue(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C,
+                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue) {
+    const Kernel& kr = kernel_of(Bp.kernel());
+    const int64_t npad = (Bp.N() + kr.nr - 1) / kr.nr * kr.nr;
+    gemm_driver(kr, false, A, lda, BSource{nullptr, 0, false, Bp.panels(), npad}, M, Bp.N(), Bp.K(), C,
+                ldc, accumulate, threads, &epilogue);
 }
 
 void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,

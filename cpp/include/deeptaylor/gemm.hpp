@@ -70,6 +70,23 @@ void sgemm_with(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_
                 const float* A, int64_t lda, const float* B, int64_t ldb,
                 float* C, int64_t ldc, bool accumulate, int threads = 1);
 
+// A fused epilogue: fn(ctx, i0, j0, m, n, C, ldc) is called exactly once for every element of the
+// product, on blocks of finished results (all of K summed, accumulate applied) while they are still
+// in cache: C points to element (i0, j0) of the whole C, the block is m x n with row stride ldc.
+// Typical use: bias + ReLU after a forward product, a (.) c after a relevance product. With
+// threads > 1 it is called concurrently on disjoint blocks; it must not touch other elements.
+struct GemmEpilogue {
+    void (*fn)(void* ctx, int64_t i0, int64_t j0, int64_t m, int64_t n, float* C, int64_t ldc) = nullptr;
+    void* ctx = nullptr;
+};
+
+// sgemm_with / sgemm_packed followed by the epilogue on every finished block.
+void sgemm_epilogue(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                    bool accumulate, int threads, const GemmEpilogue& epilogue);
+void sgemm_packed_epilogue(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C,
+                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue);
+
 // The plain-loop oracle (i-k-j order); same arguments as sgemm.
 void sgemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                      const float* A, int64_t lda, const float* B, int64_t ldb,
