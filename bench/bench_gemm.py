@@ -8,9 +8,8 @@ import functools
 
 import numpy as np
 import pytest
-from workloads import blas_threads
-
 from deeptaylor._core import kernels as K
+from workloads import blas_threads
 
 # (M, N, K, trans_b): squares, and the dense layers of the mlp / seed_dtd workloads at batch 256
 # (x (256, I) @ W (O, I)^T, the engine's forward product).

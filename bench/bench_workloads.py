@@ -25,12 +25,12 @@ TOL = 1e-4         # max-normalised difference, float32 vs float64 (compare.py w
 NUMPY_BENCH = ("seed_dtd", "mlp")  # workloads small enough to benchmark the reference at full batch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _net(workload: str) -> dt.Sequential:
     return W.build(workload)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_model(workload: str):
     return W.to_torch(W.specs(workload))
 
@@ -77,7 +77,8 @@ def test_deeptaylor_cpu(benchmark, workload, composite, threads, quick):
     x = W.inputs(workload, batch)
     _label(benchmark, workload, composite, "deeptaylor-cpu", batch, threads)
     res = _pedantic(benchmark, lambda: ex.explain(x), quick)
-    assert res.relevance.shape == x.shape and np.all(np.isfinite(res.relevance))
+    assert res.relevance.shape == x.shape
+    assert np.all(np.isfinite(res.relevance))
     if res.conservative_expected:
         assert dt.checks.conservation(res).ok(rtol=1e-4), dt.checks.conservation(res)
     if workload == "vgg16":  # the reference would take minutes: check against Zennit instead
@@ -109,7 +110,8 @@ def test_zennit(benchmark, workload, composite, threads, quick):
 
     _, rel = _pedantic(benchmark, run, quick)
     rel = rel.detach().numpy()
-    assert rel.shape == tuple(x.shape) and np.all(np.isfinite(rel))
+    assert rel.shape == tuple(x.shape)
+    assert np.all(np.isfinite(rel))
     if workload != "vgg16":
         assert _maxnorm_diff(rel[:SLICE], _reference(workload, composite)) <= TOL
 

@@ -65,7 +65,6 @@ def _best_time(fn, repeats: int) -> float:
 def worker_gemm(spec: dict) -> dict:
     """SGEMM peak: NumPy matmul and our sgemm on n x n float32 at spec['threads']."""
     import numpy as np
-
     from deeptaylor._core import kernels as K
 
     n, t, reps = spec["n"], spec["threads"], spec["repeats"]
@@ -100,9 +99,9 @@ def _save(path: str, r) -> None:
 
 def worker_deeptaylor(spec: dict) -> dict:
     import numpy as np
+    import workloads as W
 
     import deeptaylor as dt
-    import workloads as W
 
     backend, n, t = spec["backend"], spec["images"], spec["threads"]
     net = W.build(spec["workload"])
@@ -128,7 +127,6 @@ def worker_deeptaylor(spec: dict) -> dict:
 
 def worker_zennit(spec: dict) -> dict:
     import torch
-
     import workloads as W
 
     n, t = spec["images"], spec["threads"]
@@ -180,7 +178,8 @@ def _env(threads: int, clean_blas: bool = False) -> dict:
 def run_worker(kind: str, spec: dict, threads: int, timeout: float, clean_blas: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)]
     try:
-        p = subprocess.run(cmd, env=_env(threads, clean_blas), capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=_env(threads, clean_blas), capture_output=True, text=True, timeout=timeout,
+                           check=False)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"more than {timeout:.0f} s"}
     for line in reversed(p.stdout.splitlines()):
@@ -206,7 +205,6 @@ def _fmt(v, spec=".1f") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
-
     import workloads as W
 
     ap = argparse.ArgumentParser(description="deeptaylor vs Zennit vs NumPy reference")

@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = args.kernels or k.gemm_kernels_available()
     limiter = _blas_limiter()
     print(f"selected kernel: {k.gemm_kernel_name()}; numpy BLAS: {numpy_blas_info()}")
-    print("OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s OMP_NUM_THREADS=%s" % tuple(
-        os.environ.get(v) for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")))
+    print(" ".join(f"{v}={os.environ.get(v)}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")))
     print(f"GFLOP/s, best of {args.repeats} repeats x {args.rounds} rounds")
     head = f"{'n':>5} {'thr':>3} {'numpy':>7} " + " ".join(f"{kn:>7}" for kn in kernels) + "   best/numpy"
     print(head)

@@ -32,8 +32,22 @@ import numpy as np
 import deeptaylor as dt
 
 __all__ = [
-    "WORKLOADS", "COMPOSITES", "Workload", "build", "specs", "inputs", "torch_module", "forward_macs", "work_factor", "composite",
-    "to_torch", "blas_threads", "import_zennit", "zennit_composite", "zennit_relevance", "torch_sensitivity",
+    "COMPOSITES",
+    "WORKLOADS",
+    "Workload",
+    "blas_threads",
+    "build",
+    "composite",
+    "forward_macs",
+    "import_zennit",
+    "inputs",
+    "specs",
+    "to_torch",
+    "torch_module",
+    "torch_sensitivity",
+    "work_factor",
+    "zennit_composite",
+    "zennit_relevance",
 ]
 
 
@@ -348,7 +362,7 @@ def import_zennit():
     if "torchvision.models.resnet" not in sys.modules:
         try:
             import torchvision.models.resnet  # noqa: F401
-        except Exception:
+        except Exception:  # noqa: BLE001 - any import failure: use the stand-in
             tv = types.ModuleType("torchvision")
             models = types.ModuleType("torchvision.models")
             resnet = types.ModuleType("torchvision.models.resnet")

@@ -11,10 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from deeptaylor._core import kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from deeptaylor._core import kernels as K
 
 KERNELS = [*K.gemm_kernels_available(), "reference"]
 PACKED_KERNELS = K.gemm_kernels_available()
@@ -69,7 +68,7 @@ def test_sgemm_matches_float64(kernel, trans_a, trans_b, threads):
 def test_sgemm_accumulate(kernel, threads):
     rng = np.random.default_rng(8)
     for (m, n, k), (ta, tb) in zip([(9, 45, 400), (64, 70, 30), (3, 5, 800)],
-                                   [(False, True), (True, False), (True, True)]):
+                                   [(False, True), (True, False), (True, True)], strict=True):
         a, b = _operands(rng, m, n, k, ta, tb)
         c0 = rng.standard_normal((m, n), dtype=np.float32) * 10
         c = K.sgemm(a, b, trans_a=ta, trans_b=tb, threads=threads, kernel=kernel, c=c0)

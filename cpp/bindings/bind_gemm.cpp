@@ -131,7 +131,8 @@ void register_gemm(py::module_& m) {
                 py::gil_scoped_release nogil;
                 const PackedB packed(pb, K, N, ldb, trans_b, k);
                 if (e.bias || relu)
-                    sgemm_packed_epilogue(M, pa, K, packed, pc, N, acc, threads, GemmEpilogue{&BiasRelu::apply, &e});
+                    sgemm_packed_epilogue(M, pa, K, packed, pc, N, acc, threads,
+                                          GemmEpilogue{&BiasRelu::apply, &e});
                 else
                     sgemm_packed(M, pa, K, packed, pc, N, acc, threads);
             }

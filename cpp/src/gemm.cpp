@@ -222,11 +222,12 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
 constexpr int64_t kSharedPackMax = int64_t(8) << 20;
 
 // Split C into slabs (row or column ranges of whole tiles) and run them on up to `threads` threads.
-// Each thread writes its own part of C: no atomics, no reductions, and every element is summed in the same order whatever the split
-// (results do not depend on the thread count). Row slabs need every thread to see all of op(B):
-// a small enough op(B) is packed once, cooperatively, before the slabs start (as a PackedB);
-// otherwise each thread packs the B blocks it needs. Column slabs (few rows, e.g. a small batch
-// times a wide layer) need all of op(A): each thread packs its own copy, which is small then.
+// Each thread writes its own part of C: no atomics, no reductions, and every element is summed in
+// the same order whatever the split (results do not depend on the thread count). Row slabs need
+// every thread to see all of op(B): a small enough op(B) is packed once, cooperatively, before the
+// slabs start (as a PackedB); otherwise each thread packs the B blocks it needs. Column slabs (few
+// rows, e.g. a small batch times a wide layer) need all of op(A): each thread packs its own copy,
+// which is small then.
 void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, const BSource& bs,
                  int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate, int threads,
                  const GemmEpilogue* ep = nullptr) {
@@ -256,7 +257,8 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     // Chunks: T when every chunk would pack its own copy of op(B) (row split, B not shared); otherwise
     // up to 4 per thread (>= 4 tiles each), taken dynamically, so that a thread slowed down by
     // another process on its core does not hold the whole product back (a shared machine).
-    const int64_t want = (split_rows && !share_b) ? T : std::max<int64_t>(T, std::min<int64_t>(4 * T, tiles / 4));
+    const int64_t want =
+        (split_rows && !share_b) ? T : std::max<int64_t>(T, std::min<int64_t>(4 * T, tiles / 4));
     const int64_t per = (tiles + want - 1) / want;
     const int nslabs = static_cast<int>((tiles + per - 1) / per);
     BSource src = bs;
@@ -272,9 +274,11 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     auto run = [&](int s) {
         const int64_t t0 = s * per, t1 = std::min(tiles, t0 + per);
         if (split_rows)
-            gemm_slab(kr, trans_a, A, lda, src, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc, accumulate, ep);
+            gemm_slab(kr, trans_a, A, lda, src, K, t0 * kr.mr, std::min(M, t1 * kr.mr), 0, N, C, ldc,
+                      accumulate, ep);
         else
-            gemm_slab(kr, trans_a, A, lda, src, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc, accumulate, ep);
+            gemm_slab(kr, trans_a, A, lda, src, K, 0, M, t0 * kr.nr, std::min(N, t1 * kr.nr), C, ldc,
+                      accumulate, ep);
     };
 #ifdef DEEPTAYLOR_HAVE_OPENMP
 #pragma omp parallel num_threads(T)

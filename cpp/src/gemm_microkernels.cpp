@@ -150,7 +150,9 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
         }
     }
     const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
-    const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1u);
+    const __mmask16 m1 = n >= 32   ? __mmask16(0xFFFF)
+                         : n <= 16 ? __mmask16(0)
+                                   : __mmask16((1u << (n - 16)) - 1u);
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
         float* c = C + i * ldc;
