@@ -55,6 +55,9 @@ bool cpu_supports(GemmKernel k) {
 // The best supported family, lowered by DEEPTAYLOR_GEMM_KERNEL=scalar|avx2|avx512 (a request above
 // what the CPU supports, or an unknown value, leaves the best one).
 GemmKernel detect() {
+#ifdef DEEPTAYLOR_GEMM_X86
+    __builtin_cpu_init();  // in case the first GEMM runs from a static initialiser
+#endif
     GemmKernel best = GemmKernel::Scalar;
     if (cpu_supports(GemmKernel::Avx2)) best = GemmKernel::Avx2;
     if (cpu_supports(GemmKernel::Avx512)) best = GemmKernel::Avx512;
