@@ -203,6 +203,11 @@ def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _fmt_rate(v) -> str:
+    """images/s: whole numbers from 100 up, 4 significant digits below."""
+    return "-" if v is None else format(v, ".0f" if v >= 100 else ".4g")
+
+
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import workloads as W
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                         notes += f"conservation {r['conservation_max_rel_error']:.1e} "
                     if r.get("status") == "ok" and fw == "numpy_reference":
                         notes += f"({r['images']} images) "
-                    print(f"   {comp:<22}{fw[:11]:<12}{_fmt(r.get('images_per_s'), '.4g'):>10}"
+                    print(f"   {comp:<22}{fw[:11]:<12}{_fmt_rate(r.get('images_per_s')):>10}"
                           f"{_fmt(r.get('ratio_to_zennit'), '.2f'):>9}{_fmt(r.get('forward_gflops')):>10}"
                           f"{_fmt(r.get('effective_gflops')):>10}{_fmt(r.get('peak_rss_mib'), '.0f'):>9}  "
                           f"{r.get('status') if r.get('status') != 'ok' else ''} {notes[:90]}")
