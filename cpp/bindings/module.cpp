@@ -6,6 +6,7 @@ namespace py = pybind11;
 namespace deeptaylor::bind {
 void register_kernels(py::module_& m);
 void register_plan(py::module_& m);
+void register_gemm(py::module_& m);
 }
 
 PYBIND11_MODULE(_core, m) {
@@ -17,5 +18,6 @@ PYBIND11_MODULE(_core, m) {
 #endif
     auto k = m.def_submodule("kernels", "Per-layer kernels, for tests against the NumPy reference");
     deeptaylor::bind::register_kernels(k);
+    deeptaylor::bind::register_gemm(k);
     deeptaylor::bind::register_plan(m);
 }
