@@ -193,12 +193,13 @@ struct BSource {
 void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, const BSource& bs, int64_t K,
                int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* C, int64_t ldc, bool accumulate,
                const GemmEpilogue* ep) {
-    const int64_t mcmax = std::min(kr.mc, ((i1 - i0 + kr.mr - 1) / kr.mr) * kr.mr);
+    // pack_a / pack_b write whole MR-row / NR-column panels: round the block sizes up *after*
+    // clipping them (kr.mc need not be a multiple of MR).
+    const int64_t mcmax = ((std::min(kr.mc, i1 - i0) + kr.mr - 1) / kr.mr) * kr.mr;
     const int64_t kcmax = std::min(kr.kc, K);
+    const int64_t ncmax = ((std::min(kr.nc, j1 - j0) + kr.nr - 1) / kr.nr) * kr.nr;
     float* Ap = tl_a.get(static_cast<std::size_t>(mcmax * kcmax));
-    float* Bbuf = bs.packed ? nullptr
-                            : tl_b.get(static_cast<std::size_t>(
-                                  kcmax * std::min(kr.nc, ((j1 - j0 + kr.nr - 1) / kr.nr) * kr.nr)));
+    float* Bbuf = bs.packed ? nullptr : tl_b.get(static_cast<std::size_t>(kcmax * ncmax));
     for (int64_t ic = i0; ic < i1; ic += kr.mc) {
         const int64_t mc = std::min(kr.mc, i1 - ic);
         for (int64_t pc = 0; pc < K; pc += kr.kc) {
