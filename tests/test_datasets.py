@@ -35,8 +35,10 @@ def _write_split(d: Path, images: np.ndarray, labels: np.ndarray, prefix: str = 
 @needs_mnist
 def test_real_mnist_test_split():
     images, labels = ds.load_mnist(MNIST, "test")
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (10000,) and labels.dtype == np.uint8
+    assert images.shape == (10000, 28, 28)
+    assert images.dtype == np.uint8
+    assert labels.shape == (10000,)
+    assert labels.dtype == np.uint8
     # label counts and pixel mean as documented in shared/data/mnist/README.md
     assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert images.mean() == pytest.approx(33.791, abs=1e-3)
@@ -45,7 +47,8 @@ def test_real_mnist_test_split():
 @needs_mnist
 def test_bundled_sample_is_the_first_30_test_digits_per_class():
     images, labels = ds.load_sample()
-    assert images.shape == (300, 28, 28) and images.dtype == np.uint8
+    assert images.shape == (300, 28, 28)
+    assert images.dtype == np.uint8
     assert np.bincount(labels, minlength=10).tolist() == [30] * 10
     t_images, t_labels = ds.load_mnist(MNIST, "test")
     idx = np.sort(np.concatenate([np.flatnonzero(t_labels == c)[:30] for c in range(10)]))
@@ -103,7 +106,8 @@ def test_bad_directory_and_split(tmp_path):
         ds.load_mnist(tmp_path / "nope")
     with pytest.raises(ds.DatasetError, match="unknown MNIST split"):
         ds.load_mnist(tmp_path, "validation")
-    assert issubclass(ds.DatasetError, dt.DeepTaylorError) and issubclass(ds.DatasetError, ValueError)
+    assert issubclass(ds.DatasetError, dt.DeepTaylorError)
+    assert issubclass(ds.DatasetError, ValueError)
 
 
 def _pool(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -118,9 +122,11 @@ def _pool(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def test_detection_construction(rng):
     images, labels = _pool(rng)
     d = ds.mnist_detection(images, labels, 101, seed=3)
-    assert d.images.shape == (101, 28, 56) and d.images.dtype == np.float32
+    assert d.images.shape == (101, 28, 56)
+    assert d.images.dtype == np.float32
     assert d.flat().shape == (101, 1568)
-    assert 0.0 <= d.images.min() and d.images.max() <= 1.0
+    assert 0.0 <= d.images.min()
+    assert d.images.max() <= 1.0
     assert int(d.labels.sum()) == round(101 * 0.5)  # exact label balance
     left_cls = np.round(d.images[:, 10, 14] * 255 - 1) / 10
     right_cls = np.round(d.images[:, 10, 28 + 14] * 255 - 1) / 10
@@ -135,7 +141,8 @@ def test_detection_construction(rng):
     assert set(np.unique(d.side[pos])) == {0, 1}  # both sides occur
     mask = d.target_mask()
     assert np.all(mask.sum(axis=(1, 2)) == 28 * 28 * d.labels)
-    assert np.all(mask[d.side == 0][:, :, :28]) and not np.any(mask[d.side == 0][:, :, 28:])
+    assert np.all(mask[d.side == 0][:, :, :28])
+    assert not np.any(mask[d.side == 0][:, :, 28:])
 
 
 def test_detection_is_seeded_and_validates(rng):

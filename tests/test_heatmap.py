@@ -20,18 +20,22 @@ from deeptaylor import heatmap as hm
 ])
 def test_known_values_map_to_known_colours(cmap, neg, mid, pos):
     rgb = hm.to_rgb(np.array([[-2.0, 0.0, 2.0]]), cmap=cmap)
-    assert rgb.shape == (1, 3, 3) and rgb.dtype == np.uint8
+    assert rgb.shape == (1, 3, 3)
+    assert rgb.dtype == np.uint8
     assert [tuple(int(v) for v in c) for c in rgb[0]] == [neg, mid, pos]
 
 
 def test_colour_tables_are_monotone_ramps():
     bwr = hm.colormap("bwr")
     assert bwr.shape == (256, 3)
-    assert np.all(np.diff(bwr[:129, 0].astype(int)) >= 0) and np.all(np.diff(bwr[128:, 1].astype(int)) <= 0)
+    assert np.all(np.diff(bwr[:129, 0].astype(int)) >= 0)
+    assert np.all(np.diff(bwr[128:, 1].astype(int)) <= 0)
     gray = hm.colormap("gray")
     np.testing.assert_array_equal(gray[:, 0], np.arange(256))
     hot = hm.colormap("coldnhot")  # the zennit anchors: blue at 64, red at 170, yellow at 212
-    assert tuple(hot[64]) == (0, 0, 255) and tuple(hot[170]) == (255, 0, 0) and tuple(hot[212]) == (255, 255, 0)
+    assert tuple(hot[64]) == (0, 0, 255)
+    assert tuple(hot[170]) == (255, 0, 0)
+    assert tuple(hot[212]) == (255, 255, 0)
 
 
 def test_scaling_options():
@@ -39,7 +43,8 @@ def test_scaling_options():
     per_image = hm.to_rgb(r, cmap="gray")
     assert per_image[0, 0, 1, 0] == per_image[1, 0, 1, 0] == 255
     shared = hm.to_rgb(r, cmap="gray", per_image=False)
-    assert shared[0, 0, 1, 0] == round((1 / 4 + 1) / 2 * 255) and shared[1, 0, 1, 0] == 255
+    assert shared[0, 0, 1, 0] == round((1 / 4 + 1) / 2 * 255)
+    assert shared[1, 0, 1, 0] == 255
     fixed = hm.to_rgb(r, cmap="gray", vmax=8.0)
     assert fixed[1, 0, 1, 0] == round((0.5 + 1) / 2 * 255)
     lin = hm.to_rgb(np.array([[2.0, 3.0, 4.0]]), cmap="gray", symmetric=False)
@@ -77,7 +82,8 @@ def test_overlay_and_grid(rng):
     np.testing.assert_array_equal(g[1:6, 1:7], out[0])
     np.testing.assert_array_equal(g[1:6, 8:14], out[1])
     np.testing.assert_array_equal(g[7:12, 1:7], 0)
-    assert np.all(g[0] == 7) and np.all(g[7:12, 8:14] == 7)  # padding and the empty cell
+    assert np.all(g[0] == 7)
+    assert np.all(g[7:12, 8:14] == 7)
 
 
 def _images(rng):

@@ -24,7 +24,8 @@ def test_detection_training_reduces_loss_and_keeps_bias_nonpositive(rng):
                              val=(x[:100], y[:100]))
     assert res.log.step == [100, 200, 300, 400, 500, 600]
     assert res.log.loss[-1] < 0.5 * res.log.loss[0]
-    assert res.log.accuracy[-1] > 0.9 and res.log.val_accuracy[-1] > 0.9
+    assert res.log.accuracy[-1] > 0.9
+    assert res.log.val_accuracy[-1] > 0.9
     assert sorted(res.snapshots) == [0, 300, 600]
     for net in [res.net, *res.snapshots.values()]:
         assert [layer.kind for layer in net] == ["Dense", "ReLU", "GlobalSumPool"]

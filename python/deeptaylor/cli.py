@@ -14,6 +14,7 @@ Errors (missing files, unreadable images, shape mismatches, unknown composites..
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import DeepTaylorError, InputError, InputTypeError, ShapeError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 DEMO_MODEL = "detection_1568_400_1.npz"
@@ -147,7 +148,7 @@ def _load_images(directory: Path, rgb: bool) -> tuple[np.ndarray, list[Path]]:
     if not files:
         raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) in directory {str(directory)!r}")
     imgs = [_read_image(f, rgb) for f in files]
-    for f, im in zip(files, imgs):
+    for f, im in zip(files, imgs, strict=False):
         if im.shape != imgs[0].shape:
             raise ShapeError(f"image {f.name!r} is {im.shape[1]}x{im.shape[0]}, but {files[0].name!r} is "
                              f"{imgs[0].shape[1]}x{imgs[0].shape[0]}: all images must have the same size")
@@ -183,7 +184,7 @@ def _fit_input(net: Any, x: np.ndarray, image_shape: tuple[int, int] | None) -> 
     if image_shape is not None:
         draw = image_shape
     elif draw is None and x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
+        side = math.isqrt(int(x.shape[1]))
         draw = (side, side) if side * side == x.shape[1] else None
     return x, draw
 
@@ -289,7 +290,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import datasets as ds
     from . import heatmap as hm
-    from .experiment import explain_methods, heatmap_panel, method_stats
+    from .experiment import explain_methods, heatmap_panel, method_stats, pick_rows
     from .io import load
     from .train import detection_accuracy
 
@@ -300,12 +301,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     results = explain_methods(net, x, args.backend)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    show_n = min(args.show, len(data))
-    n_pos = show_n - show_n // 3
-    show = list(np.flatnonzero(data.side >= 0)[:n_pos]) + list(np.flatnonzero(data.side < 0)[:show_n - n_pos])
+    show = pick_rows(data.side, min(args.show, len(data)))
     files = [hm.save_png(out / "heatmaps.png", heatmap_panel(data.images, results, cmap=args.cmap, rows=show))]
     zb = results["zB"].relevance.reshape(data.images.shape)
-    tiles = [np.repeat(np.repeat(t, 3, axis=0), 3, axis=1) for t in hm.overlay(data.images[show], zb[show], cmap=args.cmap)]
+    over = hm.overlay(data.images[show], zb[show], cmap="coldnhot", alpha=1.0)  # hot colours read well on black
+    tiles = [np.repeat(np.repeat(t, 3, axis=0), 3, axis=1) for t in over]
     files.append(hm.save_png(out / "overlay_zB.png", hm.grid(tiles, ncols=1, pad_value=128)))
     for name, res in results.items():
         safe = name.replace("+", "plus")

@@ -35,15 +35,15 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
+    "DISTRACTOR_DIGITS",
+    "TARGET_DIGITS",
     "DatasetError",
     "DetectionSet",
-    "read_idx",
+    "find_mnist",
     "load_mnist",
     "load_sample",
-    "find_mnist",
     "mnist_detection",
-    "TARGET_DIGITS",
-    "DISTRACTOR_DIGITS",
+    "read_idx",
 ]
 
 TARGET_DIGITS = (0, 1, 2, 3)
@@ -272,7 +272,7 @@ def mnist_detection(images: Any, labels: Any, n: int, seed: int | np.random.Gene
         raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction!r}")
     targets = np.flatnonzero(np.isin(y, TARGET_DIGITS))
     distractors = np.flatnonzero(np.isin(y, DISTRACTOR_DIGITS))
-    n_pos = int(round(n * float(positive_fraction)))
+    n_pos = round(n * float(positive_fraction))
     if n_pos > 0 and targets.size == 0:
         raise InputError("the digit pool has no target digit (0-3)")
     if distractors.size == 0:

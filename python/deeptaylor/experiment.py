@@ -35,8 +35,19 @@ from .methods import Sensitivity
 from .network import Sequential
 from .rules import WSquare, ZBox, ZPlus
 
-__all__ = ["METHODS", "DEFAULT_STEPS", "PAPER_STEPS", "MethodStats", "make_explainer", "explain_methods",
-           "method_stats", "heatmap_panel", "run_mnist_detection", "format_table"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "METHODS",
+    "PAPER_STEPS",
+    "MethodStats",
+    "explain_methods",
+    "format_table",
+    "heatmap_panel",
+    "make_explainer",
+    "method_stats",
+    "pick_rows",
+    "run_mnist_detection",
+]
 
 #: the four methods compared in the paper, in display order: name -> what the Explainer gets
 METHODS: dict[str, Callable[[], Any]] = {
@@ -106,6 +117,19 @@ def method_stats(res: Explanation, target_mask: np.ndarray | None = None) -> Met
                        mean_f=float(f.mean()), mean_sum_r=float(s.mean()))
 
 
+def pick_rows(side: np.ndarray, n_show: int) -> list[int]:
+    """Rows to display: ``n_show - n_show // 3`` images with a target digit, alternating target on the
+    left and on the right, then images without one (first occurrences, so the choice is fixed)."""
+    n_pos = n_show - n_show // 3
+    left, right = list(np.flatnonzero(side == 0)), list(np.flatnonzero(side == 1))
+    pos: list[int] = []
+    while len(pos) < n_pos and (left or right):
+        src = left if (len(pos) % 2 == 0 and left) or not right else right
+        pos.append(int(src.pop(0)))
+    neg = [int(i) for i in np.flatnonzero(side < 0)[:n_show - len(pos)]]
+    return pos + neg
+
+
 def _upscale(img: np.ndarray, k: int) -> np.ndarray:
     return np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
 
@@ -151,9 +175,9 @@ def _scatter(path: Path, per_step: dict[int, dict[str, Explanation]]) -> str | N
     names = list(next(iter(per_step.values())))
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2))
     colours = plt.cm.viridis(np.linspace(0, 1, len(per_step)))
-    for ax, name in zip(np.atleast_1d(axes), names):
+    for ax, name in zip(np.atleast_1d(axes), names, strict=False):
         lim = 0.0
-        for (steps, results), c in zip(per_step.items(), colours):
+        for (steps, results), c in zip(per_step.items(), colours, strict=False):
             res = results[name]
             s = res.relevance.reshape(res.relevance.shape[0], -1).sum(axis=1)
             ax.scatter(res.explained, s, s=6, color=c, alpha=0.7, label=f"{steps} steps")
@@ -186,7 +210,7 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     seed : seeds the data sets (``seed + 1``, ``seed + 2``) and the training run (``seed``)
     backend : ``"cpu"`` (falls back to ``"numpy"`` per method where unsupported) or ``"numpy"``
     n_train / n_test : sizes of the generated training set (from MNIST train) and test set (from t10k)
-    n_show : test images in each PNG grid (the first ``n_show - n_show // 3`` positives, then negatives)
+    n_show : test images in each PNG grid (see :func:`pick_rows`)
     lr : SGD learning rate
 
     Returns
@@ -213,8 +237,7 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     xt, yt = ds.load_mnist(directory, "test")
     train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1)
     test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2)
-    n_pos = n_show - n_show // 3
-    show = list(np.flatnonzero(test_set.side >= 0)[:n_pos]) + list(np.flatnonzero(test_set.side < 0)[:n_show - n_pos])
+    show = pick_rows(test_set.side, n_show)
     log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory} "
         f"({time.perf_counter() - t0:.1f} s)")
     t1 = time.perf_counter()

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import InputError, InputTypeError, ShapeError
 
-__all__ = ["CMAPS", "colormap", "to_rgb", "overlay", "grid", "save_png", "read_png"]
+__all__ = ["CMAPS", "colormap", "grid", "overlay", "read_png", "save_png", "to_rgb"]
 
 _ANCHORS: dict[str, list[tuple[int, tuple[int, int, int]]]] = {
     "bwr": [(0, (0, 0, 255)), (128, (255, 255, 255)), (255, (255, 0, 0))],

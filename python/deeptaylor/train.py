@@ -19,6 +19,7 @@ training set (epochs). A progress bar is shown with ``progress=True`` when ``tqd
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +30,14 @@ from .errors import InputError, ShapeError
 from .layers import Dense, GlobalSumPool, ReLU
 from .network import Sequential
 
-__all__ = ["TrainLog", "TrainResult", "train_detection", "train_classifier", "detection_accuracy",
-           "classifier_accuracy"]
+__all__ = [
+    "TrainLog",
+    "TrainResult",
+    "classifier_accuracy",
+    "detection_accuracy",
+    "train_classifier",
+    "train_detection",
+]
 
 
 @dataclass
@@ -48,7 +55,7 @@ class TrainLog:
     val_accuracy: list[float] = field(default_factory=list)
 
     def rows(self) -> list[tuple[int, float, float, float, float]]:
-        return list(zip(self.step, self.loss, self.accuracy, self.val_loss, self.val_accuracy))
+        return list(zip(self.step, self.loss, self.accuracy, self.val_loss, self.val_accuracy, strict=False))
 
     def __str__(self) -> str:
         lines = [f"{'step':>8} {'loss':>10} {'acc':>7} {'val_loss':>10} {'val_acc':>7}"]
@@ -262,7 +269,8 @@ def train_detection(x: Any, y: Any, steps: int, *, hidden: int = 400, batch_size
     hidden : hidden units (the paper: 400)
     batch_size : minibatch size (the paper: 20)
     lr : learning rate of plain SGD on the loss ``0.5 * mean((f(x) - y)^2)``
-    weight_std : standard deviation of the normal initial weights (default ``0.5 / sqrt(F)``);
+    weight_std : standard deviation of the normal initial weights (default ``0.1 / sqrt(F)``: small, so
+        the untrained weights of pixels that are always 0 do not dominate the w² and zB heatmaps);
         biases start at 0
     seed : seeds the initial weights and the minibatch order
     checkpoints : step counts after which a copy of the network is kept in ``result.snapshots``
@@ -286,7 +294,7 @@ def train_detection(x: Any, y: Any, steps: int, *, hidden: int = 400, batch_size
     hidden = _positive_int(hidden, "hidden")
     rng = np.random.default_rng(seed)
     f = xa.shape[1]
-    std = 0.5 / np.sqrt(f) if weight_std is None else float(weight_std)
+    std = 0.1 / np.sqrt(f) if weight_std is None else float(weight_std)
     w = (rng.standard_normal((hidden, f)) * std).astype(np.float32)
     b = np.zeros(hidden, dtype=np.float32)
     return _run([[w, b]], xa, ya, steps, batch_size, lr, rng, "sum", "mse", 0.0, checkpoints, log_every, val,
@@ -322,7 +330,7 @@ def train_classifier(x: Any, y: Any, steps: int, *, hidden: Sequence[int] = (100
     rng = np.random.default_rng(seed)
     sizes = [xa.shape[1], *[_positive_int(h, "hidden size") for h in hidden], k]
     params = [[(rng.standard_normal((o, i)) * np.sqrt(2.0 / i)).astype(np.float32), np.zeros(o, dtype=np.float32)]
-              for i, o in zip(sizes[:-1], sizes[1:])]
+              for i, o in itertools.pairwise(sizes)]
     return _run(params, xa, ya, steps, batch_size, lr, rng, "logits", "xent", None, checkpoints, log_every, val,
                 progress, callback)
 
