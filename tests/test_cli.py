@@ -156,3 +156,35 @@ def test_console_script_entry_point(tmp_path):
                           check=False, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "heatmaps.png").is_file()
+
+
+def _mnist_dir() -> Path | None:
+    for p in Path(__file__).resolve().parents:
+        if (p / "shared" / "data" / "mnist").is_dir():
+            return p / "shared" / "data" / "mnist"
+    return None
+
+
+@pytest.mark.skipif(_mnist_dir() is None, reason="real MNIST (../shared/data/mnist) not available")
+def test_experiment_small_run(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(_mnist_dir()), "--out", str(out), "--steps", "0,30",
+                 "--n-train", "600", "--n-test", "60", "--no-progress", "--backend", "numpy"]) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text
+    for k in (0, 30):
+        img = hm.read_png(out / f"steps_{k:06d}.png")
+        assert img.ndim == 3
+    assert (out / "table.txt").is_file()
+    assert (out / "detection_30.npz").is_file()
+    assert np.all(dt.load(out / "detection_30.npz")[0].bias <= 0)
+    summary = json.loads((out / "results.json").read_text())
+    rows = {(r["steps"], r["method"]): r for r in summary["rows"]}
+    assert len(rows) == 8
+    for k in (0, 30):
+        for name in ("w2", "z+", "zB"):
+            assert rows[k, name]["conservation_error"] < 1e-10
+            assert rows[k, name]["negative_mass"] == 0.0
+        assert rows[k, "sensitivity"]["conservation_error"] > 1e-2  # sensitivity is not conservative

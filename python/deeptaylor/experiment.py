@@ -153,18 +153,19 @@ def heatmap_panel(images: np.ndarray, results: dict[str, Explanation], cmap: str
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of experiment rows (keys: steps, method, and MethodStats fields)."""
-    head = (f"{'steps':>7} {'method':<12} {'f(x) mean':>9} {'sumR mean':>10} {'cons.err':>9} {'corr':>6} "
+    head = (f"{'steps':>7} {'method':<12} {'backend':<7} {'f(x) mean':>9} {'sumR mean':>10} {'cons.err':>9} {'corr':>6} "
             f"{'neg.mass':>8} {'min R':>10} {'target':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['steps']:>7} {r['method']:<12} {r['mean_f']:>9.4f} {r['mean_sum_r']:>10.4g} "
+        lines.append(f"{r['steps']:>7} {r['method']:<12} {r['backend']:<7} {r['mean_f']:>9.4f} {r['mean_sum_r']:>10.4g} "
                      f"{r['conservation_error']:>9.2e} {r['correlation']:>6.3f} {r['negative_mass']:>8.2%} "
                      f"{r['min_relevance']:>10.2e} {r['target_share']:>7.1%}")
     return "\n".join(lines)
 
 
 def _scatter(path: Path, per_step: dict[int, dict[str, Explanation]]) -> str | None:
-    """The paper's consistency figure: sum_p R_p against f(x) per method (needs matplotlib)."""
+    """The paper's consistency figure: sum_p R_p against f(x), one panel per method (columns) and step
+    count (rows), each test image a dot, the diagonal dashed (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -173,22 +174,27 @@ def _scatter(path: Path, per_step: dict[int, dict[str, Explanation]]) -> str | N
     except ImportError:
         return None
     names = list(next(iter(per_step.values())))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2))
-    colours = plt.cm.viridis(np.linspace(0, 1, len(per_step)))
-    for ax, name in zip(np.atleast_1d(axes), names, strict=False):
-        lim = 0.0
-        for (steps, results), c in zip(per_step.items(), colours, strict=False):
+    fig, axes = plt.subplots(len(per_step), len(names), figsize=(2.6 * len(names), 2.3 * len(per_step)),
+                             squeeze=False)
+    for r, (steps, results) in enumerate(per_step.items()):
+        for c, name in enumerate(names):
+            ax = axes[r, c]
             res = results[name]
             s = res.relevance.reshape(res.relevance.shape[0], -1).sum(axis=1)
-            ax.scatter(res.explained, s, s=6, color=c, alpha=0.7, label=f"{steps} steps")
-            lim = max(lim, float(np.max(res.explained)), float(np.max(s)))
-        ax.plot([0, lim], [0, lim], color="grey", lw=0.8, ls="--")
-        ax.set_title(name)
-        ax.set_xlabel("f(x)")
-        ax.set_ylabel("sum_p R_p")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+            ax.scatter(res.explained, s, s=4, alpha=0.6, color="tab:red" if name == "sensitivity" else "tab:blue")
+            lim = max(float(np.max(res.explained)), float(np.max(s)), 1e-6) * 1.05
+            ax.plot([0, lim], [0, lim], color="grey", lw=0.8, ls="--")
+            ax.set_xlim(0, lim)
+            ax.set_ylim(0, lim)
+            ax.tick_params(labelsize=7)
+            if r == 0:
+                ax.set_title(name)
+            if c == 0:
+                ax.set_ylabel(f"{steps} steps\nsum_p R_p", fontsize=8)
+            if r == len(per_step) - 1:
+                ax.set_xlabel("f(x)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return str(path)
 
