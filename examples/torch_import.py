@@ -41,7 +41,7 @@ model.eval()
 print(f"train loss {loss.item():.3f}, accuracy on the 300 digits "
       f"{(model(x).argmax(1) == y).float().mean().item():.1%}")
 
-net = from_torch(model)
+net = from_torch(model, input_shape=(1, 28, 28))
 res = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0)).explain(x[:8].numpy().astype(np.float64))
 print(dt.checks.conservation(res))
 tiles = [hm.to_rgb(r[0]) for r in res.relevance]
