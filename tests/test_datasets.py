@@ -42,6 +42,19 @@ def test_real_mnist_test_split():
     # label counts and pixel mean as documented in shared/data/mnist/README.md
     assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert images.mean() == pytest.approx(33.791, abs=1e-3)
+    train_images, train_labels = ds.load_mnist(MNIST, "train")
+    assert train_images.shape == (60000, 28, 28)
+    assert np.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+@needs_mnist
+def test_find_mnist(monkeypatch, tmp_path):
+    monkeypatch.delenv("DEEPTAYLOR_MNIST", raising=False)
+    assert ds.find_mnist(MNIST) == MNIST.resolve()  # found from a directory below .../shared/data/mnist's base
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path))
+    assert ds.find_mnist(MNIST) == tmp_path
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path / "missing"))
+    assert ds.find_mnist(MNIST) is None
 
 
 @needs_mnist
