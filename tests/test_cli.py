@@ -121,6 +121,8 @@ def test_explain_errors(tmp_path, small_net, capsys):
     fails(base[:4] + [str(imgdir)] + base[5:], "no images")
     (imgdir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     fails(base[:4] + [str(imgdir)] + base[5:], "broken.png")
+    fails(base + ["--image-shape", "10,10"], "does not match")
+    fails(base + ["--image-shape", "28"], "H,W")
     fails(base + ["--target", "x"], "--target")
     fails(base + ["--target", "3"], "out of range")
     np.save(tmp_path / "neg.npy", -np.ones((2, 1568), np.float32))

@@ -258,7 +258,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     else:
         raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
     x, draw = _fit_input(net, x, image_shape)
-    if draw is not None and int(np.prod(draw)) * (x.shape[1] if x.ndim == 4 else 1) != int(np.prod(x.shape[1:])):
+    if draw is not None and int(np.prod(x.shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
         raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(x.shape[1:]))} values per sample")
     ex = _explainer(net, method, args.backend)
     res = ex.explain(x, target=target, batch_size=args.batch_size, progress=not args.no_progress)
@@ -269,8 +269,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     written = [out / "relevance.npy", out / "output.npy"]
     if draw is not None:
         n = res.relevance.shape[0]
-        maps = res.relevance.reshape((n, -1) + tuple(draw)).sum(axis=1) if res.relevance.ndim == 4 or \
-            int(np.prod(res.relevance.shape[1:])) != int(np.prod(draw)) else res.relevance.reshape((n,) + tuple(draw))
+        maps = res.relevance.reshape((n, -1) + tuple(draw)).sum(axis=1)  # channels summed
         rgb = hm.to_rgb(maps, cmap=args.cmap)
         for i in range(n):
             stem = names[i] if names else f"{i:04d}"
