@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from . import checks, composites, init, io, methods, reference, rules
+from . import datasets, heatmap, train  # NumPy only at import time; optional extras load lazily
 from .backends import available as available_backends
 from .composites import Composite
 from .errors import (
@@ -52,6 +53,9 @@ __all__ = [
     "available_backends",
     "checks",
     "composites",
+    "datasets",
+    "heatmap",
+    "train",
     "init",
     "io",
     "load",

@@ -1,0 +1,372 @@
+"""The ``deeptaylor`` command line.
+
+::
+
+    deeptaylor demo [--out DIR]                       # bundled model + digits -> heatmap PNGs, checks
+    deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
+                       [--target INT|pred] [--backend cpu|numpy] [--batch-size B]
+    deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
+
+Errors (missing files, unreadable images, shape mismatches, unknown composites...) print one line
+``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DeepTaylorError, InputError, InputTypeError, ShapeError
+
+__all__ = ["build_parser", "main"]
+
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+DEMO_MODEL = "detection_1568_400_1.npz"
+
+
+def _data_path(name: str) -> Path:
+    return Path(__file__).parent / "data" / name
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return vals
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``deeptaylor`` command."""
+    p = argparse.ArgumentParser(prog="deeptaylor", description="Deep Taylor Decomposition / LRP heatmaps.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="heatmaps of bundled MNIST digits from the bundled detection model")
+    d.add_argument("--out", default="deeptaylor-demo", help="output directory (default: ./deeptaylor-demo)")
+    d.add_argument("--backend", default="cpu", choices=["cpu", "numpy"],
+                   help="cpu (compiled, float32; numpy where unsupported) or numpy (float64 reference)")
+    d.add_argument("-n", type=_positive, default=200, help="detection images for the checks (default 200)")
+    d.add_argument("--show", type=_positive, default=6, help="images in the PNG grid (default 6)")
+    d.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray")
+
+    e = sub.add_parser("explain", help="explain inputs with a saved model; write heatmaps as .npy and PNG")
+    e.add_argument("--model", required=True, help="model file (deeptaylor .npz, or .onnx with the onnx extra)")
+    e.add_argument("--input", required=True,
+                   help=".npy array (N,F) / (N,H,W) / (N,C,H,W), float or uint8 (scaled by 1/255), "
+                        "or a directory of images")
+    e.add_argument("--composite", default="deep-taylor",
+                   help="deep-taylor, deep-taylor-unbounded, epsilon-plus-flat, sensitivity, ... (default deep-taylor)")
+    e.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--backend", default="cpu", choices=["cpu", "numpy"])
+    e.add_argument("--batch-size", type=_positive, default=None, help="explain in chunks of this size")
+    e.add_argument("--low", type=float, default=0.0, help="lower input bound for deep-taylor's zB (default 0)")
+    e.add_argument("--high", type=float, default=1.0, help="upper input bound for deep-taylor's zB (default 1)")
+    e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
+    e.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    x = sub.add_parser("experiment", help="run a paper experiment")
+    x.add_argument("name", choices=["mnist-detection"], help="the experiment")
+    x.add_argument("--steps", type=_int_list, default=None, help="step counts, e.g. 0,100,1000,10000 (default)")
+    x.add_argument("--paper", action="store_true", help="the paper's schedule up to 300,000 steps (slow)")
+    x.add_argument("--mnist", default=None, help="directory with the MNIST IDX files (default: search)")
+    x.add_argument("--out", default="deeptaylor-mnist-detection", help="output directory")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--backend", default="cpu", choices=["cpu", "numpy"])
+    x.add_argument("--n-train", type=_positive, default=60000, help="generated training images (default 60000)")
+    x.add_argument("--n-test", type=_positive, default=1000, help="generated test images (default 1000)")
+    x.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ input
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{str(path)!r} is an .npz archive; save a single array with np.save")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr
+    raise InputTypeError(f"{str(path)!r}: dtype {arr.dtype} is not supported; use float32/float64, or uint8 "
+                         "images (scaled by 1/255)")
+
+
+def _read_image(path: Path, rgb: bool) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise InputError(f"reading {path.suffix} images needs Pillow: pip install 'deeptaylor[image]'") from None
+        from .heatmap import read_png
+
+        try:
+            img = read_png(path)
+        except InputError as exc:
+            raise InputError(f"cannot read image {str(path)!r} without Pillow ({exc}); "
+                             "pip install 'deeptaylor[image]'") from None
+        if rgb and img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        elif not rgb and img.ndim == 3:
+            img = np.round(img @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        return img
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB" if rgb else "L"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def _load_images(directory: Path, rgb: bool) -> tuple[np.ndarray, list[Path]]:
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS)
+    if not files:
+        raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) in directory {str(directory)!r}")
+    imgs = [_read_image(f, rgb) for f in files]
+    for f, im in zip(files, imgs, strict=False):
+        if im.shape != imgs[0].shape:
+            raise ShapeError(f"image {f.name!r} is {im.shape[1]}x{im.shape[0]}, but {files[0].name!r} is "
+                             f"{imgs[0].shape[1]}x{imgs[0].shape[0]}: all images must have the same size")
+    arr = np.stack(imgs).astype(np.float32) / np.float32(255)
+    if rgb:
+        arr = arr.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(arr), files
+
+
+def _fit_input(net: Any, x: np.ndarray, image_shape: tuple[int, int] | None) -> tuple[np.ndarray, tuple | None]:
+    """Reshape ``x`` to what the network's first layer takes; return it and the (H, W) to draw heatmaps."""
+    from .layers import Conv2d, Dense
+
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ShapeError(f"input must hold a batch (N, ...) with N >= 1, got shape {x.shape}")
+    first = net[0]
+    draw = None
+    if x.ndim == 3:
+        draw = x.shape[1:]
+    elif x.ndim == 4:
+        draw = x.shape[2:]
+    if isinstance(first, Dense):
+        feats = int(np.prod(x.shape[1:]))
+        if feats != first.in_features:
+            raise ShapeError(f"input has {feats} values per sample (shape {x.shape[1:]}), but the model's first "
+                             f"layer (Dense) expects {first.in_features}")
+        x = x.reshape(x.shape[0], feats)
+    elif x.ndim == 3:
+        x = x[:, None]
+    if isinstance(first, Conv2d) and x.ndim == 4 and x.shape[1] != first.in_channels:
+        raise ShapeError(f"input has {x.shape[1]} channel(s), but the model's first layer (Conv2d) expects "
+                         f"{first.in_channels}")
+    if image_shape is not None:
+        draw = image_shape
+    elif draw is None and x.ndim == 2:
+        side = math.isqrt(int(x.shape[1]))
+        draw = (side, side) if side * side == x.shape[1] else None
+    return x, draw
+
+
+def _parse_target(text: str) -> int | None:
+    if text == "pred":
+        return None
+    try:
+        t = int(text)
+    except ValueError:
+        raise InputError(f"--target must be an integer or 'pred', got {text!r}") from None
+    if t < 0:
+        raise InputError(f"--target must be >= 0, got {t}")
+    return t
+
+
+def _composite(name: str, low: float, high: float) -> Any:
+    from . import composites
+
+    key = name.replace("_", "-")
+    if key == "deep-taylor":
+        return composites.deep_taylor(low, high)
+    return composites.get(key)
+
+
+def _explainer(net: Any, method: Any, backend: str) -> Any:
+    from .errors import UnsupportedError
+    from .explain import Explainer
+
+    if backend == "cpu":
+        try:
+            return Explainer(net, method, backend="cpu")
+        except UnsupportedError as exc:
+            print(f"deeptaylor: note: {exc}; using the numpy backend", file=sys.stderr)
+    return Explainer(net, method, backend="numpy")
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from . import checks
+    from . import heatmap as hm
+    from .io import load
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise InputError(f"model file {str(model)!r} not found")
+    src = Path(args.input)
+    if not src.exists():
+        raise InputError(f"input {str(src)!r} not found")
+    image_shape = None
+    if args.image_shape:
+        try:
+            h, w = (int(v) for v in args.image_shape.split(","))
+        except ValueError:
+            raise InputError(f"--image-shape must be H,W, got {args.image_shape!r}") from None
+        image_shape = (h, w)
+    target = _parse_target(args.target)
+    method = _composite(args.composite, args.low, args.high)
+    net = load(model)
+    names: list[str] | None = None
+    if src.is_dir():
+        from .layers import Conv2d
+
+        rgb = isinstance(net[0], Conv2d) and net[0].in_channels == 3
+        x, files = _load_images(src, rgb)
+        names = [f.stem for f in files]
+    elif src.suffix.lower() == ".npy":
+        x = _load_npy(src)
+    else:
+        raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
+    x, draw = _fit_input(net, x, image_shape)
+    if draw is not None and int(np.prod(x.shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
+        raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(x.shape[1:]))} values per sample")
+    ex = _explainer(net, method, args.backend)
+    res = ex.explain(x, target=target, batch_size=args.batch_size, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "relevance.npy", res.relevance)
+    np.save(out / "output.npy", res.output)
+    written = [out / "relevance.npy", out / "output.npy"]
+    if draw is not None:
+        n = res.relevance.shape[0]
+        maps = res.relevance.reshape((n, -1) + tuple(draw)).sum(axis=1)  # channels summed
+        rgb = hm.to_rgb(maps, cmap=args.cmap)
+        for i in range(n):
+            stem = names[i] if names else f"{i:04d}"
+            written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", rgb[i])))
+    cons = checks.conservation(res)
+    pos = checks.positivity(res)
+    print(f"explained {res.relevance.shape[0]} input(s) with {res.method} on backend {res.backend}")
+    print(f"  f(x) mean {float(res.explained.mean()):.6g}   sum R mean {float(cons.total.mean()):.6g}   "
+          f"max |sum R - f(x)| {cons.max_abs_error:.3e}   negative relevance mass {100 * pos.negative_mass:.2f} %")
+    pngs = sum(1 for w in written if w.suffix == ".png")
+    print(f"wrote {out / 'relevance.npy'} {res.relevance.shape}, {out / 'output.npy'}"
+          + (f" and {pngs} heatmap PNG(s) heatmap_*.png" if pngs else
+             " (no PNGs: pass --image-shape H,W to draw flat inputs)"))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import datasets as ds
+    from . import heatmap as hm
+    from .experiment import explain_methods, heatmap_panel, method_stats, pick_rows
+    from .io import load
+    from .train import detection_accuracy
+
+    net = load(_data_path(DEMO_MODEL))
+    images, labels = ds.load_sample()
+    data = ds.mnist_detection(images, labels, args.n, seed=0)
+    x = data.flat().astype(np.float64)
+    results = explain_methods(net, x, args.backend)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = pick_rows(data.side, min(args.show, len(data)))
+    files = [hm.save_png(out / "heatmaps.png", heatmap_panel(data.images, results, cmap=args.cmap, rows=show))]
+    zb = results["zB"].relevance.reshape(data.images.shape)
+    over = hm.overlay(data.images[show], zb[show], cmap="coldnhot", alpha=1.0)  # hot colours read well on black
+    tiles = [np.repeat(np.repeat(t, 3, axis=0), 3, axis=1) for t in over]
+    files.append(hm.save_png(out / "overlay_zB.png", hm.grid(tiles, ncols=1, pad_value=128)))
+    for name, res in results.items():
+        safe = name.replace("+", "plus")
+        np.save(out / f"relevance_{safe}.npy", res.relevance.reshape(data.images.shape).astype(np.float32))
+        files.append(str(out / f"relevance_{safe}.npy"))
+    np.save(out / "inputs.npy", data.images)
+    files.append(str(out / "inputs.npy"))
+    acc = detection_accuracy(net, x, data.labels)
+    mask = data.target_mask()
+    print(f"deeptaylor demo: bundled detection net (1568-400-1, b <= 0) on {len(data)} 28x56 images built from "
+          f"the bundled MNIST test digits (target digit 0-3 present in {int(data.labels.sum())}); accuracy {acc:.1%}")
+    print(f"{'method':<12} {'backend':<7} {'sum R - f(x)':>13} {'neg. mass':>9} {'on target':>9}  conservative  positive")
+    for name, res in results.items():
+        st = method_stats(res, mask)
+        conservative = st.conservation_error < 1e-4
+        positive = st.min_relevance >= -1e-6 * max(1.0, float(np.abs(res.relevance).max()))
+        print(f"{name:<12} {res.backend:<7} {st.conservation_error:>13.2e} {st.negative_mass:>9.2%} "
+              f"{st.target_share:>9.1%}  {'yes' if conservative else 'NO':<12}  {'yes' if positive else 'NO'}")
+    print("(sum R - f(x): sum_n |sum_p R_p - f(x_n)| / sum_n f(x_n); on target: share of positive relevance on "
+          "the target digit's half)")
+    print("wrote:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import DEFAULT_STEPS, PAPER_STEPS, run_mnist_detection
+
+    steps = PAPER_STEPS if args.paper else (args.steps or DEFAULT_STEPS)
+    if args.mnist is not None and not Path(args.mnist).is_dir():
+        raise InputError(f"MNIST directory {args.mnist!r} not found")
+    summary = run_mnist_detection(args.out, steps=steps, mnist=args.mnist, seed=args.seed, backend=args.backend,
+                                  n_train=args.n_train, n_test=args.n_test, lr=args.lr,
+                                  progress=not args.no_progress)
+    print("wrote:")
+    for f in summary["files"]:
+        print(f"  {f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
+    commands = {"demo": _cmd_demo, "explain": _cmd_explain, "experiment": _cmd_experiment}
+    try:
+        return commands[args.command](args)
+    except (DeepTaylorError, OSError, ValueError, TypeError, NotImplementedError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+            f"{exc.strerror or exc}: {exc.filename!r}"
+        print(f"deeptaylor: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deeptaylor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

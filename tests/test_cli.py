@@ -1,0 +1,192 @@
+"""The ``deeptaylor`` command line, end to end in temporary directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deeptaylor as dt
+from deeptaylor import heatmap as hm
+from deeptaylor.cli import main
+
+
+@pytest.fixture
+def small_net(rng) -> dt.Sequential:
+    """A 1568-8-1 detection-pooling net with b <= 0 (as the bundled one, smaller)."""
+    return dt.Sequential([dt.Dense(rng.normal(size=(8, 1568)) * 0.05, -rng.uniform(0, 0.1, 8)), dt.ReLU(),
+                          dt.GlobalSumPool()])
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message on stderr"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "-n", "60"]) == 0
+    text = capsys.readouterr().out
+    img = hm.read_png(out / "heatmaps.png")
+    assert img.ndim == 3
+    assert img.shape[0] > 6 * 28
+    assert img.shape[1] > 5 * 56
+    assert (out / "overlay_zB.png").is_file()
+    r = np.load(out / "relevance_zB.npy")
+    x = np.load(out / "inputs.npy")
+    assert r.shape == x.shape == (60, 28, 56)
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.split() and line.split()[0] in ("sensitivity", "w2", "z+", "zB")}
+    assert set(rows) == {"sensitivity", "w2", "z+", "zB"}
+    # the paper's qualitative finding, on the bundled model: DTD rules consistent, sensitivity not conservative
+    for name in ("w2", "z+", "zB"):
+        assert rows[name][-2:] == ["yes", "yes"], rows[name]
+    assert rows["sensitivity"][-2] == "NO"
+    # the zB heatmaps are positive and (for the trained model) lean towards the target digit
+    assert r.min() >= -1e-5
+    assert "heatmaps.png" in text
+
+
+def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
+    model = tmp_path / "net.npz"
+    dt.save(small_net, model)
+    x = rng.uniform(0, 1, (5, 28, 56)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--composite", "deep-taylor",
+                 "--target", "0", "--out", str(out), "--backend", "numpy", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    r = np.load(out / "relevance.npy")
+    assert r.shape == (5, 1568)
+    ref = dt.Explainer(small_net, dt.composites.deep_taylor(0.0, 1.0)).explain(x.reshape(5, -1))
+    np.testing.assert_allclose(r, ref.relevance, rtol=1e-6, atol=1e-12)
+    pngs = sorted(out.glob("heatmap_*.png"))
+    assert len(pngs) == 5
+    np.testing.assert_array_equal(hm.read_png(pngs[0]), hm.to_rgb(ref.relevance[0].reshape(28, 56)))
+    assert "explained 5 input(s)" in capsys.readouterr().out
+
+    # uint8 .npy images are scaled by 1/255; flat inputs are drawn with --image-shape
+    np.save(tmp_path / "u8.npy", (x * 255).astype(np.uint8).reshape(5, -1))
+    out2 = tmp_path / "out2"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "u8.npy"), "--composite",
+                 "sensitivity", "--out", str(out2), "--image-shape", "28,56", "--backend", "numpy"]) == 0
+    assert len(list(out2.glob("heatmap_*.png"))) == 5
+
+    # a directory of PNG images
+    imgdir = tmp_path / "imgs"
+    imgdir.mkdir()
+    for i in range(3):
+        hm.save_png(imgdir / f"d{i}.png", (x[i] * 255).astype(np.uint8))
+    out3 = tmp_path / "out3"
+    assert main(["explain", "--model", str(model), "--input", str(imgdir), "--composite", "deep-taylor-unbounded",
+                 "--out", str(out3)]) == 0
+    assert sorted(p.name for p in out3.glob("*.png")) == ["heatmap_d0.png", "heatmap_d1.png", "heatmap_d2.png"]
+    r3 = np.load(out3 / "relevance.npy")
+    ref3 = dt.Explainer(small_net, dt.composites.deep_taylor_unbounded()).explain(
+        ((x[:3] * 255).astype(np.uint8) / 255.0).reshape(3, -1))
+    np.testing.assert_allclose(r3, ref3.relevance, rtol=1e-4, atol=1e-6 * np.abs(ref3.relevance).max())
+
+
+def test_explain_errors(tmp_path, small_net, capsys):
+    model = tmp_path / "net.npz"
+    dt.save(small_net, model)
+    good = tmp_path / "x.npy"
+    np.save(good, np.zeros((2, 1568), np.float32))
+    base = ["explain", "--model", str(model), "--input", str(good), "--out", str(tmp_path / "o")]
+
+    def fails(args, match):
+        assert main(args) == 2
+        line = _err_line(capsys)
+        assert line.startswith("deeptaylor: error:"), line
+        assert match in line, line
+
+    fails(["explain", "--model", str(tmp_path / "missing.npz"), "--input", str(good), "--out", "o"], "not found")
+    fails(base[:4] + [str(tmp_path / "nope.npy")] + base[5:], "not found")
+    fails(base + ["--composite", "magic"], "unknown composite")
+    np.save(tmp_path / "bad.npy", np.zeros((2, 100), np.float32))
+    fails(base[:4] + [str(tmp_path / "bad.npy")] + base[5:], "expects 1568")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    fails(base[:4] + [str(tmp_path / "junk.npy")] + base[5:], "cannot read")
+    (tmp_path / "model.npz").write_bytes(b"PK\x03\x04garbage")
+    fails(["explain", "--model", str(tmp_path / "model.npz"), "--input", str(good), "--out", "o"], "corrupt")
+    imgdir = tmp_path / "imgs"
+    imgdir.mkdir()
+    fails(base[:4] + [str(imgdir)] + base[5:], "no images")
+    (imgdir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    fails(base[:4] + [str(imgdir)] + base[5:], "broken.png")
+    fails(base + ["--image-shape", "10,10"], "does not match")
+    fails(base + ["--image-shape", "28"], "H,W")
+    fails(base + ["--target", "x"], "--target")
+    fails(base + ["--target", "3"], "out of range")
+    np.save(tmp_path / "neg.npy", -np.ones((2, 1568), np.float32))
+    fails(base[:4] + [str(tmp_path / "neg.npy")] + base[5:], "[low, high]")
+    # argparse usage errors: exit 2, no traceback
+    assert main(["explain"]) == 2
+    assert "required" in _err_line(capsys)
+    assert main(["frobnicate"]) == 2
+    _err_line(capsys)
+
+
+def test_experiment_errors(tmp_path, capsys):
+    assert main(["experiment", "mnist-detection", "--mnist", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "not found" in _err_line(capsys)
+    assert main(["experiment", "mnist-detection", "--mnist", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--steps", "0,1", "--no-progress"]) == 2
+    assert "no MNIST images file" in _err_line(capsys)
+    assert main(["experiment", "mnist-detection", "--steps", "1,x"]) == 2
+    _err_line(capsys)
+
+
+def test_console_script_entry_point(tmp_path):
+    exe = shutil.which("deeptaylor", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                           os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.skip("the deeptaylor console script is not installed")
+    proc = subprocess.run([exe, "explain", "--model", str(tmp_path / "none.npz"), "--input", "x.npy", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("deeptaylor: error:")
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([exe, "demo", "--out", str(tmp_path / "d"), "-n", "20"], capture_output=True, text=True,
+                          check=False, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d" / "heatmaps.png").is_file()
+
+
+def _mnist_dir() -> Path | None:
+    for p in Path(__file__).resolve().parents:
+        if (p / "shared" / "data" / "mnist").is_dir():
+            return p / "shared" / "data" / "mnist"
+    return None
+
+
+@pytest.mark.skipif(_mnist_dir() is None, reason="real MNIST (../shared/data/mnist) not available")
+def test_experiment_small_run(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(_mnist_dir()), "--out", str(out), "--steps", "0,30",
+                 "--n-train", "600", "--n-test", "60", "--no-progress", "--backend", "numpy"]) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text
+    for k in (0, 30):
+        img = hm.read_png(out / f"steps_{k:06d}.png")
+        assert img.ndim == 3
+    assert (out / "table.txt").is_file()
+    assert (out / "detection_30.npz").is_file()
+    assert np.all(dt.load(out / "detection_30.npz")[0].bias <= 0)
+    summary = json.loads((out / "results.json").read_text())
+    rows = {(r["steps"], r["method"]): r for r in summary["rows"]}
+    assert len(rows) == 8
+    for k in (0, 30):
+        for name in ("w2", "z+", "zB"):
+            assert rows[k, name]["conservation_error"] < 1e-10
+            assert rows[k, name]["negative_mass"] == 0.0
+        assert rows[k, "sensitivity"]["conservation_error"] > 1e-2  # sensitivity is not conservative

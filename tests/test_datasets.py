@@ -1,0 +1,176 @@
+"""MNIST IDX loading (real files and corrupt ones), the bundled sample, the 28x56 detection task."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deeptaylor as dt
+from deeptaylor import datasets as ds
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+if not MNIST.is_dir():  # a worktree one level deeper than the main checkout: look further up
+    MNIST = next((p / "shared" / "data" / "mnist" for p in Path(__file__).resolve().parents
+                  if (p / "shared" / "data" / "mnist").is_dir()), MNIST)
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="real MNIST (../shared/data/mnist) not available")
+
+
+def _idx(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload
+
+
+def _write_split(d: Path, images: np.ndarray, labels: np.ndarray, prefix: str = "t10k", gz: bool = True) -> None:
+    opener = gzip.open if gz else open
+    suffix = ".gz" if gz else ""
+    with opener(d / f"{prefix}-images-idx3-ubyte{suffix}", "wb") as fh:
+        fh.write(_idx(2051, images.shape, images.tobytes()))
+    with opener(d / f"{prefix}-labels-idx1-ubyte{suffix}", "wb") as fh:
+        fh.write(_idx(2049, labels.shape, labels.tobytes()))
+
+
+@needs_mnist
+def test_real_mnist_test_split():
+    images, labels = ds.load_mnist(MNIST, "test")
+    assert images.shape == (10000, 28, 28)
+    assert images.dtype == np.uint8
+    assert labels.shape == (10000,)
+    assert labels.dtype == np.uint8
+    # label counts and pixel mean as documented in shared/data/mnist/README.md
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert images.mean() == pytest.approx(33.791, abs=1e-3)
+    train_images, train_labels = ds.load_mnist(MNIST, "train")
+    assert train_images.shape == (60000, 28, 28)
+    assert np.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+@needs_mnist
+def test_find_mnist(monkeypatch, tmp_path):
+    monkeypatch.delenv("DEEPTAYLOR_MNIST", raising=False)
+    assert ds.find_mnist(MNIST) == MNIST.resolve()  # found from a directory below .../shared/data/mnist's base
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path))
+    assert ds.find_mnist(MNIST) == tmp_path
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path / "missing"))
+    assert ds.find_mnist(MNIST) is None
+
+
+@needs_mnist
+def test_bundled_sample_is_the_first_30_test_digits_per_class():
+    images, labels = ds.load_sample()
+    assert images.shape == (300, 28, 28)
+    assert images.dtype == np.uint8
+    assert np.bincount(labels, minlength=10).tolist() == [30] * 10
+    t_images, t_labels = ds.load_mnist(MNIST, "test")
+    idx = np.sort(np.concatenate([np.flatnonzero(t_labels == c)[:30] for c in range(10)]))
+    np.testing.assert_array_equal(images, t_images[idx])
+    np.testing.assert_array_equal(labels, t_labels[idx])
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_roundtrip_synthetic_idx(tmp_path, rng, gz):
+    images = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7).astype(np.uint8)
+    _write_split(tmp_path, images, labels, gz=gz)
+    got_i, got_l = ds.load_mnist(tmp_path, "test")
+    np.testing.assert_array_equal(got_i, images)
+    np.testing.assert_array_equal(got_l, labels)
+
+
+def _expect(tmp_path: Path, match: str) -> None:
+    with pytest.raises(ds.DatasetError, match=match):
+        ds.load_mnist(tmp_path, "test")
+
+
+def test_corrupt_files(tmp_path, rng):
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    labels = np.arange(5, dtype=np.uint8)
+    ipath = tmp_path / "t10k-images-idx3-ubyte"
+    lpath = tmp_path / "t10k-labels-idx1-ubyte"
+    lpath.write_bytes(_idx(2049, (5,), labels.tobytes()))
+
+    ipath.write_bytes(_idx(2051, (5, 28, 28), images.tobytes())[:-10])
+    _expect(tmp_path, "truncated")
+    ipath.write_bytes(_idx(2051, (5, 28, 28), images.tobytes()) + b"xx")
+    _expect(tmp_path, "trailing")
+    ipath.write_bytes(_idx(2052, (5, 28, 28), images.tobytes()))
+    _expect(tmp_path, "magic")
+    ipath.write_bytes(b"\x00\x00")
+    _expect(tmp_path, "too short")
+    ipath.write_bytes(_idx(2051, (5, 14, 56), images.tobytes()))
+    _expect(tmp_path, "28x28")
+    ipath.write_bytes(_idx(2051, (4, 28, 28), images[:4].tobytes()))
+    _expect(tmp_path, "4 images but .* 5 labels")
+    ipath.write_bytes(_idx(2049, (5,), labels.tobytes()))  # a label file where images belong
+    _expect(tmp_path, "3 dimensions")
+    ipath.write_bytes(gzip.compress(_idx(2051, (5, 28, 28), images.tobytes()))[:-20])
+    _expect(tmp_path, "gzip")
+    ipath.write_bytes(_idx(2051, (5, 28, 28), images.tobytes()))
+    lpath.write_bytes(_idx(2049, (5,), (labels + 6).tobytes()))
+    _expect(tmp_path, "labels must be digits")
+    lpath.unlink()
+    _expect(tmp_path, "no MNIST labels file")
+
+
+def test_bad_directory_and_split(tmp_path):
+    with pytest.raises(ds.DatasetError, match="does not exist"):
+        ds.load_mnist(tmp_path / "nope")
+    with pytest.raises(ds.DatasetError, match="unknown MNIST split"):
+        ds.load_mnist(tmp_path, "validation")
+    assert issubclass(ds.DatasetError, dt.DeepTaylorError)
+    assert issubclass(ds.DatasetError, ValueError)
+
+
+def _pool(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Digits whose pixels encode their class (value 10*class + 1), so placement can be checked."""
+    labels = np.repeat(np.arange(10), 5).astype(np.uint8)
+    images = np.zeros((50, 28, 28), dtype=np.uint8)
+    images[:, 4:24, 8:20] = (labels * 10 + 1)[:, None, None]
+    perm = rng.permutation(50)
+    return images[perm], labels[perm]
+
+
+def test_detection_construction(rng):
+    images, labels = _pool(rng)
+    d = ds.mnist_detection(images, labels, 101, seed=3)
+    assert d.images.shape == (101, 28, 56)
+    assert d.images.dtype == np.float32
+    assert d.flat().shape == (101, 1568)
+    assert 0.0 <= d.images.min()
+    assert d.images.max() <= 1.0
+    assert int(d.labels.sum()) == round(101 * 0.5)  # exact label balance
+    left_cls = np.round(d.images[:, 10, 14] * 255 - 1) / 10
+    right_cls = np.round(d.images[:, 10, 28 + 14] * 255 - 1) / 10
+    np.testing.assert_array_equal(left_cls, d.digits[:, 0])
+    np.testing.assert_array_equal(right_cls, d.digits[:, 1])
+    is_target = np.isin(d.digits, ds.TARGET_DIGITS)
+    # every image: at most one target, positives exactly one, on the recorded side; the rest distractors
+    assert np.all(is_target.sum(axis=1) == d.labels)
+    pos = d.side >= 0
+    np.testing.assert_array_equal(pos, d.labels == 1)
+    np.testing.assert_array_equal(is_target[pos, 1], d.side[pos] == 1)
+    assert set(np.unique(d.side[pos])) == {0, 1}  # both sides occur
+    mask = d.target_mask()
+    assert np.all(mask.sum(axis=(1, 2)) == 28 * 28 * d.labels)
+    assert np.all(mask[d.side == 0][:, :, :28])
+    assert not np.any(mask[d.side == 0][:, :, 28:])
+
+
+def test_detection_is_seeded_and_validates(rng):
+    images, labels = _pool(rng)
+    a = ds.mnist_detection(images, labels, 30, seed=5)
+    b = ds.mnist_detection(images, labels, 30, seed=5)
+    c = ds.mnist_detection(images, labels, 30, seed=6)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+    assert ds.mnist_detection(images, labels, 10, positive_fraction=0.0).labels.sum() == 0
+    with pytest.raises(dt.InputError, match="28, 28"):
+        ds.mnist_detection(images[:, :20], labels, 5)
+    with pytest.raises(dt.InputError, match="no target digit"):
+        ds.mnist_detection(images[labels > 3], labels[labels > 3], 5)
+    with pytest.raises(dt.InputError, match="no distractor"):
+        ds.mnist_detection(images[labels < 4], labels[labels < 4], 5)
+    with pytest.raises(dt.InputError, match="n must be"):
+        ds.mnist_detection(images, labels, 0)
