@@ -60,7 +60,7 @@ struct Packs {
     PB fwd, bwd;     // W: forward (Kc, O) and transpose (O, Kc)
     PB fP, fQ;       // denominator GEMMs on a+ / a- (Kc, wO)
     PB bP, bQ;       // transpose GEMMs for a+ / a- (wO, Kc); WSquare/Flat: V in bP
-    PB b3;           // ZBox: (O, 3 Kc) = [W | W+ | W-]
+    PB b2;           // ZBox: (O, 2 Kc) = [W+ | W-]
     int width = 1;   // w: 1, or 2 for the two-denominator rules (Gamma, AlphaBeta)
 };
 
@@ -151,14 +151,14 @@ public:
                     pk.bP = pack_bwd(derive(Wm, Derived::Ones), O, Kc);
                     break;
                 case RuleKind::ZBox: {
+                    // a W - l W+ - h W- = (a - l) W+ + (a - h) W-: two transposes, not three
                     const auto wp = derive(Wm, Derived::Wplus), wn = derive(Wm, Derived::Wminus);
-                    std::vector<float> M3(static_cast<size_t>(O * 3 * Kc));
+                    std::vector<float> M2(static_cast<size_t>(O * 2 * Kc));
                     for (int64_t o = 0; o < O; ++o) {
-                        std::memcpy(&M3[o * 3 * Kc], &Wm[o * Kc], sizeof(float) * Kc);
-                        std::memcpy(&M3[o * 3 * Kc + Kc], &wp[o * Kc], sizeof(float) * Kc);
-                        std::memcpy(&M3[o * 3 * Kc + 2 * Kc], &wn[o * Kc], sizeof(float) * Kc);
+                        std::memcpy(&M2[o * 2 * Kc], &wp[o * Kc], sizeof(float) * Kc);
+                        std::memcpy(&M2[o * 2 * Kc + Kc], &wn[o * Kc], sizeof(float) * Kc);
                     }
-                    pk.b3 = std::make_unique<PackedB>(M3.data(), O, 3 * Kc, 3 * Kc, false);
+                    pk.b2 = std::make_unique<PackedB>(M2.data(), O, 2 * Kc, 2 * Kc, false);
                     break;
                 }
                 case RuleKind::Z:
@@ -373,17 +373,19 @@ private:
                                 s[r * O + o] = safe_div(Rr[r * O + o], zr[r * O + o] - cb[o]);
                         }
                     });
-                    sgemm_packed(m, s, O, *pk.b3, cc, 3 * Kc, false, gth);
+                    // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)
+                    //      = (a - l) (.) (s W+^T) + (a - h) (.) (s W-^T)   (W = W+ + W-)
+                    sgemm_packed(m, s, O, *pk.b2, cc, 2 * Kc, false, gth);
                     rows_do([&](int64_t b, int64_t e) {
                         for (int64_t r = b; r < e; ++r) {
                             const int64_t p = (r0 + r) % P;
                             const float* lo = lp.lo_col.data() + p * Kc;
                             const float* hi = lp.hi_col.data() + p * Kc;
-                            const float* c3 = cc + r * 3 * Kc;
+                            const float* c2 = cc + r * 2 * Kc;
                             const float* ar_ = colA + r * Kc;
                             float* out = comb + r * Kc;
                             for (int64_t k = 0; k < Kc; ++k)
-                                out[k] = ar_[k] * c3[k] - lo[k] * c3[Kc + k] - hi[k] * c3[2 * Kc + k];
+                                out[k] = (ar_[k] - lo[k]) * c2[k] + (ar_[k] - hi[k]) * c2[Kc + k];
                         }
                     });
                     break;

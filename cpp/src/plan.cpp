@@ -185,7 +185,7 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T) {
             const int64_t rows = std::min(plan.lin[i].chunk_rows, T * op.g.P());
             s.col = std::max(s.col, rows * op.g.Kc());
             s.den = std::max(s.den, rows * 2 * op.g.O);
-            s.ccol = std::max(s.ccol, rows * 3 * op.g.Kc());
+            s.ccol = std::max(s.ccol, rows * 2 * op.g.Kc());
         }
     }
     s.work = T * plan.max_size;

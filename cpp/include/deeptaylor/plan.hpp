@@ -98,7 +98,7 @@ struct ArenaSizes {
     int64_t work = 0;          // each of the 4 tile buffers (relevance ping-pong, two temporaries)
     int64_t col = 0;           // each of the 4 im2col-block buffers (col, col+, col-, combined)
     int64_t den = 0;           // each of denominators and s (block rows x 2 O)
-    int64_t ccol = 0;          // transpose-GEMM output block (block rows x 3 Kc)
+    int64_t ccol = 0;          // transpose-GEMM output block (block rows x 2 Kc)
     int64_t bytes() const;
 };
 ArenaSizes arena_sizes(const Plan& plan, int64_t T);
