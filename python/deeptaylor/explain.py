@@ -81,11 +81,20 @@ def validate_input(net: Sequential, x: Any) -> tuple[np.ndarray, list[tuple[int,
     if len(shapes[-1]) != 2:
         raise ShapeError(f"the network's output must be (N, K) to be explained, got {shapes[-1]} "
                          "(end the network with Flatten/Dense or a global pooling)")
-    bad = ~np.isfinite(x)
-    if bad.any():
+    if not _all_finite(x):
+        bad = ~np.isfinite(x)
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(f"input contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")
     return x, shapes
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """True if every element of the float array ``x`` is finite. One pass and no temporary array on
+    the common path: NaN and Inf propagate through a sum, so a finite sum proves every element finite;
+    only a sum that overflowed (or a real NaN/Inf) takes the element-wise check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(x, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
 def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
@@ -177,7 +186,12 @@ class Explainer:
             if isinstance(rule, ZBox):
                 lo, hi = rule.bounds_for(a.shape[1:])
                 tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
-                if np.any(a < lo - tol) or np.any(a > hi + tol):
+                # reductions over the batch (sample-sized results, no batch-sized temporaries)
+                if rule.low.size == 1 and rule.high.size == 1:
+                    outside = a.min() < lo.flat[0] - tol or a.max() > hi.flat[0] + tol
+                else:
+                    outside = bool(np.any(a.min(axis=0) < lo - tol) or np.any(a.max(axis=0) > hi + tol))
+                if outside:
                     raise InputError(
                         f"ZBox on layer {i} ({layer.kind}) needs inputs within [low, high]; got values in "
                         f"[{a.min():.4g}, {a.max():.4g}] (rescale the input or pass the right low/high)"
