@@ -90,6 +90,27 @@ def test_sgemm_packed(kernel, trans_b, threads):
 
 
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("filt", ["pos", "neg"])
+def test_sgemm_packed_filtered_b(kernel, trans_b, threads, filt):
+    # The micro-kernel applies max(B, 0) / min(B, 0) as it loads B: the same as packing the filtered B.
+    rng = np.random.default_rng(11)
+    for m, n, k in [(1, 1, 1), (256, 400, 784), (5, 1000, 33), (37, 10, 400), (13, 33, 770)]:
+        a, b = _operands(rng, m, n, k, False, trans_b)
+        bf = np.maximum(b, 0) if filt == "pos" else np.minimum(b, 0)
+        c = K.sgemm_packed(a, b, trans_b=trans_b, threads=threads, kernel=kernel, filter=filt)
+        _check(c, a, bf, False, trans_b)
+        # bitwise equal to packing the filtered operand itself (same products, same order)
+        np.testing.assert_array_equal(c, K.sgemm_packed(a, bf, trans_b=trans_b, threads=threads, kernel=kernel))
+        c0 = rng.standard_normal((m, n), dtype=np.float32)
+        c = K.sgemm_packed(a, b, trans_b=trans_b, threads=threads, kernel=kernel, c=c0, filter=filt)
+        _check(c, a, bf, False, trans_b, c0=c0.astype(np.float64))
+    with pytest.raises(ValueError, match="filter"):
+        K.sgemm_packed(a, b, trans_b=trans_b, filter="abs")
+
+
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_threads_do_not_change_the_result(kernel):
     # Threads split C into slabs; every element is summed in the same order whatever the split.
     rng = np.random.default_rng(10)

@@ -113,13 +113,20 @@ void register_gemm(py::module_& m) {
         "sgemm_packed",
         [](const py::array& a_, const py::array& b_, bool trans_b, int threads,
            const std::optional<std::string>& kernel, const std::optional<py::array>& c_,
-           const std::optional<py::array>& bias_, bool relu) {
+           const std::optional<py::array>& bias_, bool relu, const std::string& filter) {
             auto a = checked(a_, "a", 2), b = checked(b_, "b", 2);
             check_threads(threads);
             const py::ssize_t M = a.shape(0), K = a.shape(1), N = trans_b ? b.shape(0) : b.shape(1);
             expect_dim(b, "b", trans_b ? 1 : 0, K, "columns of a");
             GemmKernel k;
             if (parse_kernel(kernel, k)) throw py::value_error("sgemm_packed has no 'reference' kernel");
+            BFilter f = BFilter::None;
+            if (filter == "pos")
+                f = BFilter::Pos;
+            else if (filter == "neg")
+                f = BFilter::Neg;
+            else if (filter != "none")
+                throw py::value_error("filter must be 'none', 'pos' or 'neg'");
             farray out = result(c_, M, N);
             const bool acc = c_.has_value();
             const float *pa = a.data(), *pb = b.data();
@@ -132,17 +139,18 @@ void register_gemm(py::module_& m) {
                 const PackedB packed(pb, K, N, ldb, trans_b, k);
                 if (e.bias || relu)
                     sgemm_packed_epilogue(M, pa, K, packed, pc, N, acc, threads,
-                                          GemmEpilogue{&BiasRelu::apply, &e});
+                                          GemmEpilogue{&BiasRelu::apply, &e}, f);
                 else
-                    sgemm_packed(M, pa, K, packed, pc, N, acc, threads);
+                    sgemm_packed(M, pa, K, packed, pc, N, acc, threads, f);
             }
             return out;
         },
         py::arg("a"), py::arg("b"), py::arg("trans_b") = false, py::arg("threads") = 1,
         py::arg("kernel") = py::none(), py::arg("c") = py::none(), py::arg("bias") = py::none(),
-        py::arg("relu") = false,
-        "a (M, K) @ op(b) (K, N) [+ c] through PackedB (op(b) packed first) -> new (M, N) float32; "
-        "bias (N,) / relu: a fused epilogue C = [relu](C + bias).");
+        py::arg("relu") = false, py::arg("filter") = "none",
+        "a (M, K) @ f(op(b)) (K, N) [+ c] through PackedB (op(b) packed first) -> new (M, N) float32; "
+        "bias (N,) / relu: a fused epilogue C = [relu](C + bias); filter: f = identity ('none'), "
+        "max(., 0) ('pos') or min(., 0) ('neg'), applied by the micro-kernel.");
 
     m.def("gemm_kernel_name", []() { return std::string(gemm_kernel_name()); },
           "Name of the GEMM micro-kernel family selected at run time: 'avx512', 'avx2' or 'scalar'.");

@@ -34,9 +34,21 @@ Shape to_shape(const py::handle& h) {
     return s;
 }
 
+// A float32 copy of d[key]. C-contiguous float64 arrays (the layers' parameters) are converted
+// element by element straight into the vector, without a float32 temporary of the whole array.
 std::vector<float> floats(const py::dict& d, const char* key) {
     if (!d.contains(key) || d[key].is_none()) return {};
-    auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(d[key]);
+    const py::object v = d[key];
+    if (py::isinstance<py::array_t<double>>(v)) {
+        auto a64 = py::array_t<double, py::array::c_style>::ensure(v);
+        if (a64) {
+            std::vector<float> out(static_cast<size_t>(a64.size()));
+            const double* src = a64.data();
+            for (size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(src[k]);
+            return out;
+        }
+    }
+    auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(v);
     if (!a) throw py::type_error(std::string("plan: ") + key + " must be a float array");
     return std::vector<float>(a.data(), a.data() + a.size());
 }
@@ -138,9 +150,9 @@ void register_plan(py::module_& m) {
                  auto p = std::make_unique<PyPlan>();
                  {
                      py::gil_scoped_release nogil;
-                     std::shared_ptr<const Plan> plan = build_plan(std::move(specs), in, md);
-                     p->exec = make_cpu_executor(plan);
-                     p->plan = std::move(plan);
+                     std::shared_ptr<Plan> plan = build_plan(std::move(specs), in, md);
+                     p->plan = plan;
+                     p->exec = make_cpu_executor(std::move(plan));
                  }
                  return p;
              }),

@@ -56,11 +56,20 @@ std::vector<float> vstack(const std::vector<float>& A, const std::vector<float>&
     return out;
 }
 
+// A packed matrix with the filter the micro-kernel applies to it (W, W+ = max(W, 0), W- = min(W, 0)).
+struct Operand {
+    const PackedB* p = nullptr;
+    BFilter f = BFilter::None;
+    explicit operator bool() const { return p != nullptr; }
+};
+
 struct Packs {
     PB fwd, bwd;     // W: forward (Kc, O) and transpose (O, Kc)
-    PB fP, fQ;       // denominator GEMMs on a+ / a- (Kc, wO)
-    PB bP, bQ;       // transpose GEMMs for a+ / a- (wO, Kc); WSquare/Flat: V in bP
-    PB b2;           // ZBox: (O, 2 Kc) = [W+ | W-]
+    PB own_f, own_b, own_fq, own_bq;  // rule matrices that are no filter of W: Gamma's and
+                                      // AlphaBeta's stacks (a+ and a- variants), w², ones
+    // denominator GEMMs on a+ / a- (Kc, wO) and transpose GEMMs for a+ / a- (wO, Kc); WSquare/Flat:
+    // V in tP. z+ and zB use W's own packs through the B filter: no copy of W+ or W- is packed.
+    Operand dP, dQ, tP, tQ;
     int width = 1;   // w: 1, or 2 for the two-denominator rules (Gamma, AlphaBeta)
 };
 
@@ -105,33 +114,46 @@ struct Arena {
 
 class CpuExecutor final : public Executor {
 public:
-    explicit CpuExecutor(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {
-        const Plan& pl = *plan_;
+    // Packs every matrix the passes multiply by, layer by layer, and releases the Plan's own copy of
+    // each layer's weights (Wm) once packed: the plan then holds each weight matrix twice (forward
+    // and transpose layouts) for Z, Epsilon, z+, zB and the gradient methods.
+    explicit CpuExecutor(std::shared_ptr<Plan> plan) {
+        Plan& pl = *plan;
         packs_.resize(pl.ops.size());
         for (size_t i = 0; i < pl.ops.size(); ++i) {
             const OpSpec& op = pl.ops[i];
             if (op.kind != OpKind::Dense && op.kind != OpKind::Conv2d) continue;
-            const auto& Wm = pl.lin[i].Wm;
+            auto& Wm = pl.lin[i].Wm;
             const int64_t O = op.g.O, Kc = op.g.Kc();
             Packs& pk = packs_[i];
             pk.fwd = pack_fwd(Wm, O, Kc);
-            // the plain transpose W is used by gradients and by the Z/Epsilon relevance only
-            if (pl.mode != Mode::Rules || op.rule.kind == RuleKind::Z || op.rule.kind == RuleKind::Epsilon)
-                pk.bwd = pack_bwd(Wm, O, Kc);
-            if (pl.mode != Mode::Rules) continue;
             const bool need_q = !pl.nonneg_in[i];  // a- terms vanish on inputs known to be >= 0
+            const RuleKind rk = pl.mode == Mode::Rules ? op.rule.kind : RuleKind::None;
+            // the plain transpose layout: gradients, Z/Epsilon, and the filtered z+ / zB transposes
+            if (pl.mode != Mode::Rules || rk == RuleKind::Z || rk == RuleKind::Epsilon ||
+                rk == RuleKind::ZPlus || rk == RuleKind::ZBox)
+                pk.bwd = pack_bwd(Wm, O, Kc);
             auto two = [&](const std::vector<float>& P, const std::vector<float>& Q, int w) {
                 pk.width = w;
-                pk.fP = pack_fwd(P, w * O, Kc);
-                pk.bP = pack_bwd(P, w * O, Kc);
+                pk.own_f = pack_fwd(P, w * O, Kc);
+                pk.own_b = pack_bwd(P, w * O, Kc);
+                pk.dP = {pk.own_f.get(), BFilter::None};
+                pk.tP = {pk.own_b.get(), BFilter::None};
                 if (need_q) {
-                    pk.fQ = pack_fwd(Q, w * O, Kc);
-                    pk.bQ = pack_bwd(Q, w * O, Kc);
+                    pk.own_fq = pack_fwd(Q, w * O, Kc);
+                    pk.own_bq = pack_bwd(Q, w * O, Kc);
+                    pk.dQ = {pk.own_fq.get(), BFilter::None};
+                    pk.tQ = {pk.own_bq.get(), BFilter::None};
                 }
             };
-            switch (op.rule.kind) {
+            switch (rk) {
                 case RuleKind::ZPlus:
-                    two(derive(Wm, Derived::Wplus), derive(Wm, Derived::Wminus), 1);
+                    pk.dP = {pk.fwd.get(), BFilter::Pos};
+                    pk.tP = {pk.bwd.get(), BFilter::Pos};
+                    if (need_q) {
+                        pk.dQ = {pk.fwd.get(), BFilter::Neg};
+                        pk.tQ = {pk.bwd.get(), BFilter::Neg};
+                    }
                     break;
                 case RuleKind::Gamma: {
                     const auto up = derive(Wm, Derived::GammaUp, op.rule.gamma);
@@ -145,28 +167,25 @@ public:
                     break;
                 }
                 case RuleKind::WSquare:
-                    pk.bP = pack_bwd(derive(Wm, Derived::WSquare), O, Kc);
+                    pk.own_b = pack_bwd(derive(Wm, Derived::WSquare), O, Kc);
+                    pk.tP = {pk.own_b.get(), BFilter::None};
                     break;
                 case RuleKind::Flat:
-                    pk.bP = pack_bwd(derive(Wm, Derived::Ones), O, Kc);
+                    pk.own_b = pack_bwd(derive(Wm, Derived::Ones), O, Kc);
+                    pk.tP = {pk.own_b.get(), BFilter::None};
                     break;
-                case RuleKind::ZBox: {
-                    // a W - l W+ - h W- = (a - l) W+ + (a - h) W-: two transposes, not three
-                    const auto wp = derive(Wm, Derived::Wplus), wn = derive(Wm, Derived::Wminus);
-                    std::vector<float> M2(static_cast<size_t>(O * 2 * Kc));
-                    for (int64_t o = 0; o < O; ++o) {
-                        std::memcpy(&M2[o * 2 * Kc], &wp[o * Kc], sizeof(float) * Kc);
-                        std::memcpy(&M2[o * 2 * Kc + Kc], &wn[o * Kc], sizeof(float) * Kc);
-                    }
-                    pk.b2 = std::make_unique<PackedB>(M2.data(), O, 2 * Kc, 2 * Kc, false);
+                case RuleKind::ZBox:  // transposes s W+^T and s W-^T: W's transpose pack, filtered
+                    pk.tP = {pk.bwd.get(), BFilter::Pos};
+                    pk.tQ = {pk.bwd.get(), BFilter::Neg};
                     break;
-                }
                 case RuleKind::Z:
                 case RuleKind::Epsilon:
                 case RuleKind::None:
                     break;
             }
+            std::vector<float>().swap(Wm);  // packed: the executor owns the weights from here
         }
+        plan_ = std::move(plan);
     }
 
     const char* name() const override { return "cpu"; }
@@ -322,8 +341,8 @@ private:
                     const bool has_bias = !lp.bias2.empty();
                     if (has_bias)
                         for (int64_t r = 0; r < m; ++r) std::memcpy(den + r * wO, lp.bias2.data(), sizeof(float) * wO);
-                    sgemm_packed(m, cp, Kc, *pk.fP, den, wO, has_bias, gth);
-                    if (cn) sgemm_packed(m, cn, Kc, *pk.fQ, den, wO, true, gth);
+                    sgemm_packed(m, cp, Kc, *pk.dP.p, den, wO, has_bias, gth, pk.dP.f);
+                    if (cn) sgemm_packed(m, cn, Kc, *pk.dQ.p, den, wO, true, gth, pk.dQ.f);
                     rows_do([&](int64_t b, int64_t e) {
                         for (int64_t r = b; r < e; ++r)
                             for (int64_t o = 0; o < O; ++o) {
@@ -343,9 +362,9 @@ private:
                                 }
                             }
                     });
-                    sgemm_packed(m, s, wO, *pk.bP, cc, Kc, false, gth);
+                    sgemm_packed(m, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
                     float* cc2 = cc + mK;
-                    if (cn) sgemm_packed(m, s, wO, *pk.bQ, cc2, Kc, false, gth);
+                    if (cn) sgemm_packed(m, s, wO, *pk.tQ.p, cc2, Kc, false, gth, pk.tQ.f);
                     rows_do([&](int64_t b, int64_t e) {
                         if (cn)
                             for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
@@ -362,7 +381,7 @@ private:
                             for (int64_t o = 0; o < O; ++o) s[r * O + o] = Rr[r * O + o] * inv[o];
                         }
                     });
-                    sgemm_packed(m, s, O, *pk.bP, comb, Kc, false, gth);
+                    sgemm_packed(m, s, O, *pk.tP.p, comb, Kc, false, gth);
                     break;
                 }
                 case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
@@ -375,7 +394,8 @@ private:
                     });
                     // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)
                     //      = (a - l) (.) (s W+^T) + (a - h) (.) (s W-^T)   (W = W+ + W-)
-                    sgemm_packed(m, s, O, *pk.b2, cc, 2 * Kc, false, gth);
+                    sgemm_packed(m, s, O, *pk.tP.p, cc, 2 * Kc, false, gth, BFilter::Pos);
+                    sgemm_packed(m, s, O, *pk.tQ.p, cc + Kc, 2 * Kc, false, gth, BFilter::Neg);
                     rows_do([&](int64_t b, int64_t e) {
                         for (int64_t r = b; r < e; ++r) {
                             const int64_t p = (r0 + r) % P;
@@ -537,7 +557,7 @@ private:
             case OpKind::Dense:
             case OpKind::Conv2d: {
                 bool nonneg = plan_->nonneg_in[i];
-                if (!nonneg && packs_[i].fP) {
+                if (!nonneg && packs_[i].dP) {
                     // sign-split rules: when this tile's input happens to be >= 0 the a- terms are
                     // exactly zero, so skip them (same result, half the GEMMs)
                     nonneg = true;
@@ -648,7 +668,7 @@ private:
 
 }  // namespace
 
-std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Plan> plan) {
+std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<Plan> plan) {
     return std::make_unique<CpuExecutor>(std::move(plan));
 }
 

@@ -167,14 +167,14 @@ void pack_b(const float* B, int64_t ldb, bool trans, int64_t p0, int64_t kc, int
 // whole product, for the epilogue's indexing.
 void macro_kernel(const Kernel& kr, int64_t mc, int64_t nc, int64_t kc, const float* Ap,
                   const float* Bp, float* C, int64_t ldc, bool add, const GemmEpilogue* ep,
-                  int64_t i0, int64_t j0) {
+                  int64_t i0, int64_t j0, int filter) {
     for (int64_t ir = 0; ir < mc; ir += kr.mr) {
         const int m = static_cast<int>(std::min<int64_t>(kr.mr, mc - ir));
         const float* a = Ap + ir * kc;
         for (int64_t jr = 0; jr < nc; jr += kr.nr) {
             const int n = static_cast<int>(std::min<int64_t>(kr.nr, nc - jr));
             float* c = C + ir * ldc + jr;
-            kr.tile(m, n, kc, a, Bp + jr * kc, c, ldc, add);
+            kr.tile[filter](m, n, kc, a, Bp + jr * kc, c, ldc, add);
             if (ep) ep->fn(ep->ctx, i0 + ir, j0 + jr, m, n, c, ldc);
         }
     }
@@ -187,6 +187,7 @@ struct BSource {
     bool trans;
     const float* packed;  // PackedB panels, or nullptr
     int64_t npad;         // PackedB: N rounded up to NR
+    int filter = 0;       // BFilter applied by the micro-kernel
 };
 
 // One slab of C: rows [i0, i1), columns [j0, j1) (j0 a multiple of NR), on the calling thread.
@@ -216,7 +217,7 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
                     Bp = Bbuf;
                 }
                 macro_kernel(kr, mc, nc, kc, Ap, Bp, C + ic * ldc + jc, ldc, add,
-                             pc + kc >= K ? ep : nullptr, ic, jc);
+                             pc + kc >= K ? ep : nullptr, ic, jc, bs.filter);
             }
         }
     }
@@ -267,7 +268,8 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     const int nslabs = static_cast<int>((tiles + per - 1) / per);
     BSource src = bs;
     const int64_t kblocks = (K + kr.kc - 1) / kr.kc;
-    if (share_b) src = BSource{nullptr, 0, false, tl_bfull.get(static_cast<std::size_t>(K * npad)), npad};
+    if (share_b)
+        src = BSource{nullptr, 0, false, tl_bfull.get(static_cast<std::size_t>(K * npad)), npad, bs.filter};
     float* const shared = const_cast<float*>(src.packed);
     auto pack_part = [&](int64_t idx) {  // kc-block idx / nt, NR panel idx % nt of op(B)
         const int64_t pc = (idx / nt) * kr.kc, jp = (idx % nt) * kr.nr;
@@ -327,7 +329,7 @@ void sgemm_with(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, int64_
                 const float* A, int64_t lda, const float* B, int64_t ldb,
                 float* C, int64_t ldc, bool accumulate, int threads) {
     const Kernel& kr = kernel_of(resolve(kernel));
-    gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0}, M, N, K, C, ldc, accumulate,
+    gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0, 0}, M, N, K, C, ldc, accumulate,
                 threads);
 }
 
@@ -335,22 +337,24 @@ void sgemm_epilogue(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, in
                     const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                     bool accumulate, int threads, const GemmEpilogue& epilogue) {
     const Kernel& kr = kernel_of(resolve(kernel));
-    gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0}, M, N, K, C, ldc, accumulate,
+    gemm_driver(kr, trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0, 0}, M, N, K, C, ldc, accumulate,
                 threads, &epilogue);
 }
 
 void sgemm_packed_epilogue(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C,
-                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue) {
+                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue,
+                           BFilter filter) {
     const Kernel& kr = kernel_of(Bp.kernel());
     const int64_t npad = (Bp.N() + kr.nr - 1) / kr.nr * kr.nr;
-    gemm_driver(kr, false, A, lda, BSource{nullptr, 0, false, Bp.panels(), npad}, M, Bp.N(), Bp.K(), C,
-                ldc, accumulate, threads, &epilogue);
+    gemm_driver(kr, false, A, lda,
+                BSource{nullptr, 0, false, Bp.panels(), npad, static_cast<int>(filter)}, M, Bp.N(),
+                Bp.K(), C, ldc, accumulate, threads, &epilogue);
 }
 
 void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
            const float* A, int64_t lda, const float* B, int64_t ldb,
            float* C, int64_t ldc, bool accumulate, int threads) {
-    gemm_driver(kernel_of(gemm_kernel()), trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0}, M, N, K,
+    gemm_driver(kernel_of(gemm_kernel()), trans_a, A, lda, BSource{B, ldb, trans_b, nullptr, 0, 0}, M, N, K,
                 C, ldc, accumulate, threads);
 }
 
@@ -378,11 +382,12 @@ PackedB::PackedB(const float* B, int64_t K, int64_t N, int64_t ldb, bool trans_b
 PackedB::~PackedB() = default;
 
 void sgemm_packed(int64_t M, const float* A, int64_t lda, const PackedB& Bp,
-                  float* C, int64_t ldc, bool accumulate, int threads) {
+                  float* C, int64_t ldc, bool accumulate, int threads, BFilter filter) {
     const Kernel& kr = kernel_of(Bp.kernel());
     const int64_t npad = (Bp.N() + kr.nr - 1) / kr.nr * kr.nr;
-    gemm_driver(kr, false, A, lda, BSource{nullptr, 0, false, Bp.panels(), npad}, M, Bp.N(), Bp.K(), C,
-                ldc, accumulate, threads);
+    gemm_driver(kr, false, A, lda,
+                BSource{nullptr, 0, false, Bp.panels(), npad, static_cast<int>(filter)}, M, Bp.N(),
+                Bp.K(), C, ldc, accumulate, threads);
 }
 
 }  // namespace deeptaylor

@@ -3,7 +3,8 @@
 // Packed layouts (BLIS, Van Zee & van de Geijn 2015):
 //   A micro-panel: MR rows x kc, stored k-major: Ap[k * MR + r]  (rows past M are zero)
 //   B micro-panel: kc x NR columns, stored k-major: Bp[k * NR + j] (columns past N are zero)
-// A tile function computes the m x n (m <= MR, n <= NR) block  C (+)= Ap^T Bp  of one MR x NR tile.
+// A tile function computes the m x n (m <= MR, n <= NR) block  C (+)= Ap^T f(Bp)  of one MR x NR tile,
+// f = identity, max(., 0) or min(., 0) applied to B as it is loaded (gemm.hpp, BFilter).
 #pragma once
 #include <cstdint>
 
@@ -19,7 +20,7 @@ struct Kernel {
     int64_t kc;        // depth of a packed block: the A micro-panel (MR x kc) stays in L1
     int64_t nc;        // columns of B per block: the packed B block (kc x nc) stays in L2
     int64_t mc;        // rows of A packed at once (mc x kc, in L3)
-    TileFn tile;
+    TileFn tile[3];    // indexed by BFilter: B as stored, max(B, 0), min(B, 0)
 };
 
 extern const Kernel kScalar;

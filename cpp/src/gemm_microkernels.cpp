@@ -22,13 +22,22 @@ namespace {
 constexpr int kMrS = 4, kNrS = 8;
 
 // Ap (kc, kMrS) packed, Bp (kc, kNrS) packed -> C (m, n), m <= 4, n <= 8
-template <int M>
+// F: the B filter (0 as stored, 1 max(b, 0), 2 min(b, 0)), applied to each B value as it is loaded.
+template <int F>
+inline float filt(float b) {
+    if constexpr (F == 1) return b > 0.0f ? b : 0.0f;
+    if constexpr (F == 2) return b < 0.0f ? b : 0.0f;
+    return b;
+}
+
+template <int M, int F>
 void tile_scalar_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
                    bool add) {
     float acc[M][kNrS] = {};
     for (int64_t k = 0; k < kc; ++k) {
         const float* a = Ap + k * kMrS;
-        const float* b = Bp + k * kNrS;
+        float b[kNrS];
+        for (int j = 0; j < kNrS; ++j) b[j] = filt<F>(Bp[k * kNrS + j]);
         for (int i = 0; i < M; ++i)
             for (int j = 0; j < kNrS; ++j) acc[i][j] += a[i] * b[j];
     }
@@ -41,13 +50,14 @@ void tile_scalar_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C
     }
 }
 
+template <int F>
 void tile_scalar(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
                  bool add) {
     switch (m) {
-        case 1: tile_scalar_m<1>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_scalar_m<2>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_scalar_m<3>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_scalar_m<4>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_scalar_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 2: tile_scalar_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 3: tile_scalar_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        default: tile_scalar_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
     }
 }
 
@@ -60,7 +70,14 @@ void tile_scalar(int m, int n, int64_t kc, const float* Ap, const float* Bp, flo
 constexpr int kMr2 = 6, kNr2 = 16;
 
 // Ap (kc, 6), Bp (kc, 16) packed, 32-byte aligned -> C (m, n), m <= 6, n <= 16
-template <int M>
+template <int F>
+DT_TARGET_AVX2 inline __m256 filt2(__m256 b) {
+    if constexpr (F == 1) return _mm256_max_ps(b, _mm256_setzero_ps());
+    if constexpr (F == 2) return _mm256_min_ps(b, _mm256_setzero_ps());
+    return b;
+}
+
+template <int M, int F>
 DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C,
                                 int64_t ldc, bool add) {
     __m256 c0[M], c1[M];
@@ -72,7 +89,8 @@ DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float*
     }
 #pragma GCC unroll 2
     for (int64_t k = 0; k < kc; ++k) {
-        const __m256 b0 = _mm256_load_ps(Bp + k * kNr2), b1 = _mm256_load_ps(Bp + k * kNr2 + 8);
+        const __m256 b0 = filt2<F>(_mm256_load_ps(Bp + k * kNr2));
+        const __m256 b1 = filt2<F>(_mm256_load_ps(Bp + k * kNr2 + 8));
         const float* a = Ap + k * kMr2;
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
@@ -109,15 +127,16 @@ DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float*
     }
 }
 
+template <int F>
 DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C,
                               int64_t ldc, bool add) {
     switch (m) {
-        case 1: tile_avx2_m<1>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_avx2_m<2>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_avx2_m<3>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 4: tile_avx2_m<4>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 5: tile_avx2_m<5>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_avx2_m<6>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_avx2_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 2: tile_avx2_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 3: tile_avx2_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 4: tile_avx2_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 5: tile_avx2_m<5, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        default: tile_avx2_m<6, F>(n, kc, Ap, Bp, C, ldc, add); break;
     }
 }
 
@@ -128,7 +147,14 @@ DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, const f
 constexpr int kMr5 = 12, kNr5 = 32;
 
 // Ap (kc, 12), Bp (kc, 32) packed, 64-byte aligned -> C (m, n), m <= 12, n <= 32
-template <int M>
+template <int F>
+DT_TARGET_AVX512 inline __m512 filt5(__m512 b) {
+    if constexpr (F == 1) return _mm512_max_ps(b, _mm512_setzero_ps());
+    if constexpr (F == 2) return _mm512_min_ps(b, _mm512_setzero_ps());
+    return b;
+}
+
+template <int M, int F>
 DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C,
                                     int64_t ldc, bool add) {
     __m512 c0[M], c1[M];
@@ -140,7 +166,8 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
     }
 #pragma GCC unroll 2
     for (int64_t k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_load_ps(Bp + k * kNr5), b1 = _mm512_load_ps(Bp + k * kNr5 + 16);
+        const __m512 b0 = filt5<F>(_mm512_load_ps(Bp + k * kNr5));
+        const __m512 b1 = filt5<F>(_mm512_load_ps(Bp + k * kNr5 + 16));
         const float* a = Ap + k * kMr5;
 #pragma GCC unroll 16
         for (int i = 0; i < M; ++i) {
@@ -165,21 +192,22 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
     }
 }
 
+template <int F>
 DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C,
                                   int64_t ldc, bool add) {
     switch (m) {
-        case 1: tile_avx512_m<1>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_avx512_m<2>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_avx512_m<3>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 4: tile_avx512_m<4>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 5: tile_avx512_m<5>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 6: tile_avx512_m<6>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 7: tile_avx512_m<7>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 8: tile_avx512_m<8>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 9: tile_avx512_m<9>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 10: tile_avx512_m<10>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 11: tile_avx512_m<11>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_avx512_m<12>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_avx512_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 2: tile_avx512_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 3: tile_avx512_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 4: tile_avx512_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 5: tile_avx512_m<5, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 6: tile_avx512_m<6, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 7: tile_avx512_m<7, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 8: tile_avx512_m<8, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 9: tile_avx512_m<9, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 10: tile_avx512_m<10, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 11: tile_avx512_m<11, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        default: tile_avx512_m<12, F>(n, kc, Ap, Bp, C, ldc, add); break;
     }
 }
 #endif  // DEEPTAYLOR_GEMM_X86
@@ -189,10 +217,10 @@ DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, con
 // Blocking (Zen 4: 32 KB L1d, 1 MB L2 per core, shared L3): kc so that the A micro-panel
 // (MR x kc floats) fills about half of L1; nc so that the packed B block (kc x nc) takes about
 // 60-75% of L2; mc rows of A packed at once (in L3).
-const Kernel kScalar{"scalar", kMrS, kNrS, 256, 256, 1024, &tile_scalar};
+const Kernel kScalar{"scalar", kMrS, kNrS, 256, 256, 1024, {&tile_scalar<0>, &tile_scalar<1>, &tile_scalar<2>}};
 #ifdef DEEPTAYLOR_GEMM_X86
-const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 4096, &tile_avx2};
-const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 4096, &tile_avx512};
+const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 4096, {&tile_avx2<0>, &tile_avx2<1>, &tile_avx2<2>}};
+const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 4096, {&tile_avx512<0>, &tile_avx512<1>, &tile_avx512<2>}};
 #endif
 
 }  // namespace deeptaylor::gemm_detail

@@ -31,7 +31,9 @@ public:
     virtual void run(const RunArgs& args) const = 0;
 };
 
-std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Plan> plan);
+// Packs the Plan's weight matrices for the CPU GEMM and releases the Plan's copies (LinearPrep::Wm):
+// a Plan is made for one executor (a device executor would upload and release them the same way).
+std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<Plan> plan);
 
 // OpenMP's default thread count (1 without OpenMP).
 int default_threads();

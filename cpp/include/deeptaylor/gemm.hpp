@@ -11,6 +11,11 @@
 
 namespace deeptaylor {
 
+// A filter on the right-hand operand, applied by the micro-kernel as it loads B: op(B) as stored,
+// its positive part max(B, 0) or its negative part min(B, 0). One packed W then serves the rules'
+// W, W+ and W- products (z+, zB) without packing a copy of each (half the plan's weight memory).
+enum class BFilter : int { None = 0, Pos = 1, Neg = 2 };
+
 // Micro-kernel families. Auto = the best one this CPU supports (or DEEPTAYLOR_GEMM_KERNEL).
 enum class GemmKernel : int { Auto = -1, Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
@@ -50,9 +55,11 @@ private:
     int64_t offset_ = 0;
 };
 
-// C (M, N) = A (M, K) * Bp (K, N) [+ C if accumulate], A row-major with row stride lda.
+// C (M, N) = A (M, K) * f(Bp) (K, N) [+ C if accumulate], A row-major with row stride lda,
+// f = the filter (identity by default).
 void sgemm_packed(int64_t M, const float* A, int64_t lda, const PackedB& Bp,
-                  float* C, int64_t ldc, bool accumulate, int threads = 1);
+                  float* C, int64_t ldc, bool accumulate, int threads = 1,
+                  BFilter filter = BFilter::None);
 
 // Name of the micro-kernel selected at run time ("avx512", "avx2" or "scalar").
 const char* gemm_kernel_name();
@@ -85,7 +92,8 @@ void sgemm_epilogue(GemmKernel kernel, bool trans_a, bool trans_b, int64_t M, in
                     const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                     bool accumulate, int threads, const GemmEpilogue& epilogue);
 void sgemm_packed_epilogue(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C,
-                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue);
+                           int64_t ldc, bool accumulate, int threads, const GemmEpilogue& epilogue,
+                           BFilter filter = BFilter::None);
 
 // The plain-loop oracle (i-k-j order); same arguments as sgemm.
 void sgemm_reference(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,

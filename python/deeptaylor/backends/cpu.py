@@ -72,7 +72,9 @@ def op_specs(net: Sequential, assignment: list[Rule | None] | Method,
     for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
         spec: dict[str, Any] = {"kind": layer.kind, "in_shape": shapes[i], "out_shape": shapes[i + 1]}
         if isinstance(layer, (Dense, Conv2d)):
-            spec["weight"], spec["bias"] = _f32(layer.weight), _f32(layer.bias)
+            # the layer's own arrays: the core converts them to float32 one layer at a time (no
+            # float32 copy of the whole network alongside the plan while it is built)
+            spec["weight"], spec["bias"] = layer.weight, layer.bias
             if isinstance(layer, Conv2d):
                 spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding,
                             dilation=layer.dilation)
