@@ -1,6 +1,8 @@
 """Layers of a deeptaylor network.
 
-Layers are small immutable descriptions: parameters (read-only float64 copies) and hyper-parameters.
+Layers are small immutable descriptions: parameters (read-only copies: weights given as float32 stay
+float32, which halves the memory of large imported models; everything else becomes float64) and
+hyper-parameters.
 They compute nothing themselves; the backends (``deeptaylor.reference`` for NumPy, the C++ core)
 implement their forward and relevance passes.
 
@@ -37,8 +39,10 @@ __all__ = [
 ]
 
 
-def _param(value: Any, name: str, layer: str, ndim: int) -> np.ndarray:
-    """Validate a parameter array and return a read-only float64 copy."""
+def _param(value: Any, name: str, layer: str, ndim: int, keep_float32: bool = False) -> np.ndarray:
+    """Validate a parameter array and return a read-only copy: float64, or float32 when
+    ``keep_float32`` and the array is float32 (every float32 value is exact in float64, so the float64
+    reference, which upcasts, computes the same as with a float64 copy)."""
     try:
         arr = np.asarray(value)
     except Exception as exc:  # pragma: no cover - exotic objects
@@ -49,7 +53,8 @@ def _param(value: Any, name: str, layer: str, ndim: int) -> np.ndarray:
         raise ShapeError(f"{layer}: {name} must have {ndim} dimensions, got shape {arr.shape}")
     if arr.size == 0:
         raise ShapeError(f"{layer}: {name} is empty (shape {arr.shape})")
-    out = np.array(arr, dtype=np.float64, copy=True)
+    dtype = np.float32 if keep_float32 and arr.dtype == np.float32 else np.float64
+    out = np.array(arr, dtype=dtype, copy=True)
     if not np.all(np.isfinite(out)):
         raise InputError(f"{layer}: {name} contains NaN or Inf")
     out.setflags(write=False)
@@ -133,7 +138,7 @@ class Dense(Layer):
     __slots__ = ("weight", "bias")
 
     def __init__(self, weight: Any, bias: Any = None) -> None:
-        w = _param(weight, "weight", "Dense", 2)
+        w = _param(weight, "weight", "Dense", 2, keep_float32=True)
         if bias is None:
             b = np.zeros(w.shape[0])
             b.setflags(write=False)
@@ -182,7 +187,7 @@ class Conv2d(Layer):
 
     def __init__(self, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1) -> None:
-        w = _param(weight, "weight", "Conv2d", 4)
+        w = _param(weight, "weight", "Conv2d", 4, keep_float32=True)
         if bias is None:
             b = np.zeros(w.shape[0])
             b.setflags(write=False)

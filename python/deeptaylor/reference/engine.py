@@ -32,7 +32,8 @@ def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
     """Forward one layer. Returns ``(output, cache)``; the cache holds what the backward passes
     need beyond the input (max-pool winners)."""
     if isinstance(layer, (Dense, Conv2d)):
-        return ops.linear_forward(layer, a, layer.weight, layer.bias), None
+        return ops.linear_forward(layer, a, np.asarray(layer.weight, dtype=np.float64),
+                                 np.asarray(layer.bias, dtype=np.float64)), None
     if isinstance(layer, ReLU):
         return np.maximum(a, 0.0), None
     if isinstance(layer, MaxPool2d):
@@ -92,7 +93,7 @@ def relevance_layer(layer: Layer, rule: Rule | None, a: np.ndarray, cache: Any, 
 def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: np.ndarray) -> np.ndarray:
     """Backpropagate the gradient ``g`` (shape of the layer's output) to its input (shape of ``a``)."""
     if isinstance(layer, (Dense, Conv2d)):
-        return ops.linear_transpose(layer, g, layer.weight, a.shape)
+        return ops.linear_transpose(layer, g, np.asarray(layer.weight, dtype=np.float64), a.shape)
     if isinstance(layer, ReLU):
         return g * (a > 0)
     if isinstance(layer, MaxPool2d):

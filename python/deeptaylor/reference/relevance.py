@@ -27,6 +27,12 @@ def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+def _w64(layer: Linear) -> np.ndarray:
+    """The layer's weights in float64 (float32 layers are upcast exactly: the reference computes every
+    rule-derived matrix, e.g. W², W + γW⁺, in float64)."""
+    return np.asarray(layer.weight, dtype=np.float64)
+
+
 def _pos(v: np.ndarray) -> np.ndarray:
     return np.maximum(v, 0.0)
 
@@ -37,7 +43,7 @@ def _neg(v: np.ndarray) -> np.ndarray:
 
 def z_rule(layer: Linear, rule: Z, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """LRP-0 (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / z_j,  z_j = sum_i a_i w_ij + b_j."""
-    W = layer.weight
+    W = _w64(layer)
     z = L(layer, a, W, layer.bias)
     s = safe_divide(R, z)
     return a * LT(layer, s, W, a.shape)
@@ -45,7 +51,7 @@ def z_rule(layer: Linear, rule: Z, a: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 def epsilon_rule(layer: Linear, rule: Epsilon, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """LRP-epsilon (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j)), sign(0)=+1."""
-    W = layer.weight
+    W = _w64(layer)
     z = L(layer, a, W, layer.bias)
     # safe_divide: with eps = 0 an output with z = 0 passes nothing (as Z), instead of NaN
     s = safe_divide(R, z + rule.eps * np.where(z >= 0, 1.0, -1.0))
@@ -57,7 +63,7 @@ def zplus_rule(layer: Linear, rule: ZPlus, a: np.ndarray, R: np.ndarray) -> np.n
 
     Written on positive contributions (a w)+ = a+ w+ + a- w-, which is the rule itself for a >= 0.
     """
-    W = layer.weight
+    W = _w64(layer)
     Wp, Wn = _pos(W), _neg(W)
     ap, an = _pos(a), _neg(a)
     z = L(layer, ap, Wp, _pos(layer.bias) if rule.use_bias else None) + L(layer, an, Wn, None)
@@ -73,7 +79,7 @@ def gamma_rule(layer: Linear, rule: Gamma, a: np.ndarray, R: np.ndarray) -> np.n
     On a >= 0 and z > 0 this is q_ij = a_i (w_ij + g w+_ij).
     """
     g = rule.gamma
-    W, b = layer.weight, layer.bias
+    W, b = _w64(layer), layer.bias
     Wup, Wdn = W + g * _pos(W), W + g * _neg(W)
     ap, an = _pos(a), _neg(a)
     z = L(layer, a, W, b)
@@ -88,7 +94,7 @@ def gamma_rule(layer: Linear, rule: Gamma, a: np.ndarray, R: np.ndarray) -> np.n
 def alphabeta_rule(layer: Linear, rule: AlphaBeta, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """LRP-alpha-beta (Bach et al. 2015): alpha * (share of positive contributions) - beta * (share of
     negative contributions); q+ = a+ w+ + a- w- (+ b+), q- = a+ w- + a- w+ (+ b-)."""
-    W, b = layer.weight, layer.bias
+    W, b = _w64(layer), layer.bias
     Wp, Wn = _pos(W), _neg(W)
     ap, an = _pos(a), _neg(a)
     zp = L(layer, ap, Wp, _pos(b)) + L(layer, an, Wn, None)
@@ -105,7 +111,7 @@ def wsquare_rule(layer: Linear, rule: WSquare, a: np.ndarray, R: np.ndarray) -> 
 
     The denominator is L(1; W²): for a convolution it sums the taps that fall on the image.
     """
-    V = layer.weight ** 2
+    V = _w64(layer) ** 2
     ones = np.ones_like(a)
     z = L(layer, ones, V, None)
     return LT(layer, safe_divide(R, z), V, a.shape)
@@ -113,7 +119,7 @@ def wsquare_rule(layer: Linear, rule: WSquare, a: np.ndarray, R: np.ndarray) -> 
 
 def flat_rule(layer: Linear, rule: Flat, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Flat (Lapuschkin et al. 2019): w² with unit weights, R_i = sum_j R_j / fan_in_j."""
-    U = np.ones_like(layer.weight)
+    U = np.ones_like(_w64(layer))
     ones = np.ones_like(a)
     z = L(layer, ones, U, None)
     return LT(layer, safe_divide(R, z), U, a.shape)
@@ -122,7 +128,7 @@ def flat_rule(layer: Linear, rule: Flat, a: np.ndarray, R: np.ndarray) -> np.nda
 def zbox_rule(layer: Linear, rule: ZBox, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Deep Taylor zB (Montavon et al. 2017) for l <= a <= h:
     R_i = sum_j (a_i w_ij - l_i w+_ij - h_i w-_ij) / (sum_i' ...) R_j."""
-    W = layer.weight
+    W = _w64(layer)
     Wp, Wn = _pos(W), _neg(W)
     lo, hi = rule.bounds_for(a.shape[1:])
     lo = np.broadcast_to(lo, a.shape)
