@@ -80,6 +80,17 @@ GemmKernel resolve(GemmKernel k) {
     return k;
 }
 
+// Depth of the K blocks for a product with inner dimension K: K split into equal blocks of at most
+// 1.25 kc. A fixed kc would leave a short last block (K = 400 = 384 + 16, 784 = 2 x 384 + 16), and a
+// block costs a pass over C and a micro-kernel start-up whatever its depth. Packing (PackedB) and
+// the driver use the same depth, so a pre-packed operand's layout matches the loops.
+int64_t block_k(const Kernel& kr, int64_t K) {
+    const int64_t kmax = kr.kc + kr.kc / 4;
+    if (K <= kmax) return std::max<int64_t>(K, 1);
+    const int64_t nb = (K + kmax - 1) / kmax;
+    return (K + nb - 1) / nb;
+}
+
 // A 64-byte aligned scratch buffer, one per thread, grown on demand and reused across calls (the
 // engine calls the GEMM once per layer per batch tile: no allocation in the steady state).
 struct Scratch {
@@ -197,14 +208,15 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
     // pack_a / pack_b write whole MR-row / NR-column panels: round the block sizes up *after*
     // clipping them (kr.mc need not be a multiple of MR).
     const int64_t mcmax = ((std::min(kr.mc, i1 - i0) + kr.mr - 1) / kr.mr) * kr.mr;
-    const int64_t kcmax = std::min(kr.kc, K);
+    const int64_t kcb = block_k(kr, K);
+    const int64_t kcmax = std::min(kcb, K);
     const int64_t ncmax = ((std::min(kr.nc, j1 - j0) + kr.nr - 1) / kr.nr) * kr.nr;
     float* Ap = tl_a.get(static_cast<std::size_t>(mcmax * kcmax));
     float* Bbuf = bs.packed ? nullptr : tl_b.get(static_cast<std::size_t>(kcmax * ncmax));
     for (int64_t ic = i0; ic < i1; ic += kr.mc) {
         const int64_t mc = std::min(kr.mc, i1 - ic);
-        for (int64_t pc = 0; pc < K; pc += kr.kc) {
-            const int64_t kc = std::min(kr.kc, K - pc);
+        for (int64_t pc = 0; pc < K; pc += kcb) {
+            const int64_t kc = std::min(kcb, K - pc);
             const bool add = accumulate || pc > 0;
             pack_a(A, lda, trans_a, ic, mc, pc, kc, kr.mr, Ap);
             for (int64_t jc = j0; jc < j1; jc += kr.nc) {
@@ -267,13 +279,14 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
     const int64_t per = (tiles + want - 1) / want;
     const int nslabs = static_cast<int>((tiles + per - 1) / per);
     BSource src = bs;
-    const int64_t kblocks = (K + kr.kc - 1) / kr.kc;
+    const int64_t kcb = block_k(kr, K);
+    const int64_t kblocks = (K + kcb - 1) / kcb;
     if (share_b)
         src = BSource{nullptr, 0, false, tl_bfull.get(static_cast<std::size_t>(K * npad)), npad, bs.filter};
     float* const shared = const_cast<float*>(src.packed);
     auto pack_part = [&](int64_t idx) {  // kc-block idx / nt, NR panel idx % nt of op(B)
-        const int64_t pc = (idx / nt) * kr.kc, jp = (idx % nt) * kr.nr;
-        const int64_t kc = std::min(kr.kc, K - pc);
+        const int64_t pc = (idx / nt) * kcb, jp = (idx % nt) * kr.nr;
+        const int64_t kc = std::min(kcb, K - pc);
         pack_b(bs.B, bs.ldb, bs.trans, pc, kc, jp, std::min<int64_t>(kr.nr, N - jp), kr.nr,
                shared + pc * npad + jp * kc);
     };
@@ -358,7 +371,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                 C, ldc, accumulate, threads);
 }
 
-// Layout: for each kc-block p of K (all but the last have kc rows), the NR-column panels of
+// Layout: for each K block p (all but the last have block_k(K) rows), the NR-column panels of
 // op(B)[p-block, :] one after another; block p starts at p * kc * npad (npad = N rounded up to NR),
 // so any run of whole panels of one block is contiguous, exactly as pack_b writes them.
 PackedB::PackedB(const float* B, int64_t K, int64_t N, int64_t ldb, bool trans_b)
@@ -373,8 +386,9 @@ PackedB::PackedB(const float* B, int64_t K, int64_t N, int64_t ldb, bool trans_b
     const auto addr = reinterpret_cast<std::uintptr_t>(data_.data());
     offset_ = static_cast<int64_t>(((64 - addr % 64) % 64) / sizeof(float));
     float* out = data_.data() + offset_;
-    for (int64_t pc = 0; pc < K; pc += kr.kc) {
-        const int64_t kc = std::min(kr.kc, K - pc);
+    const int64_t kcb = block_k(kr, K);
+    for (int64_t pc = 0; pc < K; pc += kcb) {
+        const int64_t kc = std::min(kcb, K - pc);
         pack_b(B, ldb, trans_b, pc, kc, 0, N, kr.nr, out + pc * npad);
     }
 }
