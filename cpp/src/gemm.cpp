@@ -28,6 +28,7 @@
 namespace deeptaylor {
 namespace {
 using gemm_detail::Kernel;
+using gemm_detail::TileFn;
 
 const Kernel& kernel_of(GemmKernel k) {
 #ifdef DEEPTAYLOR_GEMM_X86
@@ -176,19 +177,36 @@ void pack_b(const float* B, int64_t ldb, bool trans, int64_t p0, int64_t kc, int
 // while the B block streams from L2.
 // ep (if any) runs on each finished tile while it is still in L1; (i0, j0) = C's position in the
 // whole product, for the epilogue's indexing.
-void macro_kernel(const Kernel& kr, int64_t mc, int64_t nc, int64_t kc, const float* Ap,
+// ars = 0: A is the packed block Ap (MR-row micro-panels); ars > 0: A is row-major with row stride
+// ars, read in place by the micro-kernel.
+void macro_kernel(const Kernel& kr, int64_t mc, int64_t nc, int64_t kc, const float* A, int64_t ars,
                   const float* Bp, float* C, int64_t ldc, bool add, const GemmEpilogue* ep,
                   int64_t i0, int64_t j0, int filter) {
+    const TileFn tile = kr.tile[ars > 0 ? 1 : 0][filter];
     for (int64_t ir = 0; ir < mc; ir += kr.mr) {
         const int m = static_cast<int>(std::min<int64_t>(kr.mr, mc - ir));
-        const float* a = Ap + ir * kc;
+        const float* a = ars > 0 ? A + ir * ars : A + ir * kc;
         for (int64_t jr = 0; jr < nc; jr += kr.nr) {
             const int n = static_cast<int>(std::min<int64_t>(kr.nr, nc - jr));
             float* c = C + ir * ldc + jr;
-            kr.tile[filter](m, n, kc, a, Bp + jr * kc, c, ldc, add);
+            tile(m, n, kc, a, ars, Bp + jr * kc, c, ldc, add);
             if (ep) ep->fn(ep->ctx, i0 + ir, j0 + jr, m, n, c, ldc);
         }
     }
+}
+
+// Pack A only for wide products. Packing costs about one pass over A; the multiply about N / (2 NR)
+// micro-kernel sweeps over it (each of the N / NR panels of B against every A micro-panel), so for a
+// narrow op(B) (a convolution with 32-64 output channels, a Dense layer with 10 outputs) packing is a
+// large share of the work and the micro-kernel reads A in place instead (its MR rows are streams the
+// hardware prefetcher follows; they stay in L1/L2 across the N / NR panels). Measured in
+// docs/engine.md (GEMM table).
+int64_t pack_a_min_n() {
+    static const int64_t v = [] {
+        const char* env = std::getenv("DEEPTAYLOR_GEMM_PACK_A_MIN_N");
+        return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(256);
+    }();
+    return v;
 }
 
 // Where op(B) comes from: a raw matrix (packed block by block here) or a PackedB.
@@ -211,14 +229,17 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
     const int64_t kcb = block_k(kr, K);
     const int64_t kcmax = std::min(kcb, K);
     const int64_t ncmax = ((std::min(kr.nc, j1 - j0) + kr.nr - 1) / kr.nr) * kr.nr;
-    float* Ap = tl_a.get(static_cast<std::size_t>(mcmax * kcmax));
+    const bool pack = trans_a || (j1 - j0) >= pack_a_min_n();
+    float* Ap = pack ? tl_a.get(static_cast<std::size_t>(mcmax * kcmax)) : nullptr;
     float* Bbuf = bs.packed ? nullptr : tl_b.get(static_cast<std::size_t>(kcmax * ncmax));
     for (int64_t ic = i0; ic < i1; ic += kr.mc) {
         const int64_t mc = std::min(kr.mc, i1 - ic);
         for (int64_t pc = 0; pc < K; pc += kcb) {
             const int64_t kc = std::min(kcb, K - pc);
             const bool add = accumulate || pc > 0;
-            pack_a(A, lda, trans_a, ic, mc, pc, kc, kr.mr, Ap);
+            if (pack) pack_a(A, lda, trans_a, ic, mc, pc, kc, kr.mr, Ap);
+            const float* Ablk = pack ? Ap : A + ic * lda + pc;
+            const int64_t ars = pack ? 0 : lda;
             for (int64_t jc = j0; jc < j1; jc += kr.nc) {
                 const int64_t nc = std::min(kr.nc, j1 - jc);
                 const float* Bp;
@@ -228,7 +249,7 @@ void gemm_slab(const Kernel& kr, bool trans_a, const float* A, int64_t lda, cons
                     pack_b(bs.B, bs.ldb, bs.trans, pc, kc, jc, nc, kr.nr, Bbuf);
                     Bp = Bbuf;
                 }
-                macro_kernel(kr, mc, nc, kc, Ap, Bp, C + ic * ldc + jc, ldc, add,
+                macro_kernel(kr, mc, nc, kc, Ablk, ars, Bp, C + ic * ldc + jc, ldc, add,
                              pc + kc >= K ? ep : nullptr, ic, jc, bs.filter);
             }
         }

@@ -11,8 +11,9 @@
 namespace deeptaylor::gemm_detail {
 
 // m (<= MR) rows and n (<= NR) columns of C (row stride ldc) = [C +] sum_k Ap[k, :m]^T Bp[k, :n]
-using TileFn = void (*)(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C,
-                        int64_t ldc, bool add);
+// A: the packed micro-panel (ars ignored), or for the row-major variant A[r * ars + k].
+using TileFn = void (*)(int m, int n, int64_t kc, const float* A, int64_t ars, const float* Bp,
+                        float* C, int64_t ldc, bool add);
 
 struct Kernel {
     const char* name;
@@ -20,7 +21,7 @@ struct Kernel {
     int64_t kc;        // depth of a packed block: the A micro-panel (MR x kc) stays in L1
     int64_t nc;        // columns of B per block: the packed B block (kc x nc) stays in L2
     int64_t mc;        // rows of A packed at once (mc x kc, in L3)
-    TileFn tile[3];    // indexed by BFilter: B as stored, max(B, 0), min(B, 0)
+    TileFn tile[2][3]; // [A packed | A row-major][BFilter: B as stored, max(B, 0), min(B, 0)]
 };
 
 extern const Kernel kScalar;

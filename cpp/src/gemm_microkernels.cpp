@@ -6,6 +6,10 @@
 // The SIMD kernels are compiled with function-level target attributes so that only they use
 // AVX2/AVX-512 instructions; the library stays portable and gemm.cpp calls them only after
 // __builtin_cpu_supports says the CPU (and OS) can run them.
+//
+// A comes packed (MR-row micro-panels, k-major: Ap[k * MR + r]) or, with R = true, straight from a
+// row-major matrix (A[r * ars + k]): for narrow products (N of a few NR panels, e.g. a convolution
+// with 32-64 output channels) packing A costs a large share of the multiply itself (gemm.cpp).
 #include <cstdint>
 
 #include "gemm_kernels.hpp"
@@ -30,16 +34,17 @@ inline float filt(float b) {
     return b;
 }
 
-template <int M, int F>
-void tile_scalar_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
+template <int M, int F, bool R>
+void tile_scalar_m(int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp, float* C, int64_t ldc,
                    bool add) {
     float acc[M][kNrS] = {};
     for (int64_t k = 0; k < kc; ++k) {
-        const float* a = Ap + k * kMrS;
         float b[kNrS];
         for (int j = 0; j < kNrS; ++j) b[j] = filt<F>(Bp[k * kNrS + j]);
-        for (int i = 0; i < M; ++i)
-            for (int j = 0; j < kNrS; ++j) acc[i][j] += a[i] * b[j];
+        for (int i = 0; i < M; ++i) {
+            const float ai = R ? Ap[i * ars + k] : Ap[k * kMrS + i];
+            for (int j = 0; j < kNrS; ++j) acc[i][j] += ai * b[j];
+        }
     }
     for (int i = 0; i < M; ++i) {
         float* c = C + i * ldc;
@@ -50,14 +55,14 @@ void tile_scalar_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C
     }
 }
 
-template <int F>
-void tile_scalar(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
+template <int F, bool R>
+void tile_scalar(int m, int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp, float* C, int64_t ldc,
                  bool add) {
     switch (m) {
-        case 1: tile_scalar_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_scalar_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_scalar_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_scalar_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_scalar_m<1, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 2: tile_scalar_m<2, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 3: tile_scalar_m<3, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        default: tile_scalar_m<4, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
     }
 }
 
@@ -77,9 +82,9 @@ DT_TARGET_AVX2 inline __m256 filt2(__m256 b) {
     return b;
 }
 
-template <int M, int F>
-DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C,
-                                int64_t ldc, bool add) {
+template <int M, int F, bool R>
+DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp,
+                                float* C, int64_t ldc, bool add) {
     __m256 c0[M], c1[M];
 #pragma GCC unroll 8
     for (int i = 0; i < M; ++i) {  // the C tile is read at the end: start fetching it now
@@ -91,10 +96,10 @@ DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float*
     for (int64_t k = 0; k < kc; ++k) {
         const __m256 b0 = filt2<F>(_mm256_load_ps(Bp + k * kNr2));
         const __m256 b1 = filt2<F>(_mm256_load_ps(Bp + k * kNr2 + 8));
-        const float* a = Ap + k * kMr2;
+        const float* a = R ? Ap + k : Ap + k * kMr2;
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
-            const __m256 ai = _mm256_broadcast_ss(a + i);
+            const __m256 ai = _mm256_broadcast_ss(a + (R ? i * ars : i));
             c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
             c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
         }
@@ -127,16 +132,16 @@ DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, const float*
     }
 }
 
-template <int F>
-DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C,
-                              int64_t ldc, bool add) {
+template <int F, bool R>
+DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp,
+                              float* C, int64_t ldc, bool add) {
     switch (m) {
-        case 1: tile_avx2_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_avx2_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_avx2_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 4: tile_avx2_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 5: tile_avx2_m<5, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_avx2_m<6, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_avx2_m<1, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 2: tile_avx2_m<2, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 3: tile_avx2_m<3, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 4: tile_avx2_m<4, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 5: tile_avx2_m<5, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        default: tile_avx2_m<6, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
     }
 }
 
@@ -154,9 +159,9 @@ DT_TARGET_AVX512 inline __m512 filt5(__m512 b) {
     return b;
 }
 
-template <int M, int F>
-DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const float* Bp, float* C,
-                                    int64_t ldc, bool add) {
+template <int M, int F, bool R>
+DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, int64_t ars,
+                                    const float* Bp, float* C, int64_t ldc, bool add) {
     __m512 c0[M], c1[M];
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {  // the C tile is read at the end: start fetching it now
@@ -168,10 +173,10 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
     for (int64_t k = 0; k < kc; ++k) {
         const __m512 b0 = filt5<F>(_mm512_load_ps(Bp + k * kNr5));
         const __m512 b1 = filt5<F>(_mm512_load_ps(Bp + k * kNr5 + 16));
-        const float* a = Ap + k * kMr5;
+        const float* a = R ? Ap + k : Ap + k * kMr5;
 #pragma GCC unroll 16
         for (int i = 0; i < M; ++i) {
-            const __m512 ai = _mm512_set1_ps(a[i]);
+            const __m512 ai = _mm512_set1_ps(a[R ? i * ars : i]);
             c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
             c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
         }
@@ -192,22 +197,22 @@ DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, const fl
     }
 }
 
-template <int F>
-DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, const float* Bp, float* C,
-                                  int64_t ldc, bool add) {
+template <int F, bool R>
+DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp,
+                                  float* C, int64_t ldc, bool add) {
     switch (m) {
-        case 1: tile_avx512_m<1, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 2: tile_avx512_m<2, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 3: tile_avx512_m<3, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 4: tile_avx512_m<4, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 5: tile_avx512_m<5, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 6: tile_avx512_m<6, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 7: tile_avx512_m<7, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 8: tile_avx512_m<8, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 9: tile_avx512_m<9, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 10: tile_avx512_m<10, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        case 11: tile_avx512_m<11, F>(n, kc, Ap, Bp, C, ldc, add); break;
-        default: tile_avx512_m<12, F>(n, kc, Ap, Bp, C, ldc, add); break;
+        case 1: tile_avx512_m<1, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 2: tile_avx512_m<2, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 3: tile_avx512_m<3, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 4: tile_avx512_m<4, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 5: tile_avx512_m<5, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 6: tile_avx512_m<6, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 7: tile_avx512_m<7, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 8: tile_avx512_m<8, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 9: tile_avx512_m<9, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 10: tile_avx512_m<10, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        case 11: tile_avx512_m<11, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
+        default: tile_avx512_m<12, F, R>(n, kc, Ap, ars, Bp, C, ldc, add); break;
     }
 }
 #endif  // DEEPTAYLOR_GEMM_X86
@@ -217,10 +222,16 @@ DT_TARGET_AVX512 void tile_avx512(int m, int n, int64_t kc, const float* Ap, con
 // Blocking (Zen 4: 32 KB L1d, 1 MB L2 per core, shared L3): kc so that the A micro-panel
 // (MR x kc floats) fills about half of L1; nc so that the packed B block (kc x nc) takes about
 // 60-75% of L2; mc rows of A packed at once (in L3).
-const Kernel kScalar{"scalar", kMrS, kNrS, 256, 256, 1024, {&tile_scalar<0>, &tile_scalar<1>, &tile_scalar<2>}};
+const Kernel kScalar{"scalar", kMrS, kNrS, 256, 256, 1024,
+                    {{&tile_scalar<0, false>, &tile_scalar<1, false>, &tile_scalar<2, false>},
+                      {&tile_scalar<0, true>, &tile_scalar<1, true>, &tile_scalar<2, true>}}};
 #ifdef DEEPTAYLOR_GEMM_X86
-const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 4096, {&tile_avx2<0>, &tile_avx2<1>, &tile_avx2<2>}};
-const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 4096, {&tile_avx512<0>, &tile_avx512<1>, &tile_avx512<2>}};
+const Kernel kAvx2{"avx2", kMr2, kNr2, 384, 384, 4096,
+                    {{&tile_avx2<0, false>, &tile_avx2<1, false>, &tile_avx2<2, false>},
+                      {&tile_avx2<0, true>, &tile_avx2<1, true>, &tile_avx2<2, true>}}};
+const Kernel kAvx512{"avx512", kMr5, kNr5, 384, 384, 4096,
+                    {{&tile_avx512<0, false>, &tile_avx512<1, false>, &tile_avx512<2, false>},
+                      {&tile_avx512<0, true>, &tile_avx512<1, true>, &tile_avx512<2, true>}}};
 #endif
 
 }  // namespace deeptaylor::gemm_detail
