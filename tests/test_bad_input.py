@@ -289,12 +289,57 @@ def test_sequential_output_shape_names_failing_layer(rng):
 
 
 def test_explainer_arguments(dense_net):
-    with pytest.raises(TypeError, match="must be a deeptaylor.Sequential"):
+    """Bad arguments raise deeptaylor's own errors, which are also the built-ins they used to be."""
+    with pytest.raises(dt.InputTypeError, match="must be a deeptaylor.Sequential"):
         dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
-    with pytest.raises(ValueError, match="threads must be a positive int"):
+    with pytest.raises(dt.InputError, match="threads must be a positive int"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0)
-    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+    with pytest.raises(dt.InputError, match="unknown backend 'gpu'"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
+    with pytest.raises(dt.InputError, match="backend must be 'numpy', 'cpu' or a backend object"):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), backend=3)
     ex = dt.Explainer(dense_net, dt.rules.ZPlus())
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(dt.InputError, match="batch_size must be a positive int"):
         ex.explain(np.ones((2, 6)), batch_size=0)
+    # still the built-ins, for code that catches those
+    with pytest.raises(TypeError):
+        dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
+    with pytest.raises(ValueError):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
+    with pytest.raises(ValueError):
+        ex.explain(np.ones((2, 6)), batch_size=0)
+
+
+def test_sequential_item_not_a_layer():
+    with pytest.raises(dt.InputTypeError, match=_re("Sequential: item 1 is int, not a deeptaylor layer")):
+        dt.Sequential([dt.ReLU(), 3])
+    with pytest.raises(TypeError):
+        dt.Sequential([dt.ReLU(), "relu"])
+
+
+@pytest.mark.parametrize("low, high", [("a", 1.0), (0.0, "b"), (1j, 2.0), (None, 1.0), ([0.0, "x"], 1.0),
+                                       (True, 1.0), (object(), 1.0)])
+def test_zbox_bad_bounds_name_zbox(low, high):
+    with pytest.raises(dt.RuleError, match="ZBox: (low|high) must be a real number or a numeric array"):
+        dt.rules.ZBox(low, high)
+
+
+@pytest.mark.parametrize("name", ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
+                                  "lecun_uniform", "lecun_normal", "zeros", "fans"])
+def test_init_bad_shapes_name_the_initialiser(name):
+    f = getattr(dt.init, name)
+    for bad in ((3.5, 2), (3, True), ("4", 2), 5, None):
+        with pytest.raises(dt.InputTypeError, match=f"{name}: shape must be a sequence of ints") as info:
+            f(bad)
+        assert isinstance(info.value, TypeError)
+    if name == "zeros":                       # biases: any rank, no fans needed
+        assert f((3,)).shape == (3,)
+        with pytest.raises(dt.ShapeError, match="zeros: shape must have non-negative sizes"):
+            f((3, -1))
+    else:
+        with pytest.raises(dt.ShapeError, match=f"{name}: .*>= 2 positive dimensions"):
+            f((4, 0))
+    # numpy integers are ints
+    f((np.int64(3), np.int32(2)))
+    with pytest.raises(dt.InputTypeError, match="constant: shape must be a sequence of ints"):
+        dt.init.constant((2.5, 2), -0.1)

@@ -154,9 +154,9 @@ class Explainer:
         from .backends import get_backend
 
         if not isinstance(net, Sequential):
-            raise TypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
+            raise InputTypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+            raise InputError(f"threads must be a positive int, got {threads!r}")
         self.net = net
         self.composite = _resolve(composite)
         self.assignment: list[Rule | None] | Method = (
@@ -229,7 +229,7 @@ class Explainer:
         if batch_size is None:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         starts = range(0, n, batch_size)
         if progress and len(starts) > 1:
             try:

@@ -81,6 +81,17 @@ def _number(value: Any, name: str, rule: str, minimum: float | None = 0.0) -> fl
     return v
 
 
+def _bound(value: Any, name: str) -> np.ndarray:
+    """A ZBox bound as a float64 copy; RuleError naming ZBox for anything that is not real numbers."""
+    try:
+        arr = np.asarray(value)
+    except Exception:  # ragged nested sequences and other exotic objects
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise RuleError(f"ZBox: {name} must be a real number or a numeric array, got {value!r}")
+    return np.array(arr, dtype=np.float64, copy=True)
+
+
 class Z(Rule):
     """LRP-0 (Bach et al. 2015): ``q_ij = a_i w_ij``; ``z_j = sum_i a_i w_ij + b_j``.
 
@@ -210,8 +221,8 @@ class ZBox(Rule):
     __slots__ = ("low", "high")
 
     def __init__(self, low: Any = 0.0, high: Any = 1.0) -> None:
-        lo = np.array(low, dtype=np.float64, copy=True)
-        hi = np.array(high, dtype=np.float64, copy=True)
+        lo = _bound(low, "low")
+        hi = _bound(high, "high")
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             raise RuleError("ZBox: low and high must be finite")
         try:
