@@ -343,3 +343,58 @@ def test_init_bad_shapes_name_the_initialiser(name):
     f((np.int64(3), np.int32(2)))
     with pytest.raises(dt.InputTypeError, match="constant: shape must be a sequence of ints"):
         dt.init.constant((2.5, 2), -0.1)
+
+
+class _MyZPlus(dt.rules.ZPlus):
+    __slots__ = ()
+
+
+class _MyRule(dt.rules.Rule):
+    __slots__ = ()
+
+
+class _MyLayer(dt.Layer):
+    __slots__ = ()
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class _MyMethod(dt.methods.Method):
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("rule", [_MyZPlus(), _MyRule()], ids=["ZPlus-subclass", "custom-rule"])
+def test_custom_rule_is_refused_at_construction(backend, rule):
+    """Backends dispatch rules by their exact type: a subclass or a custom Rule is refused when the
+    Explainer is built (not a bare KeyError, or a compiled-plan error, at explain time)."""
+    net = dt.Sequential([dt.ReLU(), dt.Dense(np.ones((3, 4)), -np.ones(3)), dt.ReLU(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError) as info:
+        dt.Explainer(net, rule, backend=backend)
+    msg = str(info.value)
+    assert f"backend '{backend}'" in msg
+    assert "layer 1 (Dense)" in msg
+    assert rule.name in msg
+
+
+def test_custom_layer_is_refused_at_construction(backend):
+    net = dt.Sequential([dt.Dense(np.ones((3, 4))), _MyLayer(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError, match=_re(f"backend '{backend}' does not support layer 1 (_MyLayer)")):
+        dt.Explainer(net, dt.rules.ZPlus(), backend=backend)
+    with pytest.raises(dt.UnsupportedError, match=_re("layer 1 (_MyLayer)")):
+        dt.Explainer(net, dt.methods.Sensitivity(), backend=backend)
+
+
+def test_custom_method_is_refused_at_construction(backend):
+    net = dt.Sequential([dt.Dense(np.ones((3, 4))), dt.ReLU(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError, match=f"backend '{backend}' does not support the method _MyMethod"):
+        dt.Explainer(net, _MyMethod(), backend=backend)
+
+
+def test_reference_refuses_unknown_rule_clearly():
+    """Called directly (no Explainer), the reference names the rule instead of a bare KeyError."""
+    from deeptaylor.reference import linear_relevance
+
+    layer = dt.Dense(np.ones((2, 3)))
+    with pytest.raises(dt.UnsupportedError, match="_MyZPlus"):
+        linear_relevance(layer, _MyZPlus(), np.ones((1, 3)), np.ones((1, 2)))

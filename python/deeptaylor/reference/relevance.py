@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UnsupportedError
 from ..layers import Conv2d, Dense
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 from .ops import linear_forward as L
@@ -145,5 +146,12 @@ RULE_FUNCTIONS = {
 
 
 def linear_relevance(layer: Linear, rule: Rule, a: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Apply ``rule`` to the linear ``layer`` with input ``a`` and output relevance ``R``."""
-    return RULE_FUNCTIONS[type(rule)](layer, rule, a, R)
+    """Apply ``rule`` to the linear ``layer`` with input ``a`` and output relevance ``R``.
+
+    Rules are dispatched by their exact type (a subclass is not its base rule: it may change the
+    formula); an unknown one raises :class:`~deeptaylor.errors.UnsupportedError` naming it."""
+    fn = RULE_FUNCTIONS.get(type(rule))
+    if fn is None:
+        raise UnsupportedError(f"the numpy reference has no relevance function for rule {rule!r} on "
+                               f"{layer.kind} (built-in rules only, matched by exact type)")
+    return fn(layer, rule, a, R)
