@@ -398,3 +398,62 @@ def test_reference_refuses_unknown_rule_clearly():
     layer = dt.Dense(np.ones((2, 3)))
     with pytest.raises(dt.UnsupportedError, match="_MyZPlus"):
         linear_relevance(layer, _MyZPlus(), np.ones((1, 3)), np.ones((1, 2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Overflow: never a silent NaN heatmap
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.skipif("cpu" not in dt.available_backends(), reason="compiled core not built")
+@pytest.mark.parametrize("value", [1e39, -1e39, 2 * F32_MAX])
+def test_cpu_refuses_float64_input_beyond_float32(value):
+    """The cpu backend computes in float32: a float64 input it cannot represent would become +-inf
+    and NaN heatmaps. It is refused before any work, naming the problem."""
+    net = dt.Sequential([dt.Dense(np.ones((2, 3))), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[0.5, value, 0.25]])
+    with pytest.raises(dt.InputError, match="beyond float32's range") as info:
+        dt.Explainer(net, dt.rules.ZPlus(), backend="cpu").explain(x)
+    assert "backend 'cpu'" in str(info.value)
+    # the float64 reference takes it (the output is finite in float64)
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(np.abs(x))
+    assert np.all(np.isfinite(res.relevance))
+    # right at float32's maximum is still representable
+    ok = np.array([[0.0, F32_MAX, 0.0]])
+    net1 = dt.Sequential([dt.Dense(np.array([[0.0, 0.5, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    got = dt.Explainer(net1, dt.rules.ZPlus(), backend="cpu").explain(ok)
+    assert np.all(np.isfinite(got.relevance))
+
+
+def _overflow_case(backend):
+    """A net and input whose forward pass overflows the backend's precision (finite input)."""
+    big = 1e30 if backend == "cpu" else 1e300
+    net = dt.Sequential([dt.Dense(np.full((2, 3), big)), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.full((2, 3), big, dtype=np.float32 if backend == "cpu" else np.float64)
+    return net, x
+
+
+def test_forward_overflow_is_an_error_not_nan(backend):
+    net, x = _overflow_case(backend)
+    prec = "float32" if backend == "cpu" else "float64"
+    for comp in (dt.rules.ZPlus(), dt.composites.deep_taylor_unbounded(), dt.methods.Sensitivity()):
+        ex = dt.Explainer(net, comp, backend=backend)
+        with pytest.raises(dt.InputError, match=f"forward pass overflowed {prec}"):
+            ex.explain(x)
+        with pytest.raises(dt.InputError, match=f"forward pass overflowed {prec}"):
+            ex.explain(x, batch_size=1)
+
+
+def test_relevance_overflow_is_an_error_not_inf(backend):
+    """The output is finite but the relevance is not: sensitivity squares a huge gradient."""
+    w = 1e30 if backend == "cpu" else 1e200
+    net = dt.Sequential([dt.Dense(np.array([[w, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[1.0 / w, 1.0]])
+    ex = dt.Explainer(net, dt.methods.Sensitivity(), backend=backend)
+    with pytest.raises(dt.InputError, match="relevance pass overflowed"):
+        ex.explain(x)
+    # a well-scaled input to the same Explainer still works
+    net2 = dt.Sequential([dt.Dense(np.array([[1.0, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    res = dt.Explainer(net2, dt.methods.Sensitivity(), backend=backend).explain(x)
+    assert np.all(np.isfinite(res.relevance))

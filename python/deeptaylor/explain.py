@@ -170,6 +170,32 @@ class Explainer:
         c = self.composite
         return c.name if isinstance(c, Method) else f"composite:{c.name}"
 
+    def _check_range(self, x: np.ndarray) -> None:
+        """A float64 input to a float32 backend (cpu) must fit in float32: beyond ``finfo(float32).max``
+        it would turn into +-inf and NaN heatmaps. Two reductions (min, max), only for float64 input
+        to a float32 backend."""
+        dtype = getattr(self.backend, "dtype", None)
+        if x.dtype != np.float64 or dtype is None or np.dtype(dtype) != np.float32:
+            return
+        big = float(np.finfo(np.float32).max)
+        lo, hi = float(x.min()), float(x.max())
+        if hi > big or lo < -big:
+            raise InputError(
+                f"input has values in [{lo:.4g}, {hi:.4g}], beyond float32's range (+-{big:.4g}): backend "
+                f"'{self.backend.name}' computes in float32 (rescale the input or use backend='numpy')")
+
+    def _check_finite(self, a: np.ndarray, stage: str, what: str) -> None:
+        """NaN/Inf after the pass means it overflowed the backend's precision: an error, never a NaN
+        heatmap. One reduction on the common path (:func:`_all_finite`)."""
+        if _all_finite(a):
+            return
+        bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+        samples = np.flatnonzero(bad)
+        raise InputError(
+            f"the {stage} pass overflowed {a.dtype} (backend '{self.backend.name}'): {what} has NaN/Inf "
+            f"values for {samples.size} sample(s), first sample {int(samples[0])}; scale the input or "
+            "the weights down" + (" or use backend='numpy' (float64)" if a.dtype == np.float32 else ""))
+
     def _check_domains(self, x: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
         """Every ZBox's bounds must broadcast to its layer's input shape (RuleError otherwise). ZBox on
         the layer that sees the input (layer 0, or the first layer after leading Flatten layers, which
@@ -225,6 +251,7 @@ class Explainer:
         x, shapes = validate_input(self.net, x)
         n, k = shapes[-1]
         targets = validate_targets(target, n, k)
+        self._check_range(x)
         self._check_domains(x, shapes)
         if batch_size is None:
             batch_size = n
@@ -249,6 +276,8 @@ class Explainer:
             relevance = np.concatenate([p[1] for p in parts])
             layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
                 if return_layers else None
+        self._check_finite(output, "forward", "the network output")
+        self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
         # ZPlus(use_bias=True) puts the positive bias in the denominator: it can absorb relevance

@@ -33,5 +33,8 @@ class NumpyBackend:
 
     def run(self, net: Sequential, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
             return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-        p = reference.run(net, assignment, x.astype(np.float64, copy=False), targets)
+        # overflow (inf) and inf - inf (NaN) are not warned about here: the Explainer checks the
+        # output and the relevance once after the pass and raises a clear error instead
+        with np.errstate(over="ignore", invalid="ignore"):
+            p = reference.run(net, assignment, x.astype(np.float64, copy=False), targets)
         return p.output, p.relevance, (p.layers if return_layers else None)
