@@ -11,10 +11,10 @@ import numpy as np
 from .composites import Composite
 from .composites import get as _get_composite
 from .errors import InputError, InputTypeError, RuleError, ShapeError
-from .layers import Flatten
+from .layers import Conv2d, Dense, Flatten, MaxPool2d, ReLU
 from .methods import Method
 from .network import Sequential
-from .rules import Rule, ZBox
+from .rules import Flat, Rule, WSquare, ZBox, ZPlus
 
 __all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
 
@@ -40,6 +40,17 @@ class Explanation:
     method : str
         The composite or method that produced it.
     backend : str
+    conservative_expected : bool
+        True when theory (docs/theory.md §3; Montavon et al. 2017) promises conservation,
+        ``sum_p R_p = f(x)`` at every layer, for this network, composite and batch. That is exactly when
+        all the theorem's premises hold: a rule composite (not a gradient method); every linear layer
+        has ``b <= 0``; the first linear layer sees the input (only Flatten layers before it) and takes
+        z+, w², flat or zB(l, h) with ``l <= 0 <= h`` (the explainer checks the input lies in the box),
+        every other linear layer takes z+ (``ZPlus(use_bias=True)`` counts: with ``b <= 0`` the added
+        ``b+`` is 0); each linear layer's output goes through a ReLU (Flatten or MaxPool2d in between
+        allowed) unless it is the network's output; and the explained outputs are ``>= 0``. False does
+        not mean relevance is lost (e.g. Z on a bias-free ReLU network conserves), only that the
+        theorem does not promise it. ``checks.conservation`` measures it.
     """
 
     relevance: np.ndarray
@@ -115,6 +126,41 @@ def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
     return t
 
 
+_FIRST_RULES = (ZPlus, WSquare, Flat)
+
+
+def _conservation_premises(net: Sequential, assignment: list[Rule | None] | Method) -> tuple[bool, bool]:
+    """The data-independent premises of the conservation theorem (docs/theory.md §3), checked once
+    per Explainer: returns ``(holds, needs_nonnegative_output)``. The second is True when the network
+    ends in a linear layer, whose explained output must be >= 0 (checked per batch)."""
+    if isinstance(assignment, Method):
+        return False, False
+    linear = net.linear_layers()
+    if not linear or any(not isinstance(net[i], Flatten) for i in range(linear[0])):
+        return False, False
+    needs_nonnegative = False
+    for i in linear:
+        layer, rule = net[i], assignment[i]
+        if type(layer) not in (Dense, Conv2d):   # a custom backend's own linear layer: unknown maths
+            return False, False
+        if not np.all(layer.bias <= 0):
+            return False, False                  # b > 0: x_j = b_j with a zero denominator drops R_j
+        if i == linear[0]:
+            box = type(rule) is ZBox and bool(np.all(rule.low <= 0) and np.all(rule.high >= 0))
+            if not (type(rule) in _FIRST_RULES or box):
+                return False, False
+        elif type(rule) is not ZPlus:            # w², flat, zB above: R_j no longer ~ x_j below them
+            return False, False
+        j = i + 1
+        while j < len(net) and isinstance(net[j], (Flatten, MaxPool2d)):
+            j += 1
+        if j == len(net):
+            needs_nonnegative = True
+        elif not isinstance(net[j], ReLU):
+            return False, False                  # a unit that is off must output 0
+    return True, needs_nonnegative
+
+
 def _resolve(composite: Any) -> Composite | Method:
     if isinstance(composite, str):
         composite = _get_composite(composite)
@@ -164,6 +210,7 @@ class Explainer:
         )
         self.backend = get_backend(backend, threads=threads)
         self.backend.check(net, self.assignment)
+        self._premises = _conservation_premises(net, self.assignment)
 
     @property
     def method_name(self) -> str:
@@ -280,10 +327,8 @@ class Explainer:
         self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
-        # ZPlus(use_bias=True) puts the positive bias in the denominator: it can absorb relevance
-        conservative = (not isinstance(self.assignment, Method)
-                        and all(r is None or (r.conservative and not getattr(r, "use_bias", False))
-                                for r in self.assignment))
+        holds, needs_nonnegative = self._premises
+        conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0)))
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative)
