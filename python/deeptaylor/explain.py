@@ -214,6 +214,8 @@ class Explainer:
 
     @property
     def method_name(self) -> str:
+        """What :attr:`Explanation.method` records: the method's name (``"Sensitivity"``) or
+        ``"composite:<name>"`` (``"composite:deep_taylor"``; a single rule gives ``"composite:ZPlus"``)."""
         c = self.composite
         return c.name if isinstance(c, Method) else f"composite:{c.name}"
 

@@ -53,6 +53,8 @@ class Rule:
 
     @property
     def name(self) -> str:
+        """The rule's class name, e.g. ``"ZPlus"`` (used in reprs, error messages, the cpu plan's
+        dispatch and saved files)."""
         return type(self).__name__
 
     def params(self) -> dict[str, Any]:
