@@ -209,6 +209,19 @@ def test_zbox_domain_checked_after_flatten(rng):
         dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
 
 
+def test_zbox_domain_not_traced_through_pooling(rng):
+    """Documented limit: the input box is checked only for a ZBox that sees the input (layer 0, or the
+    first layer after leading Flatten layers). Behind pooling (or any layer that computes) the ZBox
+    sees activations, the bounds are the user's statement about them and nothing is checked (nor is
+    conservation then expected)."""
+    net = dt.Sequential([dt.SumPool2d(2), dt.Flatten(), dt.Dense(rng.normal(size=(3, 3)), -0.1 * np.ones(3)),
+                         dt.ReLU(), dt.GlobalSumPool()])
+    x = rng.uniform(size=(2, 3, 2, 2))            # in [0, 1], but the pooled sums reach up to 4
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+    assert res.relevance.shape == x.shape
+    assert not res.conservative_expected
+
+
 @pytest.mark.parametrize(("make", "phrase"), [
     (lambda: dt.rules.Epsilon(-1e-3), "eps must be finite and >= 0"),
     (lambda: dt.rules.Epsilon(np.nan), "eps must be finite"),

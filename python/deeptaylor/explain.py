@@ -188,6 +188,13 @@ class Explainer:
     threads : int, optional
         Threads for the compiled backends (default: OpenMP's default).
 
+    Before any work, :meth:`explain` validates the input (dtype, shape, finiteness; for a float32
+    backend, values within float32's range) and, for a :class:`~deeptaylor.rules.ZBox` that sees the
+    input -- on layer 0 or on the first layer after leading Flatten layers -- that the input lies in
+    its box. The box is not traced through pooling or other layers: a ZBox deeper in the network sees
+    activations, and its bounds are taken as given. After the pass, NaN/Inf in the output or the
+    relevance (an overflow of the backend's precision) raises :class:`~deeptaylor.errors.InputError`.
+
     Examples
     --------
     >>> ex = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0), backend="cpu")

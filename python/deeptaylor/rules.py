@@ -213,8 +213,14 @@ class ZBox(Rule):
         q_ij = a_i w_ij - l_i w+_ij - h_i w-_ij
 
     ``low`` and ``high`` are scalars or arrays broadcastable to the layer's per-sample input shape
-    (e.g. ``(C, 1, 1)`` per channel). Conservative and positive when the input lies in the box;
-    bias ignored.
+    (e.g. ``(C, 1, 1)`` per channel). Conservative and positive when the input lies in the box and
+    ``low <= 0 <= high``; bias ignored.
+
+    Domain check: the :class:`~deeptaylor.Explainer` refuses inputs outside the box only where the
+    ZBox sees the network's input, i.e. on layer 0 or on the first layer after leading
+    :class:`~deeptaylor.Flatten` layers (which only reshape). It does not trace the box through
+    pooling or any other layer: a ZBox deeper in the network (or after a pooling layer) sees
+    activations, and its bounds are the user's unchecked statement about them.
     """
 
     conservative = True
