@@ -317,9 +317,9 @@ def test_explainer_arguments(dense_net):
     # still the built-ins, for code that catches those
     with pytest.raises(TypeError):
         dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown backend"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size"):
         ex.explain(np.ones((2, 6)), batch_size=0)
 
 
@@ -330,7 +330,7 @@ def test_sequential_item_not_a_layer():
         dt.Sequential([dt.ReLU(), "relu"])
 
 
-@pytest.mark.parametrize("low, high", [("a", 1.0), (0.0, "b"), (1j, 2.0), (None, 1.0), ([0.0, "x"], 1.0),
+@pytest.mark.parametrize(("low", "high"), [("a", 1.0), (0.0, "b"), (1j, 2.0), (None, 1.0), ([0.0, "x"], 1.0),
                                        (True, 1.0), (object(), 1.0)])
 def test_zbox_bad_bounds_name_zbox(low, high):
     with pytest.raises(dt.RuleError, match="ZBox: (low|high) must be a real number or a numeric array"):

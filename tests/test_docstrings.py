@@ -22,9 +22,9 @@ def _properties():
                 yield pytest.param(cls, name, member, id=f"{cls.__name__}.{name}")
 
 
-@pytest.mark.parametrize("cls, name, prop", list(_properties()))
+@pytest.mark.parametrize(("cls", "name", "prop"), list(_properties()))
 def test_public_properties_have_docstrings(cls, name, prop):
-    assert prop.__doc__ and prop.__doc__.strip(), f"{cls.__name__}.{name} has no docstring"
+    assert (prop.__doc__ or "").strip(), f"{cls.__name__}.{name} has no docstring"
 
 
 @pytest.mark.parametrize("fn", sorted(set(relevance.RULE_FUNCTIONS.values()), key=lambda f: f.__name__),

@@ -154,7 +154,8 @@ def test_default_seed_pinned_by_hand(task):
     np.testing.assert_allclose(d["b"], b, rtol=0, atol=1e-15)
     np.testing.assert_allclose(d["x"], x, rtol=0, atol=1e-15)
     # as printed by `python examples/numerical_task.py` (4 decimals): w_00 = 0.4355, b_0 = -0.0890
-    assert round(d["w"][0, 0], 4) == 0.4355 and round(d["b"][0], 4) == -0.0890
+    assert round(d["w"][0, 0], 4) == 0.4355
+    assert round(d["b"][0], 4) == -0.0890
     # literals: f(x) = x_0 + x_2 + x_3 = 0.4121 + 0.2540 + 0.0216 (unit 1 off), and z+'s R_2, each
     # from hand() above on these weights (float64, sums in slide order), pinned to 12 digits
     h = hand(x, w, b, "zplus")

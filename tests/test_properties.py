@@ -248,7 +248,8 @@ def test_negative_explained_output_is_not_expected_to_conserve():
     """A top linear layer whose explained output is negative: a zero z+ denominator drops it."""
     net = dt.Sequential([dt.Dense(np.array([[-1.0]]))])
     res = dt.Explainer(net, dt.rules.ZPlus()).explain(np.array([[1.0]]))
-    assert res.explained[0] == -1.0 and res.relevance.sum() == 0.0
+    assert res.explained[0] == -1.0
+    assert res.relevance.sum() == 0.0
     assert not res.conservative_expected
 
 

@@ -87,7 +87,7 @@ def _bound(value: Any, name: str) -> np.ndarray:
     """A ZBox bound as a float64 copy; RuleError naming ZBox for anything that is not real numbers."""
     try:
         arr = np.asarray(value)
-    except Exception:  # ragged nested sequences and other exotic objects
+    except (TypeError, ValueError):  # ragged nested sequences
         arr = None
     if arr is None or arr.dtype.kind not in "iuf":
         raise RuleError(f"ZBox: {name} must be a real number or a numeric array, got {value!r}")
