@@ -14,7 +14,8 @@ biases) and one output. Deep Taylor decomposition explains f(x) = x_k in two ste
   q_ij = x_i w_ij - l_i w+_ij - h_i w-_ij (zB rule, l <= x <= h; here the box [0, 1]).
 
 The script prints every layer's relevance under the three rules, the conservation and positivity
-checks, sensitivity analysis for contrast, and a reading of the numbers in plain words.
+checks (as a table and as ``dt.checks.conservation`` / ``dt.checks.positivity`` report them),
+sensitivity analysis for contrast, and a reading of the numbers in plain words.
 
 Run it:  ``python examples/numerical_task.py [seed]``.  Import it:  ``run(seed, verbose=False)``
 returns the numbers as a dict of arrays (used by ``tests/test_numerical_task.py``).
@@ -79,19 +80,21 @@ def run(seed: int = DEFAULT_SEED, verbose: bool = True) -> dict[str, np.ndarray]
     }
     out["z"] = x[0] @ out["w"] + out["b"]
     out["hidden"] = np.maximum(out["z"], 0.0)
+    checks: dict[str, tuple[dt.checks.ConservationReport, dt.checks.PositivityReport]] = {}
     for key, method in METHODS.items():
         res = dt.Explainer(net, method).explain(x, return_layers=True)
+        checks[key] = (dt.checks.conservation(res), dt.checks.positivity(res))
         # layers[0]: input of the Dense layer (R_i); layers[1] = layers[2]: the hidden units (R_j);
         # layers[3]: the output (R_k).
         out[f"R_i/{key}"] = res.layers[0][0]
         out[f"R_j/{key}"] = res.layers[2][0]
         out[f"R_k/{key}"] = res.layers[3][0]
         out["f"] = res.output[0]
-        out[f"conservation/{key}"] = np.array([dt.checks.conservation(res).max_abs_error])
+        out[f"conservation/{key}"] = np.array([checks[key][0].max_abs_error])
     sens = dt.Explainer(net, dt.methods.Sensitivity()).explain(x)
     out["sensitivity"] = sens.relevance[0]
     if verbose:
-        report(out, seed)
+        report(out, seed, checks)
     return out
 
 
@@ -107,8 +110,9 @@ def _header(label: str, names: list[str], width: int = 9) -> str:
     return f"  {label:<14}" + "".join(f"{n:>{width}}" for n in names)
 
 
-def report(d: dict[str, np.ndarray], seed: int) -> None:
-    """Print the tables and the plain-language reading of ``run``'s numbers."""
+def report(d: dict[str, np.ndarray], seed: int, checks: dict[str, tuple] | None = None) -> None:
+    """Print the tables and the plain-language reading of ``run``'s numbers; ``checks`` maps each rule
+    to its ``(dt.checks.conservation(res), dt.checks.positivity(res))`` reports, printed as they are."""
     ins = [f"i={i}" for i in range(N_IN)]
     hid = [f"j={j}" for j in range(N_HIDDEN)]
     print(f"Deep Taylor decomposition of a detection-pooling network (seed {seed})")
@@ -149,6 +153,15 @@ def report(d: dict[str, np.ndarray], seed: int) -> None:
               f"{'yes' if ok else 'NO'}")
     print(f"  {'sensitivity':<14}{s.sum():>12.6f}{d['f'][0]:>12.6f}{abs(s.sum() - d['f'][0]):>16.2e}"
           f"{s.min():>12.6f}  positive, not conservative\n")
+    if checks:
+        print("The same checks as deeptaylor reports them (dt.checks.conservation / dt.checks.positivity)")
+        for key, label in LABELS.items():
+            for rep in checks[key]:
+                first, *rest = str(rep).splitlines()
+                print(f"  [{label}] {first}")
+                for line in rest:
+                    print(f"  {line}")
+        print()
     print("Reading the numbers")
     for paragraph in interpret(d):
         print(_wrap(paragraph))

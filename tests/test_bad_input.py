@@ -209,6 +209,19 @@ def test_zbox_domain_checked_after_flatten(rng):
         dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
 
 
+def test_zbox_domain_not_traced_through_pooling(rng):
+    """Documented limit: the input box is checked only for a ZBox that sees the input (layer 0, or the
+    first layer after leading Flatten layers). Behind pooling (or any layer that computes) the ZBox
+    sees activations, the bounds are the user's statement about them and nothing is checked (nor is
+    conservation then expected)."""
+    net = dt.Sequential([dt.SumPool2d(2), dt.Flatten(), dt.Dense(rng.normal(size=(3, 3)), -0.1 * np.ones(3)),
+                         dt.ReLU(), dt.GlobalSumPool()])
+    x = rng.uniform(size=(2, 3, 2, 2))            # in [0, 1], but the pooled sums reach up to 4
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+    assert res.relevance.shape == x.shape
+    assert not res.conservative_expected
+
+
 @pytest.mark.parametrize(("make", "phrase"), [
     (lambda: dt.rules.Epsilon(-1e-3), "eps must be finite and >= 0"),
     (lambda: dt.rules.Epsilon(np.nan), "eps must be finite"),
@@ -289,12 +302,171 @@ def test_sequential_output_shape_names_failing_layer(rng):
 
 
 def test_explainer_arguments(dense_net):
-    with pytest.raises(TypeError, match="must be a deeptaylor.Sequential"):
+    """Bad arguments raise deeptaylor's own errors, which are also the built-ins they used to be."""
+    with pytest.raises(dt.InputTypeError, match="must be a deeptaylor.Sequential"):
         dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
-    with pytest.raises(ValueError, match="threads must be a positive int"):
+    with pytest.raises(dt.InputError, match="threads must be a positive int"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0)
-    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+    with pytest.raises(dt.InputError, match="unknown backend 'gpu'"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
+    with pytest.raises(dt.InputError, match="backend must be 'numpy', 'cpu' or a backend object"):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), backend=3)
     ex = dt.Explainer(dense_net, dt.rules.ZPlus())
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(dt.InputError, match="batch_size must be a positive int"):
         ex.explain(np.ones((2, 6)), batch_size=0)
+    # still the built-ins, for code that catches those
+    with pytest.raises(TypeError):
+        dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
+    with pytest.raises(ValueError, match="unknown backend"):
+        dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        ex.explain(np.ones((2, 6)), batch_size=0)
+
+
+def test_sequential_item_not_a_layer():
+    with pytest.raises(dt.InputTypeError, match=_re("Sequential: item 1 is int, not a deeptaylor layer")):
+        dt.Sequential([dt.ReLU(), 3])
+    with pytest.raises(TypeError):
+        dt.Sequential([dt.ReLU(), "relu"])
+
+
+@pytest.mark.parametrize(("low", "high"), [("a", 1.0), (0.0, "b"), (1j, 2.0), (None, 1.0), ([0.0, "x"], 1.0),
+                                       (True, 1.0), (object(), 1.0)])
+def test_zbox_bad_bounds_name_zbox(low, high):
+    with pytest.raises(dt.RuleError, match="ZBox: (low|high) must be a real number or a numeric array"):
+        dt.rules.ZBox(low, high)
+
+
+@pytest.mark.parametrize("name", ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
+                                  "lecun_uniform", "lecun_normal", "zeros", "fans"])
+def test_init_bad_shapes_name_the_initialiser(name):
+    f = getattr(dt.init, name)
+    for bad in ((3.5, 2), (3, True), ("4", 2), 5, None):
+        with pytest.raises(dt.InputTypeError, match=f"{name}: shape must be a sequence of ints") as info:
+            f(bad)
+        assert isinstance(info.value, TypeError)
+    if name == "zeros":                       # biases: any rank, no fans needed
+        assert f((3,)).shape == (3,)
+        with pytest.raises(dt.ShapeError, match="zeros: shape must have non-negative sizes"):
+            f((3, -1))
+    else:
+        with pytest.raises(dt.ShapeError, match=f"{name}: .*>= 2 positive dimensions"):
+            f((4, 0))
+    # numpy integers are ints
+    f((np.int64(3), np.int32(2)))
+    with pytest.raises(dt.InputTypeError, match="constant: shape must be a sequence of ints"):
+        dt.init.constant((2.5, 2), -0.1)
+
+
+class _MyZPlus(dt.rules.ZPlus):
+    __slots__ = ()
+
+
+class _MyRule(dt.rules.Rule):
+    __slots__ = ()
+
+
+class _MyLayer(dt.Layer):
+    __slots__ = ()
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class _MyMethod(dt.methods.Method):
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("rule", [_MyZPlus(), _MyRule()], ids=["ZPlus-subclass", "custom-rule"])
+def test_custom_rule_is_refused_at_construction(backend, rule):
+    """Backends dispatch rules by their exact type: a subclass or a custom Rule is refused when the
+    Explainer is built (not a bare KeyError, or a compiled-plan error, at explain time)."""
+    net = dt.Sequential([dt.ReLU(), dt.Dense(np.ones((3, 4)), -np.ones(3)), dt.ReLU(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError) as info:
+        dt.Explainer(net, rule, backend=backend)
+    msg = str(info.value)
+    assert f"backend '{backend}'" in msg
+    assert "layer 1 (Dense)" in msg
+    assert rule.name in msg
+
+
+def test_custom_layer_is_refused_at_construction(backend):
+    net = dt.Sequential([dt.Dense(np.ones((3, 4))), _MyLayer(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError, match=_re(f"backend '{backend}' does not support layer 1 (_MyLayer)")):
+        dt.Explainer(net, dt.rules.ZPlus(), backend=backend)
+    with pytest.raises(dt.UnsupportedError, match=_re("layer 1 (_MyLayer)")):
+        dt.Explainer(net, dt.methods.Sensitivity(), backend=backend)
+
+
+def test_custom_method_is_refused_at_construction(backend):
+    net = dt.Sequential([dt.Dense(np.ones((3, 4))), dt.ReLU(), dt.GlobalSumPool()])
+    with pytest.raises(dt.UnsupportedError, match=f"backend '{backend}' does not support the method _MyMethod"):
+        dt.Explainer(net, _MyMethod(), backend=backend)
+
+
+def test_reference_refuses_unknown_rule_clearly():
+    """Called directly (no Explainer), the reference names the rule instead of a bare KeyError."""
+    from deeptaylor.reference import linear_relevance
+
+    layer = dt.Dense(np.ones((2, 3)))
+    with pytest.raises(dt.UnsupportedError, match="_MyZPlus"):
+        linear_relevance(layer, _MyZPlus(), np.ones((1, 3)), np.ones((1, 2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Overflow: never a silent NaN heatmap
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.skipif("cpu" not in dt.available_backends(), reason="compiled core not built")
+@pytest.mark.parametrize("value", [1e39, -1e39, 2 * F32_MAX])
+def test_cpu_refuses_float64_input_beyond_float32(value):
+    """The cpu backend computes in float32: a float64 input it cannot represent would become +-inf
+    and NaN heatmaps. It is refused before any work, naming the problem."""
+    net = dt.Sequential([dt.Dense(np.ones((2, 3))), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[0.5, value, 0.25]])
+    with pytest.raises(dt.InputError, match="beyond float32's range") as info:
+        dt.Explainer(net, dt.rules.ZPlus(), backend="cpu").explain(x)
+    assert "backend 'cpu'" in str(info.value)
+    # the float64 reference takes it (the output is finite in float64)
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(np.abs(x))
+    assert np.all(np.isfinite(res.relevance))
+    # right at float32's maximum is still representable
+    ok = np.array([[0.0, F32_MAX, 0.0]])
+    net1 = dt.Sequential([dt.Dense(np.array([[0.0, 0.5, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    got = dt.Explainer(net1, dt.rules.ZPlus(), backend="cpu").explain(ok)
+    assert np.all(np.isfinite(got.relevance))
+
+
+def _overflow_case(backend):
+    """A net and input whose forward pass overflows the backend's precision (finite input)."""
+    big = 1e30 if backend == "cpu" else 1e300
+    net = dt.Sequential([dt.Dense(np.full((2, 3), big)), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.full((2, 3), big, dtype=np.float32 if backend == "cpu" else np.float64)
+    return net, x
+
+
+def test_forward_overflow_is_an_error_not_nan(backend):
+    net, x = _overflow_case(backend)
+    prec = "float32" if backend == "cpu" else "float64"
+    for comp in (dt.rules.ZPlus(), dt.composites.deep_taylor_unbounded(), dt.methods.Sensitivity()):
+        ex = dt.Explainer(net, comp, backend=backend)
+        with pytest.raises(dt.InputError, match=f"forward pass overflowed {prec}"):
+            ex.explain(x)
+        with pytest.raises(dt.InputError, match=f"forward pass overflowed {prec}"):
+            ex.explain(x, batch_size=1)
+
+
+def test_relevance_overflow_is_an_error_not_inf(backend):
+    """The output is finite but the relevance is not: sensitivity squares a huge gradient."""
+    w = 1e30 if backend == "cpu" else 1e200
+    net = dt.Sequential([dt.Dense(np.array([[w, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[1.0 / w, 1.0]])
+    ex = dt.Explainer(net, dt.methods.Sensitivity(), backend=backend)
+    with pytest.raises(dt.InputError, match="relevance pass overflowed"):
+        ex.explain(x)
+    # a well-scaled input to the same Explainer still works
+    net2 = dt.Sequential([dt.Dense(np.array([[1.0, 0.0]])), dt.ReLU(), dt.GlobalSumPool()])
+    res = dt.Explainer(net2, dt.methods.Sensitivity(), backend=backend).explain(x)
+    assert np.all(np.isfinite(res.relevance))

@@ -109,3 +109,41 @@ def test_repr_and_immutability():
         assert part in text
     with pytest.raises(AttributeError, match="immutable"):
         comp.default = Z()
+
+
+def test_mappings_are_read_only():
+    """A Composite is immutable all the way down: its by_index / by_type mappings cannot be edited
+    after construction (the caller's dicts are copied, so editing those changes nothing either)."""
+    by_type = {dt.Dense: Epsilon(0.5)}
+    by_index = {0: Z()}
+    comp = dt.Composite(by_index=by_index, by_type=by_type, default=ZPlus())
+    with pytest.raises(TypeError):
+        comp.by_type[dt.Dense] = "junk"
+    with pytest.raises(TypeError):
+        comp.by_index[1] = Flat()
+    with pytest.raises(TypeError):
+        del comp.by_type[dt.Dense]
+    by_type[dt.Conv2d] = Z()
+    by_index[5] = Flat()
+    assert dict(comp.by_type) == {dt.Dense: Epsilon(0.5)}
+    assert dict(comp.by_index) == {0: Z()}
+
+
+@pytest.mark.parametrize("layer_type", [dt.MaxPool2d, dt.ReLU, dt.AvgPool2d, dt.SumPool2d, dt.GlobalSumPool,
+                                        dt.LpPool, dt.Flatten, dt.Layer])
+def test_rule_for_a_non_linear_type_is_refused(layer_type):
+    """Only Dense and Conv2d (and their subclasses) take a rule: a rule given to any other layer
+    type would be silently ignored, so it is an error at construction, naming the type."""
+    with pytest.raises(dt.RuleError, match=layer_type.__name__) as info:
+        dt.Composite(by_type={layer_type: ZPlus()}, default=ZPlus())
+    assert "takes no rule" in str(info.value)
+    with pytest.raises(dt.RuleError, match=layer_type.__name__):
+        dt.Composite.from_mapping({layer_type: WSquare(), "default": ZPlus()})
+
+
+def test_rule_for_a_linear_subclass_type_is_accepted():
+    class MyConv(dt.Conv2d):
+        __slots__ = ()
+
+    comp = dt.Composite(by_type={MyConv: Z(), dt.Dense: Flat()})
+    assert set(comp.by_type) == {MyConv, dt.Dense}

@@ -224,3 +224,50 @@ def test_cpu_backend_refuses_methods_or_agrees(rng):
             continue
         ref = dt.Explainer(net, method).explain(x)
         assert max_norm_err(ex.explain(x).relevance, ref.relevance) <= 1e-4
+
+
+class _MyZPlus(dt.rules.ZPlus):
+    """A subclass the engine cannot know: it passes isinstance(ZPlus) but is not ZPlus."""
+
+    __slots__ = ()
+
+
+class _MyRule(dt.rules.Rule):
+    __slots__ = ()
+
+
+class _MyLayer(dt.Layer):
+    __slots__ = ()
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class _MyReLU(dt.ReLU):
+    __slots__ = ()
+
+
+def _refused():
+    rng = np.random.default_rng(7)
+    dense = dt.Dense(dt.init.he_uniform((5, 6), rng), -0.01 * np.ones(5))
+    vec = [dense, dt.ReLU(), dt.GlobalSumPool()]
+    return [
+        ("ZPlus subclass", dt.Sequential(vec), _MyZPlus()),
+        ("custom rule", dt.Sequential(vec), _MyRule()),
+        ("custom layer", dt.Sequential([dense, _MyLayer(), dt.GlobalSumPool()]), dt.rules.ZPlus()),
+        ("ReLU subclass", dt.Sequential([dense, _MyReLU(), dt.GlobalSumPool()]), dt.rules.ZPlus()),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_cpu_backend_refuses_unknown_types_at_construction(index):
+    """What the engine cannot run is refused by check() when the Explainer is built, naming the layer
+    index, the layer type and the rule, instead of failing inside the compiled plan ("plan: unknown
+    rule 'MyZ'") at the first explain()."""
+    desc, net, comp = _refused()[index]
+    with pytest.raises(dt.UnsupportedError) as info:
+        dt.Explainer(net, comp, backend="cpu")
+    msg = str(info.value)
+    assert "cpu" in msg, desc
+    _assert_names_layer_and_rule(msg, net, comp)
+    assert "plan:" not in msg

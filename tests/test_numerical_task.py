@@ -120,6 +120,11 @@ def test_script_prints_tables_and_reading(task, capsys):
     for rule in ("w2", "zplus", "zB"):
         assert f"{d[f'R_i/{rule}'].sum():.6f}" in out
     assert "NO" not in out.split("Checks")[1].split("Reading")[0]
+    # dt.checks' own reports, for every rule
+    for label, method in (("w²", "deep_taylor_unbounded"), ("z+", "ZPlus"), ("zB", "deep_taylor")):
+        assert f"[{label}] conservation (composite:{method}, 1 samples)" in out
+        assert f"[{label}] positivity (composite:{method})" in out
+    assert out.count("negative |R| mass  0.00 %") == 3
 
 
 def test_no_unit_fires(task, capsys):
@@ -130,3 +135,31 @@ def test_no_unit_fires(task, capsys):
     assert "nothing to explain" in out
     for rule in ("w2", "zplus", "zB"):
         assert np.all(d[f"R_i/{rule}"] == 0.0)
+
+
+def test_default_seed_pinned_by_hand(task):
+    """The default seed's network redrawn here from the raw generator with the Keras formula, and two
+    literal results, so that a change to dt.init (or to the example's draws) cannot slip through as
+    'the example and the hand computation still agree with each other'."""
+    assert task.DEFAULT_SEED == 21
+    rng = np.random.default_rng(21)
+    limit = math.sqrt(6.0 / (6 + 4))       # glorot_uniform, Dense (out=4, in=6): sqrt(6 / (fan_in + fan_out))
+    w_out_in = [[-limit + 2.0 * limit * u for u in row] for row in rng.random((4, 6)).tolist()]
+    b = [-(0.05 + 0.15 * u) for u in rng.random(4).tolist()]        # -U(0.05, 0.2)
+    x = rng.random(6).tolist()                                      # U(0, 1), last entry set to 0
+    x[-1] = 0.0
+    w = [[w_out_in[j][i] for j in range(4)] for i in range(6)]      # slide notation w[i][j]
+    d = task.run(verbose=False)
+    np.testing.assert_allclose(d["w"], w, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(d["b"], b, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(d["x"], x, rtol=0, atol=1e-15)
+    # as printed by `python examples/numerical_task.py` (4 decimals): w_00 = 0.4355, b_0 = -0.0890
+    assert round(d["w"][0, 0], 4) == 0.4355
+    assert round(d["b"][0], 4) == -0.0890
+    # literals: f(x) = x_0 + x_2 + x_3 = 0.4121 + 0.2540 + 0.0216 (unit 1 off), and z+'s R_2, each
+    # from hand() above on these weights (float64, sums in slide order), pinned to 12 digits
+    h = hand(x, w, b, "zplus")
+    assert math.isclose(h["x_k"], 0.6876410476657729, rel_tol=1e-12)
+    assert math.isclose(h["R_i"][2], 0.3032833455965215, rel_tol=1e-12)
+    assert math.isclose(d["f"][0], 0.6876410476657729, rel_tol=1e-12)
+    assert math.isclose(d["R_i/zplus"][2], 0.3032833455965215, rel_tol=1e-12)

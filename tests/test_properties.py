@@ -147,6 +147,7 @@ def test_positive_bias_breaks_zplus_conservation():
     np.testing.assert_allclose(res.explained, [0.5])
     np.testing.assert_allclose(res.relevance.sum(), 0.3)   # unit 0's 0.2 is dropped
     assert not dt.checks.conservation(res).ok()
+    assert not res.conservative_expected                   # b > 0: outside the theorem
 
 
 def test_box_with_positive_lower_bound_can_break_zb():
@@ -157,6 +158,7 @@ def test_box_with_positive_lower_bound_can_break_zb():
     res = dt.Explainer(net, dt.composites.deep_taylor(0.5, 1.0)).explain(x)   # x sits on the lower corner
     assert res.explained[0] == 1.0
     assert res.relevance.sum() == 0.0
+    assert not res.conservative_expected                   # l > 0: outside the theorem
 
 
 def test_epsilon_and_bias_absorb_relevance(rng):
@@ -178,7 +180,88 @@ def test_zplus_with_bias_absorbs_positive_bias():
     res = dt.Explainer(net, dt.rules.ZPlus(use_bias=True)).explain(x)
     np.testing.assert_allclose(res.relevance, [[0.25, 0.25]])
     assert not res.conservative_expected
-    assert dt.Explainer(net, dt.rules.ZPlus()).explain(x).conservative_expected
+    # plain z+ happens to conserve on this input (its denominator is not 0), but with b > 0 theory
+    # does not promise it (see test_positive_bias_breaks_zplus_conservation), so it is not expected
+    plain = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    assert dt.checks.conservation(plain).ok()
+    assert not plain.conservative_expected
+    # with b <= 0, b+ = 0 and ZPlus(use_bias=True) is z+: conservative and expected to be
+    net0 = dt.Sequential([dt.Dense(np.array([[1.0, 1.0]]), [-0.25]), dt.ReLU(), dt.GlobalSumPool()])
+    res0 = dt.Explainer(net0, dt.rules.ZPlus(use_bias=True)).explain(x)
+    assert res0.conservative_expected
+    assert dt.checks.conservation(res0).ok(rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Explanation.conservative_expected is the theorem's premises: True exactly where §3 promises
+# conservation, and each premise that fails has a counter-example where relevance is really lost
+
+
+def test_conservative_expected_true_where_theorem_applies(rng):
+    net = dt.Sequential([dt.Flatten(), dt.Dense(dt.init.he_uniform((5, 6), rng), -0.01 * np.ones(5)), dt.ReLU(),
+                         dt.Dense(dt.init.he_uniform((3, 5), rng), np.zeros(3)), dt.ReLU(), dt.GlobalSumPool()])
+    x = rng.uniform(size=(4, 6))
+    for comp in (dt.composites.deep_taylor(0, 1), dt.composites.deep_taylor(-1, 2), dt.rules.ZPlus(),
+                 dt.composites.deep_taylor_unbounded(), dt.Composite(first=dt.rules.Flat(), default=dt.rules.ZPlus())):
+        res = dt.Explainer(net, comp).explain(x, return_layers=True)
+        assert res.conservative_expected, comp
+        assert dt.checks.conservation(res).ok(rtol=1e-10, atol=1e-12)
+    # a top linear layer without ReLU: expected when the explained output is >= 0
+    top = dt.Sequential([dt.Dense(np.array([[1.0, 2.0]]))])
+    assert dt.Explainer(top, dt.rules.ZPlus()).explain(np.array([[1.0, 1.0]])).conservative_expected
+
+
+def test_conservative_expected_false_outside_the_theorem():
+    # not a conservative rule, or a gradient method
+    net = dt.Sequential([dt.Dense(np.array([[1.0, 2.0], [0.5, -1.0]]), [-0.1, 0.0]), dt.ReLU(), dt.GlobalSumPool()])
+    x = np.array([[1.0, 1.0]])
+    for comp in (dt.rules.Epsilon(0.1), dt.rules.Z(), dt.rules.Gamma(), dt.rules.AlphaBeta(),
+                 dt.methods.GradientXInput(), dt.methods.Sensitivity()):
+        assert not dt.Explainer(net, comp).explain(x).conservative_expected, comp
+
+
+def test_wsquare_above_the_first_layer_is_not_expected_to_conserve():
+    """w² passes relevance to a unit whatever its activation: a unit that is off (all-zero weights)
+    receives R_j > 0 from the w² layer above and its own zero denominator drops it."""
+    net = dt.Sequential([dt.Dense(np.array([[1.0, 1.0], [0.0, 0.0]])), dt.ReLU(),
+                         dt.Dense(np.array([[1.0, 1.0]])), dt.ReLU()])
+    x = np.array([[0.5, 0.5]])
+    res = dt.Explainer(net, dt.rules.WSquare()).explain(x)
+    np.testing.assert_allclose(res.explained, [1.0])
+    np.testing.assert_allclose(res.relevance.sum(), 0.5)      # unit 1's half is dropped
+    assert not res.conservative_expected
+    assert dt.Explainer(net, dt.composites.deep_taylor_unbounded()).explain(x).conservative_expected
+
+
+def test_linear_layers_without_relu_are_not_expected_to_conserve():
+    """Without a ReLU a unit with a zero z+ denominator keeps x_j = z_j < 0, and its relevance
+    (from the z+ layer above, which sees the negative input) is dropped."""
+    net = dt.Sequential([dt.Dense(np.array([[-1.0, -1.0]])), dt.Dense(np.array([[-1.0]]))])
+    x = np.array([[1.0, 1.0]])
+    res = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    np.testing.assert_allclose(res.explained, [2.0])
+    assert res.relevance.sum() == 0.0
+    assert not res.conservative_expected
+
+
+def test_negative_explained_output_is_not_expected_to_conserve():
+    """A top linear layer whose explained output is negative: a zero z+ denominator drops it."""
+    net = dt.Sequential([dt.Dense(np.array([[-1.0]]))])
+    res = dt.Explainer(net, dt.rules.ZPlus()).explain(np.array([[1.0]]))
+    assert res.explained[0] == -1.0
+    assert res.relevance.sum() == 0.0
+    assert not res.conservative_expected
+
+
+def test_pooling_before_the_first_linear_layer_is_not_expected():
+    """The theorem's first linear layer sees the input (Flatten aside): a sum pool in between can
+    cancel mixed-sign inputs to 0 while w² above still sends it relevance."""
+    net = dt.Sequential([dt.SumPool2d(2), dt.Flatten(), dt.Dense(np.array([[1.0, 1.0]])), dt.ReLU()])
+    x = np.array([[[[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]]])
+    res = dt.Explainer(net, dt.composites.deep_taylor_unbounded()).explain(x)
+    np.testing.assert_allclose(res.explained, [2.0])
+    np.testing.assert_allclose(res.relevance.sum(), 1.0)       # the cancelled window's half is lost
+    assert not res.conservative_expected
 
 
 def test_negative_explained_output_gives_negative_zplus_relevance(rng):

@@ -434,3 +434,21 @@ def test_rule_flags_and_values():
     b = ZBox(np.zeros(2), np.ones(2))
     with pytest.raises(ValueError, match="read-only"):
         b.low[0] = -1.0
+
+
+def test_epsilon_sign_of_zero_is_plus_one(backend):
+    """LRP-epsilon divides by z_j + eps * sign(z_j) with sign(0) = +1 (numpy reference and the cpu
+    engine's ``zr >= 0 ? eps : -eps``). Unit 0 of the first layer has z_0 = 0.5 - 0.5 = 0 exactly and
+    receives R_0 = 0.5 from the Flat layer above (Flat ignores activations), so its share is
+    s_0 = 0.5 / (+eps) and R_i gets a_i w_i0 s_0 = +-0.25 / eps; with sign(0) = -1 the signs flip."""
+    eps = 0.5
+    net = dt.Sequential([dt.Dense(np.array([[1.0, -1.0], [1.0, 1.0]])), dt.Dense(np.array([[1.0, 1.0]]))])
+    x = np.array([[0.5, 0.5]], dtype=np.float32 if backend == "cpu" else np.float64)
+    comp = dt.Composite(by_index={0: Epsilon(eps), 1: Flat()})
+    res = dt.Explainer(net, comp, backend=backend).explain(x, return_layers=True)
+    np.testing.assert_array_equal(res.output, [[1.0]])             # z = (0, 1): f = 1
+    np.testing.assert_allclose(res.layers[1], [[0.5, 0.5]], rtol=1e-6)  # Flat: R_j = f / 2
+    s0, s1 = 0.5 / eps, 0.5 / (1.0 + eps)                          # sign(0) = +1, sign(1) = +1
+    want = [0.5 * 1.0 * s0 + 0.5 * 1.0 * s1, 0.5 * -1.0 * s0 + 0.5 * 1.0 * s1]
+    np.testing.assert_allclose(res.relevance, [want], rtol=1e-6)
+    assert res.relevance[0, 0] > 0 > res.relevance[0, 1]           # (-1 would give the opposite signs)

@@ -45,10 +45,13 @@ class ConservationReport:
 
     @property
     def max_abs_error(self) -> float:
+        """Largest ``|sum R - f(x)|`` over the samples, in the units of f (the explained output)."""
         return float(self.abs_error.max())
 
     @property
     def max_rel_error(self) -> float:
+        """Largest ``|sum R - f(x)| / |f(x)|`` over the samples (dimensionless; ``|f(x)|`` floored at the
+        smallest positive float64, so an f(x) = 0 with lost relevance shows as a huge error)."""
         return float(self.rel_error.max())
 
     def ok(self, rtol: float = 1e-5, atol: float = 0.0) -> bool:

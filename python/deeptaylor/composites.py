@@ -9,6 +9,7 @@ cannot take a rule. Named composites are registered and can be looked up with :f
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .errors import RuleError
@@ -39,11 +40,17 @@ class Composite:
     first : Rule, optional
         Rule of the first linear layer (the one that sees the input pixels).
     by_type : mapping layer class -> Rule, optional
-        Rules per layer type, e.g. ``{dt.Dense: Epsilon(), dt.Conv2d: ZPlus()}``.
+        Rules per layer type, e.g. ``{dt.Dense: Epsilon(), dt.Conv2d: ZPlus()}``; subclasses follow
+        their base's rule unless given their own. Only linear layer types (Dense, Conv2d and their
+        subclasses) take a rule: any other type is a :class:`~deeptaylor.errors.RuleError` here.
     default : Rule, optional
         Rule of every other linear layer. Without one, an unassigned linear layer is an error.
     name : str, optional
         A label for printing.
+
+    A composite is immutable: ``by_index`` and ``by_type`` are read-only views of copies of the
+    mappings given (:class:`types.MappingProxyType`), so neither editing them nor editing the
+    caller's dicts afterwards changes the composite.
     """
 
     __slots__ = ("by_index", "first", "by_type", "default", "name")
@@ -60,13 +67,17 @@ class Composite:
         for key, rule in by_type.items():
             if not (isinstance(key, type) and issubclass(key, Layer)):
                 raise RuleError(f"Composite: by_type keys must be layer classes, got {key!r}")
+            if not key.linear:
+                raise RuleError(f"Composite: by_type gives {rule!r} to {key.__name__}, which takes no rule "
+                                "(only Dense and Conv2d and their subclasses do; the other layers have a "
+                                "fixed relevance behaviour)")
             _check_rule(rule, key.__name__)
         if first is not None:
             _check_rule(first, "first")
         if default is not None:
             _check_rule(default, "default")
-        for k, v in (("by_index", by_index), ("first", first), ("by_type", by_type), ("default", default),
-                     ("name", name)):
+        for k, v in (("by_index", MappingProxyType(by_index)), ("first", first),
+                     ("by_type", MappingProxyType(by_type)), ("default", default), ("name", name)):
             object.__setattr__(self, k, v)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -129,7 +140,7 @@ class Composite:
         if self.first is not None:
             parts.append(f"first={self.first!r}")
         if self.by_index:
-            parts.append(f"by_index={self.by_index!r}")
+            parts.append(f"by_index={dict(self.by_index)!r}")
         if self.by_type:
             parts.append("by_type={" + ", ".join(f"{k.__name__}: {v!r}" for k, v in self.by_type.items()) + "}")
         if self.default is not None:

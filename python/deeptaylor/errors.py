@@ -23,11 +23,14 @@ class DeepTaylorError(Exception):
 
 
 class InputError(DeepTaylorError, ValueError):
-    """An input array has a bad value: NaN/Inf, empty batch, out-of-range target, outside a rule's domain."""
+    """An input array or argument has a bad value: NaN/Inf, empty batch, out-of-range target, outside
+    a rule's domain, an unknown backend name, a non-positive ``threads`` or ``batch_size``."""
 
 
 class InputTypeError(DeepTaylorError, TypeError):
-    """An input has the wrong type or dtype (integer, float16, complex, object arrays...)."""
+    """An input or argument has the wrong type or dtype (integer, float16, complex, object arrays; a
+    network that is not a :class:`~deeptaylor.Sequential`, a Sequential item that is not a layer, a
+    weight shape that is not a sequence of ints...)."""
 
 
 class ShapeError(DeepTaylorError, ValueError):

@@ -11,10 +11,10 @@ import numpy as np
 from .composites import Composite
 from .composites import get as _get_composite
 from .errors import InputError, InputTypeError, RuleError, ShapeError
-from .layers import Flatten
+from .layers import Conv2d, Dense, Flatten, MaxPool2d, ReLU
 from .methods import Method
 from .network import Sequential
-from .rules import Rule, ZBox
+from .rules import Flat, Rule, WSquare, ZBox, ZPlus
 
 __all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
 
@@ -40,6 +40,17 @@ class Explanation:
     method : str
         The composite or method that produced it.
     backend : str
+    conservative_expected : bool
+        True when theory (docs/theory.md §3; Montavon et al. 2017) promises conservation,
+        ``sum_p R_p = f(x)`` at every layer, for this network, composite and batch. That is exactly when
+        all the theorem's premises hold: a rule composite (not a gradient method); every linear layer
+        has ``b <= 0``; the first linear layer sees the input (only Flatten layers before it) and takes
+        z+, w², flat or zB(l, h) with ``l <= 0 <= h`` (the explainer checks the input lies in the box),
+        every other linear layer takes z+ (``ZPlus(use_bias=True)`` counts: with ``b <= 0`` the added
+        ``b+`` is 0); each linear layer's output goes through a ReLU (Flatten or MaxPool2d in between
+        allowed) unless it is the network's output; and the explained outputs are ``>= 0``. False does
+        not mean relevance is lost (e.g. Z on a bias-free ReLU network conserves), only that the
+        theorem does not promise it. ``checks.conservation`` measures it.
     """
 
     relevance: np.ndarray
@@ -115,6 +126,41 @@ def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
     return t
 
 
+_FIRST_RULES = (ZPlus, WSquare, Flat)
+
+
+def _conservation_premises(net: Sequential, assignment: list[Rule | None] | Method) -> tuple[bool, bool]:
+    """The data-independent premises of the conservation theorem (docs/theory.md §3), checked once
+    per Explainer: returns ``(holds, needs_nonnegative_output)``. The second is True when the network
+    ends in a linear layer, whose explained output must be >= 0 (checked per batch)."""
+    if isinstance(assignment, Method):
+        return False, False
+    linear = net.linear_layers()
+    if not linear or any(not isinstance(net[i], Flatten) for i in range(linear[0])):
+        return False, False
+    needs_nonnegative = False
+    for i in linear:
+        layer, rule = net[i], assignment[i]
+        if type(layer) not in (Dense, Conv2d):   # a custom backend's own linear layer: unknown maths
+            return False, False
+        if not np.all(layer.bias <= 0):
+            return False, False                  # b > 0: x_j = b_j with a zero denominator drops R_j
+        if i == linear[0]:
+            box = type(rule) is ZBox and bool(np.all(rule.low <= 0) and np.all(rule.high >= 0))
+            if not (type(rule) in _FIRST_RULES or box):
+                return False, False
+        elif type(rule) is not ZPlus:            # w², flat, zB above: R_j no longer ~ x_j below them
+            return False, False
+        j = i + 1
+        while j < len(net) and isinstance(net[j], (Flatten, MaxPool2d)):
+            j += 1
+        if j == len(net):
+            needs_nonnegative = True
+        elif not isinstance(net[j], ReLU):
+            return False, False                  # a unit that is off must output 0
+    return True, needs_nonnegative
+
+
 def _resolve(composite: Any) -> Composite | Method:
     if isinstance(composite, str):
         composite = _get_composite(composite)
@@ -142,6 +188,13 @@ class Explainer:
     threads : int, optional
         Threads for the compiled backends (default: OpenMP's default).
 
+    Before any work, :meth:`explain` validates the input (dtype, shape, finiteness; for a float32
+    backend, values within float32's range) and, for a :class:`~deeptaylor.rules.ZBox` that sees the
+    input -- on layer 0 or on the first layer after leading Flatten layers -- that the input lies in
+    its box. The box is not traced through pooling or other layers: a ZBox deeper in the network sees
+    activations, and its bounds are taken as given. After the pass, NaN/Inf in the output or the
+    relevance (an overflow of the backend's precision) raises :class:`~deeptaylor.errors.InputError`.
+
     Examples
     --------
     >>> ex = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0), backend="cpu")
@@ -154,9 +207,9 @@ class Explainer:
         from .backends import get_backend
 
         if not isinstance(net, Sequential):
-            raise TypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
+            raise InputTypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+            raise InputError(f"threads must be a positive int, got {threads!r}")
         self.net = net
         self.composite = _resolve(composite)
         self.assignment: list[Rule | None] | Method = (
@@ -164,11 +217,40 @@ class Explainer:
         )
         self.backend = get_backend(backend, threads=threads)
         self.backend.check(net, self.assignment)
+        self._premises = _conservation_premises(net, self.assignment)
 
     @property
     def method_name(self) -> str:
+        """What :attr:`Explanation.method` records: the method's name (``"Sensitivity"``) or
+        ``"composite:<name>"`` (``"composite:deep_taylor"``; a single rule gives ``"composite:ZPlus"``)."""
         c = self.composite
         return c.name if isinstance(c, Method) else f"composite:{c.name}"
+
+    def _check_range(self, x: np.ndarray) -> None:
+        """A float64 input to a float32 backend (cpu) must fit in float32: beyond ``finfo(float32).max``
+        it would turn into +-inf and NaN heatmaps. Two reductions (min, max), only for float64 input
+        to a float32 backend."""
+        dtype = getattr(self.backend, "dtype", None)
+        if x.dtype != np.float64 or dtype is None or np.dtype(dtype) != np.float32:
+            return
+        big = float(np.finfo(np.float32).max)
+        lo, hi = float(x.min()), float(x.max())
+        if hi > big or lo < -big:
+            raise InputError(
+                f"input has values in [{lo:.4g}, {hi:.4g}], beyond float32's range (+-{big:.4g}): backend "
+                f"'{self.backend.name}' computes in float32 (rescale the input or use backend='numpy')")
+
+    def _check_finite(self, a: np.ndarray, stage: str, what: str) -> None:
+        """NaN/Inf after the pass means it overflowed the backend's precision: an error, never a NaN
+        heatmap. One reduction on the common path (:func:`_all_finite`)."""
+        if _all_finite(a):
+            return
+        bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+        samples = np.flatnonzero(bad)
+        raise InputError(
+            f"the {stage} pass overflowed {a.dtype} (backend '{self.backend.name}'): {what} has NaN/Inf "
+            f"values for {samples.size} sample(s), first sample {int(samples[0])}; scale the input or "
+            "the weights down" + (" or use backend='numpy' (float64)" if a.dtype == np.float32 else ""))
 
     def _check_domains(self, x: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
         """Every ZBox's bounds must broadcast to its layer's input shape (RuleError otherwise). ZBox on
@@ -225,11 +307,12 @@ class Explainer:
         x, shapes = validate_input(self.net, x)
         n, k = shapes[-1]
         targets = validate_targets(target, n, k)
+        self._check_range(x)
         self._check_domains(x, shapes)
         if batch_size is None:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         starts = range(0, n, batch_size)
         if progress and len(starts) > 1:
             try:
@@ -249,12 +332,12 @@ class Explainer:
             relevance = np.concatenate([p[1] for p in parts])
             layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
                 if return_layers else None
+        self._check_finite(output, "forward", "the network output")
+        self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
-        # ZPlus(use_bias=True) puts the positive bias in the denominator: it can absorb relevance
-        conservative = (not isinstance(self.assignment, Method)
-                        and all(r is None or (r.conservative and not getattr(r, "use_bias", False))
-                                for r in self.assignment))
+        holds, needs_nonnegative = self._premises
+        conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0)))
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import InputTypeError, ShapeError
+
 __all__ = [
     "fans",
     "glorot_uniform",
@@ -50,13 +52,34 @@ def _rng(rng: RngLike) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
-def fans(shape: Sequence[int]) -> tuple[int, int]:
-    """``(fan_in, fan_out)`` of a weight of ``shape`` (PyTorch layout: (out, in[, kh, kw]))."""
-    shape = tuple(int(s) for s in shape)
+def _shape(shape: object, where: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints; InputTypeError naming ``where`` unless it is a sequence
+    of ints (NumPy integers included, bools and floats not), ShapeError for a negative size."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in shape
+    ):
+        raise InputTypeError(f"{where}: shape must be a sequence of ints, got {shape!r}")
+    out = tuple(int(s) for s in shape)
+    if any(s < 0 for s in out):
+        raise ShapeError(f"{where}: shape must have non-negative sizes, got {out}")
+    return out
+
+
+def _fans(shape: object, where: str) -> tuple[tuple[int, ...], int, int]:
+    shape = _shape(shape, where)
     if len(shape) < 2 or min(shape) < 1:
-        raise ValueError(f"weight shape must have >= 2 positive dimensions, got {shape}")
+        raise ShapeError(f"{where}: weight shape must have >= 2 positive dimensions, got {shape}")
     receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    return shape[1] * receptive, shape[0] * receptive
+    return shape, shape[1] * receptive, shape[0] * receptive
+
+
+def fans(shape: Sequence[int]) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of ``shape`` (PyTorch layout: (out, in[, kh, kw])).
+
+    Raises :class:`~deeptaylor.errors.InputTypeError` unless ``shape`` is a sequence of ints and
+    :class:`~deeptaylor.errors.ShapeError` unless it has >= 2 dimensions, all positive."""
+    _, fi, fo = _fans(shape, "fans")
+    return fi, fo
 
 
 def _uniform(shape: Sequence[int], limit: float, rng: RngLike) -> np.ndarray:
@@ -76,48 +99,48 @@ def _truncated_normal(shape: Sequence[int], std: float, rng: RngLike) -> np.ndar
 
 def glorot_uniform(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """Glorot/Xavier uniform (Glorot & Bengio 2010). Returns float64 array of ``shape``."""
-    fi, fo = fans(shape)
+    shape, fi, fo = _fans(shape, "glorot_uniform")
     return _uniform(shape, np.sqrt(6.0 / (fi + fo)), rng)
 
 
 def glorot_normal(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """Glorot/Xavier truncated normal, variance 2 / (fan_in + fan_out)."""
-    fi, fo = fans(shape)
+    shape, fi, fo = _fans(shape, "glorot_normal")
     return _truncated_normal(shape, np.sqrt(2.0 / (fi + fo)), rng)
 
 
 def he_uniform(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """He/Kaiming uniform (He et al. 2015), limit sqrt(6 / fan_in)."""
-    fi, _ = fans(shape)
+    shape, fi, _ = _fans(shape, "he_uniform")
     return _uniform(shape, np.sqrt(6.0 / fi), rng)
 
 
 def he_normal(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """He/Kaiming truncated normal, variance 2 / fan_in."""
-    fi, _ = fans(shape)
+    shape, fi, _ = _fans(shape, "he_normal")
     return _truncated_normal(shape, np.sqrt(2.0 / fi), rng)
 
 
 def lecun_uniform(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """LeCun uniform, limit sqrt(3 / fan_in)."""
-    fi, _ = fans(shape)
+    shape, fi, _ = _fans(shape, "lecun_uniform")
     return _uniform(shape, np.sqrt(3.0 / fi), rng)
 
 
 def lecun_normal(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """LeCun truncated normal, variance 1 / fan_in (Klambauer et al. 2017)."""
-    fi, _ = fans(shape)
+    shape, fi, _ = _fans(shape, "lecun_normal")
     return _truncated_normal(shape, np.sqrt(1.0 / fi), rng)
 
 
 def zeros(shape: Sequence[int], rng: RngLike = None) -> np.ndarray:
     """All zeros (e.g. biases)."""
-    return np.zeros(tuple(shape))
+    return np.zeros(_shape(shape, "zeros"))
 
 
 def constant(shape: Sequence[int], value: float, rng: RngLike = None) -> np.ndarray:
     """All ``value`` (e.g. a small negative bias for DTD's b <= 0)."""
-    return np.full(tuple(shape), float(value))
+    return np.full(_shape(shape, "constant"), float(value))
 
 
 xavier_uniform = glorot_uniform

@@ -150,10 +150,12 @@ class Dense(Layer):
 
     @property
     def in_features(self) -> int:
+        """Number of input features, ``weight.shape[1]`` (the input is ``(N, in_features)``)."""
         return int(self.weight.shape[1])
 
     @property
     def out_features(self) -> int:
+        """Number of outputs, ``weight.shape[0]`` (the output is ``(N, out_features)``)."""
         return int(self.weight.shape[0])
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -201,14 +203,17 @@ class Conv2d(Layer):
 
     @property
     def in_channels(self) -> int:
+        """Input channels C, ``weight.shape[1]`` (the input is ``(N, in_channels, H, W)``)."""
         return int(self.weight.shape[1])
 
     @property
     def out_channels(self) -> int:
+        """Output channels O, ``weight.shape[0]`` (the output is ``(N, out_channels, OH, OW)``)."""
         return int(self.weight.shape[0])
 
     @property
     def kernel_size(self) -> tuple[int, int]:
+        """``(kh, kw)``, the kernel's height and width in pixels (``weight.shape[2:]``, undilated)."""
         return (int(self.weight.shape[2]), int(self.weight.shape[3]))
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -333,6 +338,8 @@ class LpPool(Layer):
 
     @property
     def padding(self) -> tuple[int, int, int, int]:
+        """Always ``(0, 0, 0, 0)`` as (top, bottom, left, right) pixels: LpPool takes no padding (the
+        attribute exists so that every windowed layer has the same geometry fields)."""
         return (0, 0, 0, 0)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -27,6 +27,8 @@ class Method:
 
     @property
     def name(self) -> str:
+        """The method's class name, e.g. ``"Sensitivity"`` (used in reprs and error messages, and as
+        :attr:`Explanation.method <deeptaylor.Explanation>` when it is explained with)."""
         return type(self).__name__
 
     def __repr__(self) -> str:

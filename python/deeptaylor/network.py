@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import InputTypeError, ShapeError
 from .layers import Layer
 
 __all__ = ["Sequential"]
@@ -36,7 +36,7 @@ class Sequential:
             raise ShapeError("Sequential needs at least one layer")
         for i, layer in enumerate(items):
             if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential: item {i} is {type(layer).__name__}, not a deeptaylor layer")
+                raise InputTypeError(f"Sequential: item {i} is {type(layer).__name__}, not a deeptaylor layer")
         object.__setattr__(self, "_layers", items)
 
     def __setattr__(self, name: str, value: Any) -> None:

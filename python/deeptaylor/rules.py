@@ -53,6 +53,8 @@ class Rule:
 
     @property
     def name(self) -> str:
+        """The rule's class name, e.g. ``"ZPlus"`` (used in reprs, error messages, the cpu plan's
+        dispatch and saved files)."""
         return type(self).__name__
 
     def params(self) -> dict[str, Any]:
@@ -79,6 +81,17 @@ def _number(value: Any, name: str, rule: str, minimum: float | None = 0.0) -> fl
     if not np.isfinite(v) or (minimum is not None and v < minimum):
         raise RuleError(f"{rule}: {name} must be finite and >= {minimum}, got {value!r}")
     return v
+
+
+def _bound(value: Any, name: str) -> np.ndarray:
+    """A ZBox bound as a float64 copy; RuleError naming ZBox for anything that is not real numbers."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nested sequences
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        raise RuleError(f"ZBox: {name} must be a real number or a numeric array, got {value!r}")
+    return np.array(arr, dtype=np.float64, copy=True)
 
 
 class Z(Rule):
@@ -200,8 +213,14 @@ class ZBox(Rule):
         q_ij = a_i w_ij - l_i w+_ij - h_i w-_ij
 
     ``low`` and ``high`` are scalars or arrays broadcastable to the layer's per-sample input shape
-    (e.g. ``(C, 1, 1)`` per channel). Conservative and positive when the input lies in the box;
-    bias ignored.
+    (e.g. ``(C, 1, 1)`` per channel). Conservative and positive when the input lies in the box and
+    ``low <= 0 <= high``; bias ignored.
+
+    Domain check: the :class:`~deeptaylor.Explainer` refuses inputs outside the box only where the
+    ZBox sees the network's input, i.e. on layer 0 or on the first layer after leading
+    :class:`~deeptaylor.Flatten` layers (which only reshape). It does not trace the box through
+    pooling or any other layer: a ZBox deeper in the network (or after a pooling layer) sees
+    activations, and its bounds are the user's unchecked statement about them.
     """
 
     conservative = True
@@ -210,8 +229,8 @@ class ZBox(Rule):
     __slots__ = ("low", "high")
 
     def __init__(self, low: Any = 0.0, high: Any = 1.0) -> None:
-        lo = np.array(low, dtype=np.float64, copy=True)
-        hi = np.array(high, dtype=np.float64, copy=True)
+        lo = _bound(low, "low")
+        hi = _bound(high, "high")
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             raise RuleError("ZBox: low and high must be finite")
         try:

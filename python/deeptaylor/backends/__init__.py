@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["get_backend", "available"]
 
 
@@ -36,7 +38,7 @@ def get_backend(backend: Any, threads: int | None = None) -> Any:
     if not isinstance(backend, str):
         if all(hasattr(backend, a) for a in ("name", "check", "run")):
             return backend
-        raise ValueError(f"backend must be 'numpy', 'cpu' or a backend object, got {backend!r}")
+        raise InputError(f"backend must be 'numpy', 'cpu' or a backend object, got {backend!r}")
     if backend == "numpy":
         from .numpy_backend import NumpyBackend
 
@@ -45,4 +47,4 @@ def get_backend(backend: Any, threads: int | None = None) -> Any:
         from .cpu import CpuBackend
 
         return CpuBackend(threads=threads)
-    raise ValueError(f"unknown backend {backend!r}; available: {', '.join(available())}")
+    raise InputError(f"unknown backend {backend!r}; available: {', '.join(available())}")

@@ -27,9 +27,11 @@ from ..layers import (
 from ..methods import GradientXInput, Method, Sensitivity
 from ..network import Sequential
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
+from ._support import refuse_unsupported
 
 _LAYERS = (Dense, Conv2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten)
 _RULES = (Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox)
+_METHODS = (Sensitivity, GradientXInput)
 
 
 def _core() -> Any:
@@ -112,6 +114,8 @@ class CpuBackend:
     """
 
     name = "cpu"
+    #: the precision it computes in (float64 inputs are converted)
+    dtype = np.dtype(np.float32)
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
@@ -125,18 +129,10 @@ class CpuBackend:
         return len(self._plans)
 
     def check(self, net: Sequential, assignment: list[Rule | None] | Method) -> None:
-        """Raise :class:`UnsupportedError` for a layer or rule this backend cannot run."""
-        if isinstance(assignment, Method):
-            if not isinstance(assignment, (Sensitivity, GradientXInput)):
-                raise UnsupportedError(f"backend 'cpu' does not support the method {assignment.name}")
-            rules: list[Rule | None] = [None] * len(net)
-        else:
-            rules = assignment
-        for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
-            if not isinstance(layer, _LAYERS):
-                raise UnsupportedError(f"backend 'cpu' does not support layer {i} ({layer.kind})")
-            if rule is not None and not isinstance(rule, _RULES):
-                raise UnsupportedError(f"backend 'cpu' does not support rule {rule!r} on layer {i} ({layer.kind})")
+        """Raise :class:`UnsupportedError` naming the layer index, type and rule for a layer, rule or
+        method this backend cannot run. Types are matched exactly: the plan dispatches on the type's
+        name, so a subclass (of ZPlus, of ReLU...) is refused here rather than in the compiled plan."""
+        refuse_unsupported(self.name, net, assignment, _LAYERS, _RULES, _METHODS)
 
     def plan(self, net: Sequential, assignment: list[Rule | None] | Method, sample_shape: tuple[int, ...]) -> Any:
         """The compiled plan for ``sample_shape`` (the input shape without the batch), cached."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UnsupportedError
 from ..layers import (
     AvgPool2d,
     Conv2d,
@@ -54,7 +55,7 @@ def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
         return s ** (1.0 / layer.p), None
     if isinstance(layer, Flatten):
         return a.reshape(a.shape[0], -1), None
-    raise TypeError(f"no reference forward for {type(layer).__name__}")
+    raise UnsupportedError(f"no reference forward for {type(layer).__name__}")
 
 
 def _proportional(layer: Layer, a: np.ndarray, R: np.ndarray) -> np.ndarray:
@@ -87,7 +88,7 @@ def relevance_layer(layer: Layer, rule: Rule | None, a: np.ndarray, cache: Any, 
         return _proportional(layer, a, R)
     if isinstance(layer, Flatten):
         return R.reshape(a.shape)
-    raise TypeError(f"no reference relevance for {type(layer).__name__}")
+    raise UnsupportedError(f"no reference relevance for {type(layer).__name__}")
 
 
 def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: 
         return local * ops.window_scatter(gy, layer.kernel_size, layer.stride, layer.padding, a.shape)
     if isinstance(layer, Flatten):
         return g.reshape(a.shape)
-    raise TypeError(f"no reference gradient for {type(layer).__name__}")
+    raise UnsupportedError(f"no reference gradient for {type(layer).__name__}")
 
 
 def forward(net: Sequential, x: np.ndarray) -> np.ndarray:
@@ -169,7 +170,7 @@ def run(net: Sequential, assignment: list[Rule | None] | Method, x: np.ndarray,
             elif isinstance(assignment, GradientXInput):
                 layers[i] = gi * acts[i]
             else:  # pragma: no cover - guarded by the Explainer
-                raise TypeError(f"unknown method {assignment!r}")
+                raise UnsupportedError(f"unknown method {assignment!r}")
     else:
         R = output * onehot
         layers[len(net)] = R

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UnsupportedError
 from ..layers import Conv2d, Dense
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 from .ops import linear_forward as L
@@ -42,7 +43,13 @@ def _neg(v: np.ndarray) -> np.ndarray:
 
 
 def z_rule(layer: Linear, rule: Z, a: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """LRP-0 (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / z_j,  z_j = sum_i a_i w_ij + b_j."""
+    """LRP-0 (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / z_j,  z_j = sum_i a_i w_ij + b_j.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+    """
     W = _w64(layer)
     z = L(layer, a, W, layer.bias)
     s = safe_divide(R, z)
@@ -50,7 +57,13 @@ def z_rule(layer: Linear, rule: Z, a: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def epsilon_rule(layer: Linear, rule: Epsilon, a: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """LRP-epsilon (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j)), sign(0)=+1."""
+    """LRP-epsilon (Bach et al. 2015): R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j)), sign(0)=+1.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+    """
     W = _w64(layer)
     z = L(layer, a, W, layer.bias)
     # safe_divide: with eps = 0 an output with z = 0 passes nothing (as Z), instead of NaN
@@ -62,6 +75,11 @@ def zplus_rule(layer: Linear, rule: ZPlus, a: np.ndarray, R: np.ndarray) -> np.n
     """Deep Taylor z+ (Montavon et al. 2017): R_i = sum_j a_i w+_ij / (sum_i' a_i' w+_i'j) R_j.
 
     Written on positive contributions (a w)+ = a+ w+ + a- w-, which is the rule itself for a >= 0.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
     """
     W = _w64(layer)
     Wp, Wn = _pos(W), _neg(W)
@@ -77,6 +95,11 @@ def gamma_rule(layer: Linear, rule: Gamma, a: np.ndarray, R: np.ndarray) -> np.n
     Outputs with z_j > 0: q_ij = a+_i (w_ij + g w+_ij) + a-_i (w_ij + g w-_ij), bias b + g b+.
     Outputs with z_j < 0: q_ij = a+_i (w_ij + g w-_ij) + a-_i (w_ij + g w+_ij), bias b + g b-.
     On a >= 0 and z > 0 this is q_ij = a_i (w_ij + g w+_ij).
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
     """
     g = rule.gamma
     W, b = _w64(layer), layer.bias
@@ -93,7 +116,13 @@ def gamma_rule(layer: Linear, rule: Gamma, a: np.ndarray, R: np.ndarray) -> np.n
 
 def alphabeta_rule(layer: Linear, rule: AlphaBeta, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """LRP-alpha-beta (Bach et al. 2015): alpha * (share of positive contributions) - beta * (share of
-    negative contributions); q+ = a+ w+ + a- w- (+ b+), q- = a+ w- + a- w+ (+ b-)."""
+    negative contributions); q+ = a+ w+ + a- w- (+ b+), q- = a+ w- + a- w+ (+ b-).
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+    """
     W, b = _w64(layer), layer.bias
     Wp, Wn = _pos(W), _neg(W)
     ap, an = _pos(a), _neg(a)
@@ -110,6 +139,13 @@ def wsquare_rule(layer: Linear, rule: WSquare, a: np.ndarray, R: np.ndarray) -> 
     """Deep Taylor w² (Montavon et al. 2017): R_i = sum_j w_ij² / (sum_i' w_i'j²) R_j.
 
     The denominator is L(1; W²): for a convolution it sums the taps that fall on the image.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+
+    The values of a are not used, only its shape.
     """
     V = _w64(layer) ** 2
     ones = np.ones_like(a)
@@ -118,7 +154,15 @@ def wsquare_rule(layer: Linear, rule: WSquare, a: np.ndarray, R: np.ndarray) -> 
 
 
 def flat_rule(layer: Linear, rule: Flat, a: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Flat (Lapuschkin et al. 2019): w² with unit weights, R_i = sum_j R_j / fan_in_j."""
+    """Flat (Lapuschkin et al. 2019): w² with unit weights, R_i = sum_j R_j / fan_in_j.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+
+    The values of a are not used, only its shape.
+    """
     U = np.ones_like(_w64(layer))
     ones = np.ones_like(a)
     z = L(layer, ones, U, None)
@@ -127,7 +171,15 @@ def flat_rule(layer: Linear, rule: Flat, a: np.ndarray, R: np.ndarray) -> np.nda
 
 def zbox_rule(layer: Linear, rule: ZBox, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Deep Taylor zB (Montavon et al. 2017) for l <= a <= h:
-    R_i = sum_j (a_i w_ij - l_i w+_ij - h_i w-_ij) / (sum_i' ...) R_j."""
+    R_i = sum_j (a_i w_ij - l_i w+_ij - h_i w-_ij) / (sum_i' ...) R_j.
+
+    Shapes:
+        a : (N, in_features) for Dense, (N, C, H, W) for Conv2d -- the layer's input
+        R : (N, out_features) or (N, O, OH, OW) -- the relevance of the layer's outputs
+        returns : the shape of a -- the relevance of the layer's inputs, in the units of R
+
+    ``rule.low`` / ``rule.high`` broadcast to a.shape[1:] (one sample), then to a.shape.
+    """
     W = _w64(layer)
     Wp, Wn = _pos(W), _neg(W)
     lo, hi = rule.bounds_for(a.shape[1:])
@@ -151,5 +203,12 @@ RULE_FUNCTIONS = {
 
 
 def linear_relevance(layer: Linear, rule: Rule, a: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Apply ``rule`` to the linear ``layer`` with input ``a`` and output relevance ``R``."""
-    return RULE_FUNCTIONS[type(rule)](layer, rule, a, R)
+    """Apply ``rule`` to the linear ``layer`` with input ``a`` and output relevance ``R``.
+
+    Rules are dispatched by their exact type (a subclass is not its base rule: it may change the
+    formula); an unknown one raises :class:`~deeptaylor.errors.UnsupportedError` naming it."""
+    fn = RULE_FUNCTIONS.get(type(rule))
+    if fn is None:
+        raise UnsupportedError(f"the numpy reference has no relevance function for rule {rule!r} on "
+                               f"{layer.kind} (built-in rules only, matched by exact type)")
+    return fn(layer, rule, a, R)
