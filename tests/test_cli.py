@@ -161,13 +161,15 @@ def test_console_script_entry_point(tmp_path):
 
 
 def _mnist_dir() -> Path | None:
-    for p in Path(__file__).resolve().parents:
-        if (p / "shared" / "data" / "mnist").is_dir():
-            return p / "shared" / "data" / "mnist"
-    return None
+    """Real MNIST: ``$DEEPTAYLOR_MNIST`` or ``shared/data/mnist`` above the current directory
+    (:func:`deeptaylor.datasets.find_mnist`), else above this file (the repository's ../shared/data/mnist)."""
+    from deeptaylor import datasets as ds
+
+    return ds.find_mnist() or ds.find_mnist(Path(__file__).resolve().parent)
 
 
-@pytest.mark.skipif(_mnist_dir() is None, reason="real MNIST (../shared/data/mnist) not available")
+@pytest.mark.skipif(_mnist_dir() is None,
+                    reason="real MNIST not found: set DEEPTAYLOR_MNIST or put it in ../shared/data/mnist")
 def test_experiment_small_run(tmp_path, capsys):
     import json
 

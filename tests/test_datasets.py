@@ -12,11 +12,17 @@ import pytest
 import deeptaylor as dt
 from deeptaylor import datasets as ds
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-if not MNIST.is_dir():  # a worktree one level deeper than the main checkout: look further up
-    MNIST = next((p / "shared" / "data" / "mnist" for p in Path(__file__).resolve().parents
-                  if (p / "shared" / "data" / "mnist").is_dir()), MNIST)
-needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="real MNIST (../shared/data/mnist) not available")
+
+def _find_real_mnist() -> Path | None:
+    """The real MNIST IDX files: ``$DEEPTAYLOR_MNIST`` or ``shared/data/mnist`` above the current directory
+    (:func:`deeptaylor.datasets.find_mnist`), else ``shared/data/mnist`` above this file (the repository's
+    ``../shared/data/mnist``, wherever the checkout or worktree sits)."""
+    return ds.find_mnist() or ds.find_mnist(Path(__file__).resolve().parent)
+
+
+MNIST = _find_real_mnist() or Path("/nonexistent/mnist")
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(),
+                                 reason="real MNIST not found: set DEEPTAYLOR_MNIST or put it in ../shared/data/mnist")
 
 
 def _idx(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
@@ -47,14 +53,24 @@ def test_real_mnist_test_split():
     assert np.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-@needs_mnist
 def test_find_mnist(monkeypatch, tmp_path):
+    # a checkout next to shared/data/mnist (only the file names matter to the search)
+    mnist = tmp_path / "shared" / "data" / "mnist"
+    mnist.mkdir(parents=True)
+    (mnist / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    below = tmp_path / "repo" / "tests"
+    below.mkdir(parents=True)
     monkeypatch.delenv("DEEPTAYLOR_MNIST", raising=False)
-    assert ds.find_mnist(MNIST) == MNIST.resolve()  # found from a directory below .../shared/data/mnist's base
-    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path))
-    assert ds.find_mnist(MNIST) == tmp_path
+    assert ds.find_mnist(below) == mnist.resolve()  # found from a directory below .../shared/data/mnist's base
+    assert ds.find_mnist(tmp_path / "repo" / "missing") == mnist.resolve()
+    monkeypatch.chdir(below)
+    assert ds.find_mnist() == mnist.resolve()  # default start: the current directory
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(other))  # $DEEPTAYLOR_MNIST wins
+    assert ds.find_mnist(below) == other
     monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path / "missing"))
-    assert ds.find_mnist(MNIST) is None
+    assert ds.find_mnist(below) is None
 
 
 @needs_mnist
