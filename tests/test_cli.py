@@ -192,3 +192,68 @@ def test_experiment_small_run(tmp_path, capsys):
             assert rows[k, name]["conservation_error"] < 1e-10
             assert rows[k, name]["negative_mass"] == 0.0
         assert rows[k, "sensitivity"]["conservation_error"] > 1e-2  # sensitivity is not conservative
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    magic = 2051 if arr.ndim == 3 else 2049
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes())
+
+
+@pytest.fixture
+def sample_mnist(tmp_path) -> Path:
+    """A directory of MNIST IDX files (train and t10k) holding the bundled 300-digit sample."""
+    from deeptaylor import datasets as ds
+
+    images, labels = ds.load_sample()
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for prefix in ("train", "t10k"):
+        _write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def test_experiment_dead_network(tmp_path, sample_mnist, capsys):
+    """With a huge learning rate every ReLU dies: one warning line per step count, and results.json is
+    strict JSON with null (not NaN) for the undefined numbers."""
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0,30",
+                 "--n-train", "200", "--n-test", "40", "--lr", "50", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("deeptaylor: warning:")]
+    assert len(warnings) == 1, captured.err
+    assert "after 30 steps f(x) = 0 on all 40 test images" in warnings[0]
+    assert "learning rate 50" in warnings[0]
+    assert "Traceback" not in captured.err
+
+    def no_constants(name):
+        raise AssertionError(f"results.json holds the non-JSON constant {name}")
+
+    summary = json.loads((out / "results.json").read_text(), parse_constant=no_constants)
+    assert summary["warnings"] == [warnings[0].removeprefix("deeptaylor: warning: ")]
+    rows = {(r["steps"], r["method"]): r for r in summary["rows"]}
+    for name in ("sensitivity", "w2", "z+", "zB"):
+        assert rows[30, name]["mean_f"] == 0.0
+        assert rows[30, name]["conservation_error"] is None
+        assert rows[30, name]["correlation"] is None
+        assert rows[30, name]["target_share"] is None
+        assert rows[0, name]["conservation_error"] is not None  # the untrained net is alive
+    assert "warning: after 30 steps" in (out / "table.txt").read_text()
+
+
+def test_experiment_live_network_has_no_warning(tmp_path, sample_mnist, capsys):
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0,20",
+                 "--n-train", "200", "--n-test", "40", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    import json
+
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["warnings"] == []
+    assert all(r["conservation_error"] is not None for r in summary["rows"])

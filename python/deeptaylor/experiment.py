@@ -19,7 +19,9 @@ Used by ``deeptaylor experiment mnist-detection``, ``deeptaylor demo`` and
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +42,7 @@ __all__ = [
     "METHODS",
     "PAPER_STEPS",
     "MethodStats",
+    "dead_network_warning",
     "explain_methods",
     "format_table",
     "heatmap_panel",
@@ -199,11 +202,41 @@ def _scatter(path: Path, per_step: dict[int, dict[str, Explanation]]) -> str | N
     return str(path)
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NumPy scalars/arrays as Python values and NaN/Inf as None, for strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _warn_stderr(msg: str) -> None:
+    print(f"deeptaylor: warning: {msg}", file=sys.stderr)
+
+
+def dead_network_warning(steps: int, f: np.ndarray, lr: float | None = None) -> str | None:
+    """A one-line warning if the network's output ``f`` is 0 on every test image (all ReLUs dead), else None."""
+    f = np.asarray(f)
+    if f.size == 0 or np.any(f != 0):
+        return None
+    hint = f" (learning rate {lr:g} too large?)" if lr is not None else ""
+    return (f"after {steps} steps f(x) = 0 on all {f.size} test images: every hidden ReLU is dead{hint}; "
+            "conservation, correlation and target share are undefined (nan in the table, null in results.json)")
+
+
 def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFAULT_STEPS,
                         mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "cpu",
                         n_train: int = 60000, n_test: int = 1000, n_show: int = 6, lr: float = 0.005,
                         progress: bool = True, save_model: bool = True,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = print,
+                        warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the detection net once, snapshotting after each of ``steps``, and explain fixed test images.
 
     Parameters
@@ -218,12 +251,18 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     n_train / n_test : sizes of the generated training set (from MNIST train) and test set (from t10k)
     n_show : test images in each PNG grid (see :func:`pick_rows`)
     lr : SGD learning rate
+    log : prints progress and the table (default ``print``)
+    warn : prints warnings (default: ``deeptaylor: warning: ...`` on stderr), e.g. when the network's
+        output is 0 on every test image at a step count (all ReLUs dead, as with a too large ``lr``)
 
     Returns
     -------
-    dict with ``rows`` (one per step count and method), ``files``, ``log`` (training log rows) and
-    ``accuracy`` (test accuracy per step count).
+    dict with ``rows`` (one per step count and method), ``files``, ``log`` (training log rows),
+    ``accuracy`` (test accuracy per step count), ``columns`` (of the PNG grids) and ``warnings``.
+    ``results.json`` holds the same, as strict JSON: undefined numbers (NaN) are ``null``.
     """
+    emit = warn if warn is not None else _warn_stderr
+
     from . import datasets as ds
     from . import train as tr
     from .errors import InputError
@@ -257,11 +296,16 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     files: list[str] = []
     per_step: dict[int, dict[str, Explanation]] = {}
     accuracy: dict[int, float] = {}
+    warnings: list[str] = []
     for k in steps:
         net = result.snapshots[k]
         accuracy[k] = tr.detection_accuracy(net, x_test, test_set.labels)
         results = explain_methods(net, x_test, backend)
         per_step[k] = results
+        dead = dead_network_warning(k, next(iter(results.values())).explained, lr)
+        if dead:
+            warnings.append(dead)
+            emit(dead)
         for name, res in results.items():
             st = method_stats(res, mask)
             row = {"steps": k, "accuracy": accuracy[k], **asdict(st)}
@@ -276,7 +320,9 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
         log("scatter plot skipped (matplotlib not installed: pip install 'deeptaylor[plot]')")
     table = format_table(rows)
     acc = "  ".join(f"{k}: {a:.1%}" for k, a in accuracy.items())
-    (out_dir / "table.txt").write_text(table + f"\n\ntest accuracy (f(x) > 0.5 <=> target present) {acc}\n")
+    notes = "".join(f"warning: {w}\n" for w in warnings)
+    (out_dir / "table.txt").write_text(table + f"\n\ntest accuracy (f(x) > 0.5 <=> target present) {acc}\n"
+                                       + notes)
     (out_dir / "train_log.txt").write_text(str(result.log) + "\n")
     files += [str(out_dir / "table.txt"), str(out_dir / "train_log.txt")]
     if save_model:
@@ -286,8 +332,8 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     summary = {"steps": steps, "seed": seed, "n_train": n_train, "n_test": n_test, "lr": lr,
                "accuracy": {str(k): v for k, v in accuracy.items()}, "rows": rows,
                "log": result.log.rows(), "files": files, "shown_test_images": [int(i) for i in show],
-               "seconds": time.perf_counter() - t0}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+               "warnings": warnings, "seconds": time.perf_counter() - t0}
+    (out_dir / "results.json").write_text(json.dumps(_json_safe(summary), indent=1, allow_nan=False))
     files.append(str(out_dir / "results.json"))
     log(table)
     log(f"test accuracy: {acc}")
