@@ -52,6 +52,25 @@ def test_demo(tmp_path, capsys):
     # the zB heatmaps are positive and (for the trained model) lean towards the target digit
     assert r.min() >= -1e-5
     assert "heatmaps.png" in text
+    assert "columns: input | sensitivity | w2 | z+ | zB" in text
+
+
+def test_bad_colour_map_fails_before_any_work(tmp_path, small_net, capsys):
+    """A bad --cmap is a usage error: exit 2, one message, and no output directory at all."""
+    model = tmp_path / "net.npz"
+    dt.save(small_net, model)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1568), np.float32))
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--out", str(out),
+                 "--cmap", "jet"]) == 2
+    line = _err_line(capsys)
+    assert "--cmap" in line
+    assert "jet" in line
+    assert not out.exists()
+    assert main(["demo", "--out", str(out), "--cmap", "viridis"]) == 2
+    assert "viridis" in _err_line(capsys)
+    assert not out.exists()
+    assert capsys.readouterr().out == ""
 
 
 def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
@@ -64,13 +83,26 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
                  "--target", "0", "--out", str(out), "--backend", "numpy", "--batch-size", "2",
                  "--no-progress"]) == 0
     r = np.load(out / "relevance.npy")
-    assert r.shape == (5, 1568)
+    assert r.shape == (5, 28, 56)  # the input's shape, not the network's flat (5, 1568)
     ref = dt.Explainer(small_net, dt.composites.deep_taylor(0.0, 1.0)).explain(x.reshape(5, -1))
-    np.testing.assert_allclose(r, ref.relevance, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(r.reshape(5, -1), ref.relevance, rtol=1e-6, atol=1e-12)
     pngs = sorted(out.glob("heatmap_*.png"))
     assert len(pngs) == 5
-    np.testing.assert_array_equal(hm.read_png(pngs[0]), hm.to_rgb(ref.relevance[0].reshape(28, 56)))
-    assert "explained 5 input(s)" in capsys.readouterr().out
+    # PNGs enlarged 4x by default (nearest neighbour): each relevance value is a 4x4 block
+    img = hm.read_png(pngs[0])
+    assert img.shape == (4 * 28, 4 * 56, 3)
+    np.testing.assert_array_equal(img[::4, ::4], hm.to_rgb(ref.relevance[0].reshape(28, 56)))
+    np.testing.assert_array_equal(img, hm.upscale(img[::4, ::4], 4))
+    text = capsys.readouterr().out
+    assert "explained 5 input(s)" in text
+    assert "(5, 28, 56)" in text
+    assert "224x112 pixels" in text
+    # --scale 1: native size
+    out1 = tmp_path / "out1"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--out", str(out1),
+                 "--backend", "numpy", "--scale", "1", "--cmap", "coldnhot", "--no-progress"]) == 0
+    np.testing.assert_array_equal(hm.read_png(out1 / "heatmap_0000.png"),
+                                  hm.to_rgb(ref.relevance[0].reshape(28, 56), cmap="coldnhot"))
 
     # uint8 .npy images are scaled by 1/255; flat inputs are drawn with --image-shape
     np.save(tmp_path / "u8.npy", (x * 255).astype(np.uint8).reshape(5, -1))
@@ -78,6 +110,7 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "u8.npy"), "--composite",
                  "sensitivity", "--out", str(out2), "--image-shape", "28,56", "--backend", "numpy"]) == 0
     assert len(list(out2.glob("heatmap_*.png"))) == 5
+    assert np.load(out2 / "relevance.npy").shape == (5, 1568)  # flat input, flat relevance
 
     # a directory of PNG images
     imgdir = tmp_path / "imgs"
@@ -89,9 +122,11 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
                  "--out", str(out3)]) == 0
     assert sorted(p.name for p in out3.glob("*.png")) == ["heatmap_d0.png", "heatmap_d1.png", "heatmap_d2.png"]
     r3 = np.load(out3 / "relevance.npy")
+    assert r3.shape == (3, 28, 56)  # as the images were read
     ref3 = dt.Explainer(small_net, dt.composites.deep_taylor_unbounded()).explain(
         ((x[:3] * 255).astype(np.uint8) / 255.0).reshape(3, -1))
-    np.testing.assert_allclose(r3, ref3.relevance, rtol=1e-4, atol=1e-6 * np.abs(ref3.relevance).max())
+    np.testing.assert_allclose(r3.reshape(3, -1), ref3.relevance, rtol=1e-4,
+                               atol=1e-6 * np.abs(ref3.relevance).max())
 
 
 def test_explain_errors(tmp_path, small_net, capsys):
@@ -125,6 +160,8 @@ def test_explain_errors(tmp_path, small_net, capsys):
     fails(base + ["--image-shape", "28"], "H,W")
     fails(base + ["--target", "x"], "--target")
     fails(base + ["--target", "3"], "out of range")
+    assert main(base + ["--scale", "0"]) == 2
+    assert "--scale" in _err_line(capsys)
     np.save(tmp_path / "neg.npy", -np.ones((2, 1568), np.float32))
     fails(base[:4] + [str(tmp_path / "neg.npy")] + base[5:], "[low, high]")
     # argparse usage errors: exit 2, no traceback

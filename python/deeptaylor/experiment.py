@@ -39,6 +39,7 @@ from .rules import WSquare, ZBox, ZPlus
 
 __all__ = [
     "DEFAULT_STEPS",
+    "DISPLAY_NAMES",
     "METHODS",
     "PAPER_STEPS",
     "MethodStats",
@@ -48,6 +49,7 @@ __all__ = [
     "heatmap_panel",
     "make_explainer",
     "method_stats",
+    "panel_columns",
     "pick_rows",
     "run_mnist_detection",
 ]
@@ -133,25 +135,31 @@ def pick_rows(side: np.ndarray, n_show: int) -> list[int]:
     return pos + neg
 
 
-def _upscale(img: np.ndarray, k: int) -> np.ndarray:
-    return np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
+#: how the grids' column labels spell a method's name
+DISPLAY_NAMES = {"w2": "w²"}
+
+
+def panel_columns(results: dict[str, Explanation] | Sequence[str]) -> list[str]:
+    """The column titles of :func:`heatmap_panel`: ``input``, then each method's display name."""
+    return ["input", *(DISPLAY_NAMES.get(name, name) for name in results)]
 
 
 def heatmap_panel(images: np.ndarray, results: dict[str, Explanation], cmap: str = "bwr", scale: int = 3,
-                  rows: Sequence[int] | None = None) -> np.ndarray:
+                  rows: Sequence[int] | None = None, labels: bool = True) -> np.ndarray:
     """One RGB image: a row per input, columns = the input (grey) then each method's heatmap.
 
     ``images`` (N, H, W) in [0, 1]; each heatmap is scaled by its own ``max |R|`` (symmetric colour map,
-    white = 0 with ``bwr``).
+    white = 0 with ``bwr``). With ``labels`` a header strip names the columns (:func:`panel_columns`).
     """
     idx = range(images.shape[0]) if rows is None else rows
     tiles = []
     for i in idx:
-        tiles.append(_upscale(np.round(np.clip(images[i], 0, 1) * 255).astype(np.uint8), scale))
+        tiles.append(hm.upscale(np.round(np.clip(images[i], 0, 1) * 255).astype(np.uint8), scale))
         for res in results.values():
             rel = res.relevance[i].reshape(images.shape[1:])
-            tiles.append(_upscale(hm.to_rgb(rel, cmap=cmap), scale))
-    return hm.grid(tiles, ncols=1 + len(results), pad=scale + 1, pad_value=128)
+            tiles.append(hm.upscale(hm.to_rgb(rel, cmap=cmap), scale))
+    return hm.grid(tiles, ncols=1 + len(results), pad=scale + 1, pad_value=128,
+                   labels=panel_columns(results) if labels else None)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -332,9 +340,12 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     summary = {"steps": steps, "seed": seed, "n_train": n_train, "n_test": n_test, "lr": lr,
                "accuracy": {str(k): v for k, v in accuracy.items()}, "rows": rows,
                "log": result.log.rows(), "files": files, "shown_test_images": [int(i) for i in show],
+               "columns": panel_columns(METHODS),
                "warnings": warnings, "seconds": time.perf_counter() - t0}
     (out_dir / "results.json").write_text(json.dumps(_json_safe(summary), indent=1, allow_nan=False))
     files.append(str(out_dir / "results.json"))
     log(table)
     log(f"test accuracy: {acc}")
+    log(f"steps_<k>.png: one row per shown test image (those with a target digit first, alternately left and "
+        f"right, then those without); columns: {' | '.join(['input', *METHODS])}")
     return summary
