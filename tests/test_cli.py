@@ -294,3 +294,18 @@ def test_experiment_live_network_has_no_warning(tmp_path, sample_mnist, capsys):
     summary = json.loads((out / "results.json").read_text())
     assert summary["warnings"] == []
     assert all(r["conservation_error"] is not None for r in summary["rows"])
+    assert summary["positive_fraction"] == 0.5
+    assert summary["columns"] == ["input", "sensitivity", "w²", "z+", "zB"]
+
+
+def test_experiment_natural_sampling(tmp_path, sample_mnist, capsys):
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0",
+                 "--n-train", "100", "--n-test", "200", "--positive-fraction", "natural", "--no-progress"]) == 0
+    assert "natural sampling" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["positive_fraction"] is None
+    assert main(["experiment", "mnist-detection", "--positive-fraction", "2"]) == 2
+    assert "natural" in _err_line(capsys)

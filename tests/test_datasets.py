@@ -174,6 +174,45 @@ def test_detection_construction(rng):
     assert not np.any(mask[d.side == 0][:, :, 28:])
 
 
+def test_detection_natural_sampling(rng):
+    """positive_fraction=None: every image is a digit of any class next to a distractor; positive iff 0-3."""
+    images, labels = _pool(rng)
+    d = ds.mnist_detection(images, labels, 400, seed=3, positive_fraction=None)
+    assert d.images.shape == (400, 28, 56)
+    left_cls = np.round(d.images[:, 10, 14] * 255 - 1) / 10
+    right_cls = np.round(d.images[:, 10, 28 + 14] * 255 - 1) / 10
+    np.testing.assert_array_equal(left_cls, d.digits[:, 0])
+    np.testing.assert_array_equal(right_cls, d.digits[:, 1])
+    is_target = np.isin(d.digits, ds.TARGET_DIGITS)
+    is_distractor = np.isin(d.digits, ds.DISTRACTOR_DIGITS)
+    assert np.all(is_distractor.any(axis=1))  # a distractor in every image
+    assert np.all(is_target.sum(axis=1) == d.labels)  # at most one target, label = its presence
+    pos = d.labels == 1
+    np.testing.assert_array_equal(d.side >= 0, pos)
+    np.testing.assert_array_equal(is_target[pos, 1], d.side[pos] == 1)
+    assert set(np.unique(d.side[pos])) == {0, 1}
+    # the share of positives is the pool's share of 0-3 (here 20/50), not fixed at one half
+    share = float(np.isin(labels, ds.TARGET_DIGITS).mean())
+    assert abs(float(d.labels.mean()) - share) < 0.08
+    assert set(np.unique(d.digits)) == set(range(10))  # the free digit is of any class
+    # seeded, and the default (balanced) sampling is unchanged by the option's existence
+    e = ds.mnist_detection(images, labels, 400, seed=3, positive_fraction=None)
+    np.testing.assert_array_equal(d.images, e.images)
+    assert int(ds.mnist_detection(images, labels, 400, seed=3).labels.sum()) == 200
+    with pytest.raises(dt.InputError, match="no distractor"):
+        ds.mnist_detection(images[labels < 4], labels[labels < 4], 5, positive_fraction=None)
+    with pytest.raises(dt.InputError, match="or None"):
+        ds.mnist_detection(images, labels, 5, positive_fraction=1.5)
+
+
+@needs_mnist
+def test_natural_sampling_on_real_mnist():
+    images, labels = ds.load_mnist(MNIST, "test")
+    d = ds.mnist_detection(images, labels, 5000, seed=0, positive_fraction=None)
+    share = float(np.isin(labels, ds.TARGET_DIGITS).mean())  # 0.4157 for t10k
+    assert abs(float(d.labels.mean()) - share) < 0.03
+
+
 def test_detection_is_seeded_and_validates(rng):
     images, labels = _pool(rng)
     a = ds.mnist_detection(images, labels, 30, seed=5)

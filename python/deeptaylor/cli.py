@@ -6,6 +6,7 @@
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
                        [--target INT|pred] [--backend cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
+                          [--positive-fraction P|natural]
 
 Errors (missing files, unreadable images, shape mismatches, unknown composites...) print one line
 ``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug`` shows the traceback instead.
@@ -54,6 +55,18 @@ def _positive(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float | None:
+    if text.strip().lower() == "natural":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'natural', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'natural', got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deeptaylor`` command."""
     p = argparse.ArgumentParser(prog="deeptaylor", description="Deep Taylor Decomposition / LRP heatmaps.")
@@ -99,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n-train", type=_positive, default=60000, help="generated training images (default 60000)")
     x.add_argument("--n-test", type=_positive, default=1000, help="generated test images (default 1000)")
     x.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
+    x.add_argument("--positive-fraction", type=_fraction, default=0.5, metavar="P|natural",
+                   help="share of images with a target digit 0-3 (default 0.5, exact), or 'natural': every "
+                        "image is a digit of any class next to a distractor 4-9 (about 41%% positive)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -347,7 +363,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         raise InputError(f"MNIST directory {args.mnist!r} not found")
     summary = run_mnist_detection(args.out, steps=steps, mnist=args.mnist, seed=args.seed, backend=args.backend,
                                   n_train=args.n_train, n_test=args.n_test, lr=args.lr,
-                                  progress=not args.no_progress)
+                                  positive_fraction=args.positive_fraction, progress=not args.no_progress)
     print("wrote:")
     for f in summary["files"]:
         print(f"  {f}")

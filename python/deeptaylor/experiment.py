@@ -242,7 +242,7 @@ def dead_network_warning(steps: int, f: np.ndarray, lr: float | None = None) -> 
 def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFAULT_STEPS,
                         mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "cpu",
                         n_train: int = 60000, n_test: int = 1000, n_show: int = 6, lr: float = 0.005,
-                        progress: bool = True, save_model: bool = True,
+                        positive_fraction: float | None = 0.5, progress: bool = True, save_model: bool = True,
                         log: Callable[[str], None] = print,
                         warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the detection net once, snapshotting after each of ``steps``, and explain fixed test images.
@@ -259,6 +259,8 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     n_train / n_test : sizes of the generated training set (from MNIST train) and test set (from t10k)
     n_show : test images in each PNG grid (see :func:`pick_rows`)
     lr : SGD learning rate
+    positive_fraction : share of images with a target digit in both sets (exact; default half), or None
+        for "natural" sampling (any digit next to a distractor; see :func:`deeptaylor.datasets.mnist_detection`)
     log : prints progress and the table (default ``print``)
     warn : prints warnings (default: ``deeptaylor: warning: ...`` on stderr), e.g. when the network's
         output is 0 on every test image at a step count (all ReLUs dead, as with a too large ``lr``)
@@ -288,10 +290,12 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     t0 = time.perf_counter()
     xi, yi = ds.load_mnist(directory, "train")
     xt, yt = ds.load_mnist(directory, "test")
-    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1)
-    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2)
+    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
+    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
     show = pick_rows(test_set.side, n_show)
-    log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory} "
+    sampling = "natural sampling" if positive_fraction is None else f"{positive_fraction:.0%} with a target digit"
+    log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory}, {sampling} "
+        f"(train {train_set.labels.mean():.1%}, test {test_set.labels.mean():.1%}) "
         f"({time.perf_counter() - t0:.1f} s)")
     t1 = time.perf_counter()
     result = tr.train_detection(train_set.flat(), train_set.labels, steps[-1], seed=seed, lr=lr,
@@ -338,6 +342,7 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
         save(result.net, mpath)
         files.append(str(mpath))
     summary = {"steps": steps, "seed": seed, "n_train": n_train, "n_test": n_test, "lr": lr,
+               "positive_fraction": positive_fraction,
                "accuracy": {str(k): v for k, v in accuracy.items()}, "rows": rows,
                "log": result.log.rows(), "files": files, "shown_test_images": [int(i) for i in show],
                "columns": panel_columns(METHODS),
