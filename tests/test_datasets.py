@@ -85,6 +85,25 @@ def test_bundled_sample_is_the_first_30_test_digits_per_class():
     np.testing.assert_array_equal(labels, t_labels[idx])
 
 
+def test_sample_licence_note_is_installed():
+    """The CC BY-SA 3.0 note of the bundled MNIST sample travels with the package (package data, and in
+    the wheel's dist-info/licenses beside the MIT LICENSE)."""
+    import importlib.metadata
+
+    note = Path(ds.__file__).parent / "data" / "README.md"
+    text = note.read_text(encoding="utf-8")
+    assert "CC BY-SA 3.0" in text
+    assert "LeCun" in text
+    try:
+        files = importlib.metadata.distribution("deeptaylor").files or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("deeptaylor is not installed as a distribution")
+    licences = {f.name for f in files if "licenses" in f.parts}
+    if not licences:
+        pytest.skip("this install records no dist-info/licenses (not built by scikit-build-core)")
+    assert {"LICENSE", "README.md"} <= licences
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_roundtrip_synthetic_idx(tmp_path, rng, gz):
     images = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
