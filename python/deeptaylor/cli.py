@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--high", type=float, default=1.0, help="upper input bound for deep-taylor's zB (default 1)")
     e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
     e.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
-    e.add_argument("--scale", type=_positive, default=4,
+    e.add_argument("--scale", type=_positive, default=4, metavar="K",
                    help="enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
