@@ -52,6 +52,25 @@ def test_demo(tmp_path, capsys):
     # the zB heatmaps are positive and (for the trained model) lean towards the target digit
     assert r.min() >= -1e-5
     assert "heatmaps.png" in text
+    assert "columns: input | sensitivity | w2 | z+ | zB" in text
+
+
+def test_bad_colour_map_fails_before_any_work(tmp_path, small_net, capsys):
+    """A bad --cmap is a usage error: exit 2, one message, and no output directory at all."""
+    model = tmp_path / "net.npz"
+    dt.save(small_net, model)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1568), np.float32))
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--out", str(out),
+                 "--cmap", "jet"]) == 2
+    line = _err_line(capsys)
+    assert "--cmap" in line
+    assert "jet" in line
+    assert not out.exists()
+    assert main(["demo", "--out", str(out), "--cmap", "viridis"]) == 2
+    assert "viridis" in _err_line(capsys)
+    assert not out.exists()
+    assert capsys.readouterr().out == ""
 
 
 def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
@@ -64,13 +83,26 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
                  "--target", "0", "--out", str(out), "--backend", "numpy", "--batch-size", "2",
                  "--no-progress"]) == 0
     r = np.load(out / "relevance.npy")
-    assert r.shape == (5, 1568)
+    assert r.shape == (5, 28, 56)  # the input's shape, not the network's flat (5, 1568)
     ref = dt.Explainer(small_net, dt.composites.deep_taylor(0.0, 1.0)).explain(x.reshape(5, -1))
-    np.testing.assert_allclose(r, ref.relevance, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(r.reshape(5, -1), ref.relevance, rtol=1e-6, atol=1e-12)
     pngs = sorted(out.glob("heatmap_*.png"))
     assert len(pngs) == 5
-    np.testing.assert_array_equal(hm.read_png(pngs[0]), hm.to_rgb(ref.relevance[0].reshape(28, 56)))
-    assert "explained 5 input(s)" in capsys.readouterr().out
+    # PNGs enlarged 4x by default (nearest neighbour): each relevance value is a 4x4 block
+    img = hm.read_png(pngs[0])
+    assert img.shape == (4 * 28, 4 * 56, 3)
+    np.testing.assert_array_equal(img[::4, ::4], hm.to_rgb(ref.relevance[0].reshape(28, 56)))
+    np.testing.assert_array_equal(img, hm.upscale(img[::4, ::4], 4))
+    text = capsys.readouterr().out
+    assert "explained 5 input(s)" in text
+    assert "(5, 28, 56)" in text
+    assert "224x112 pixels" in text
+    # --scale 1: native size
+    out1 = tmp_path / "out1"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--out", str(out1),
+                 "--backend", "numpy", "--scale", "1", "--cmap", "coldnhot", "--no-progress"]) == 0
+    np.testing.assert_array_equal(hm.read_png(out1 / "heatmap_0000.png"),
+                                  hm.to_rgb(ref.relevance[0].reshape(28, 56), cmap="coldnhot"))
 
     # uint8 .npy images are scaled by 1/255; flat inputs are drawn with --image-shape
     np.save(tmp_path / "u8.npy", (x * 255).astype(np.uint8).reshape(5, -1))
@@ -78,6 +110,7 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "u8.npy"), "--composite",
                  "sensitivity", "--out", str(out2), "--image-shape", "28,56", "--backend", "numpy"]) == 0
     assert len(list(out2.glob("heatmap_*.png"))) == 5
+    assert np.load(out2 / "relevance.npy").shape == (5, 1568)  # flat input, flat relevance
 
     # a directory of PNG images
     imgdir = tmp_path / "imgs"
@@ -89,9 +122,11 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
                  "--out", str(out3)]) == 0
     assert sorted(p.name for p in out3.glob("*.png")) == ["heatmap_d0.png", "heatmap_d1.png", "heatmap_d2.png"]
     r3 = np.load(out3 / "relevance.npy")
+    assert r3.shape == (3, 28, 56)  # as the images were read
     ref3 = dt.Explainer(small_net, dt.composites.deep_taylor_unbounded()).explain(
         ((x[:3] * 255).astype(np.uint8) / 255.0).reshape(3, -1))
-    np.testing.assert_allclose(r3, ref3.relevance, rtol=1e-4, atol=1e-6 * np.abs(ref3.relevance).max())
+    np.testing.assert_allclose(r3.reshape(3, -1), ref3.relevance, rtol=1e-4,
+                               atol=1e-6 * np.abs(ref3.relevance).max())
 
 
 def test_explain_errors(tmp_path, small_net, capsys):
@@ -125,6 +160,8 @@ def test_explain_errors(tmp_path, small_net, capsys):
     fails(base + ["--image-shape", "28"], "H,W")
     fails(base + ["--target", "x"], "--target")
     fails(base + ["--target", "3"], "out of range")
+    assert main(base + ["--scale", "0"]) == 2
+    assert "--scale" in _err_line(capsys)
     np.save(tmp_path / "neg.npy", -np.ones((2, 1568), np.float32))
     fails(base[:4] + [str(tmp_path / "neg.npy")] + base[5:], "[low, high]")
     # argparse usage errors: exit 2, no traceback
@@ -161,13 +198,15 @@ def test_console_script_entry_point(tmp_path):
 
 
 def _mnist_dir() -> Path | None:
-    for p in Path(__file__).resolve().parents:
-        if (p / "shared" / "data" / "mnist").is_dir():
-            return p / "shared" / "data" / "mnist"
-    return None
+    """Real MNIST: ``$DEEPTAYLOR_MNIST`` or ``shared/data/mnist`` above the current directory
+    (:func:`deeptaylor.datasets.find_mnist`), else above this file (the repository's ../shared/data/mnist)."""
+    from deeptaylor import datasets as ds
+
+    return ds.find_mnist() or ds.find_mnist(Path(__file__).resolve().parent)
 
 
-@pytest.mark.skipif(_mnist_dir() is None, reason="real MNIST (../shared/data/mnist) not available")
+@pytest.mark.skipif(_mnist_dir() is None,
+                    reason="real MNIST not found: set DEEPTAYLOR_MNIST or put it in ../shared/data/mnist")
 def test_experiment_small_run(tmp_path, capsys):
     import json
 
@@ -190,3 +229,83 @@ def test_experiment_small_run(tmp_path, capsys):
             assert rows[k, name]["conservation_error"] < 1e-10
             assert rows[k, name]["negative_mass"] == 0.0
         assert rows[k, "sensitivity"]["conservation_error"] > 1e-2  # sensitivity is not conservative
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    magic = 2051 if arr.ndim == 3 else 2049
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes())
+
+
+@pytest.fixture
+def sample_mnist(tmp_path) -> Path:
+    """A directory of MNIST IDX files (train and t10k) holding the bundled 300-digit sample."""
+    from deeptaylor import datasets as ds
+
+    images, labels = ds.load_sample()
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for prefix in ("train", "t10k"):
+        _write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def test_experiment_dead_network(tmp_path, sample_mnist, capsys):
+    """With a huge learning rate every ReLU dies: one warning line per step count, and results.json is
+    strict JSON with null (not NaN) for the undefined numbers."""
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0,30",
+                 "--n-train", "200", "--n-test", "40", "--lr", "50", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("deeptaylor: warning:")]
+    assert len(warnings) == 1, captured.err
+    assert "after 30 steps f(x) = 0 on all 40 test images" in warnings[0]
+    assert "learning rate 50" in warnings[0]
+    assert "Traceback" not in captured.err
+
+    def no_constants(name):
+        raise AssertionError(f"results.json holds the non-JSON constant {name}")
+
+    summary = json.loads((out / "results.json").read_text(), parse_constant=no_constants)
+    assert summary["warnings"] == [warnings[0].removeprefix("deeptaylor: warning: ")]
+    rows = {(r["steps"], r["method"]): r for r in summary["rows"]}
+    for name in ("sensitivity", "w2", "z+", "zB"):
+        assert rows[30, name]["mean_f"] == 0.0
+        assert rows[30, name]["conservation_error"] is None
+        assert rows[30, name]["correlation"] is None
+        assert rows[30, name]["target_share"] is None
+        assert rows[0, name]["conservation_error"] is not None  # the untrained net is alive
+    assert "warning: after 30 steps" in (out / "table.txt").read_text()
+
+
+def test_experiment_live_network_has_no_warning(tmp_path, sample_mnist, capsys):
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0,20",
+                 "--n-train", "200", "--n-test", "40", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    import json
+
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["warnings"] == []
+    assert all(r["conservation_error"] is not None for r in summary["rows"])
+    assert summary["positive_fraction"] == 0.5
+    assert summary["columns"] == ["input", "sensitivity", "w²", "z+", "zB"]
+
+
+def test_experiment_natural_sampling(tmp_path, sample_mnist, capsys):
+    import json
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "mnist-detection", "--mnist", str(sample_mnist), "--out", str(out), "--steps", "0",
+                 "--n-train", "100", "--n-test", "200", "--positive-fraction", "natural", "--no-progress"]) == 0
+    assert "natural sampling" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["positive_fraction"] is None
+    assert main(["experiment", "mnist-detection", "--positive-fraction", "2"]) == 2
+    assert "natural" in _err_line(capsys)

@@ -12,11 +12,17 @@ import pytest
 import deeptaylor as dt
 from deeptaylor import datasets as ds
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-if not MNIST.is_dir():  # a worktree one level deeper than the main checkout: look further up
-    MNIST = next((p / "shared" / "data" / "mnist" for p in Path(__file__).resolve().parents
-                  if (p / "shared" / "data" / "mnist").is_dir()), MNIST)
-needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="real MNIST (../shared/data/mnist) not available")
+
+def _find_real_mnist() -> Path | None:
+    """The real MNIST IDX files: ``$DEEPTAYLOR_MNIST`` or ``shared/data/mnist`` above the current directory
+    (:func:`deeptaylor.datasets.find_mnist`), else ``shared/data/mnist`` above this file (the repository's
+    ``../shared/data/mnist``, wherever the checkout or worktree sits)."""
+    return ds.find_mnist() or ds.find_mnist(Path(__file__).resolve().parent)
+
+
+MNIST = _find_real_mnist() or Path("/nonexistent/mnist")
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(),
+                                 reason="real MNIST not found: set DEEPTAYLOR_MNIST or put it in ../shared/data/mnist")
 
 
 def _idx(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
@@ -47,14 +53,24 @@ def test_real_mnist_test_split():
     assert np.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-@needs_mnist
 def test_find_mnist(monkeypatch, tmp_path):
+    # a checkout next to shared/data/mnist (only the file names matter to the search)
+    mnist = tmp_path / "shared" / "data" / "mnist"
+    mnist.mkdir(parents=True)
+    (mnist / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    below = tmp_path / "repo" / "tests"
+    below.mkdir(parents=True)
     monkeypatch.delenv("DEEPTAYLOR_MNIST", raising=False)
-    assert ds.find_mnist(MNIST) == MNIST.resolve()  # found from a directory below .../shared/data/mnist's base
-    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path))
-    assert ds.find_mnist(MNIST) == tmp_path
+    assert ds.find_mnist(below) == mnist.resolve()  # found from a directory below .../shared/data/mnist's base
+    assert ds.find_mnist(tmp_path / "repo" / "missing") == mnist.resolve()
+    monkeypatch.chdir(below)
+    assert ds.find_mnist() == mnist.resolve()  # default start: the current directory
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.setenv("DEEPTAYLOR_MNIST", str(other))  # $DEEPTAYLOR_MNIST wins
+    assert ds.find_mnist(below) == other
     monkeypatch.setenv("DEEPTAYLOR_MNIST", str(tmp_path / "missing"))
-    assert ds.find_mnist(MNIST) is None
+    assert ds.find_mnist(below) is None
 
 
 @needs_mnist
@@ -67,6 +83,25 @@ def test_bundled_sample_is_the_first_30_test_digits_per_class():
     idx = np.sort(np.concatenate([np.flatnonzero(t_labels == c)[:30] for c in range(10)]))
     np.testing.assert_array_equal(images, t_images[idx])
     np.testing.assert_array_equal(labels, t_labels[idx])
+
+
+def test_sample_licence_note_is_installed():
+    """The CC BY-SA 3.0 note of the bundled MNIST sample travels with the package (package data, and in
+    the wheel's dist-info/licenses beside the MIT LICENSE)."""
+    import importlib.metadata
+
+    note = Path(ds.__file__).parent / "data" / "README.md"
+    text = note.read_text(encoding="utf-8")
+    assert "CC BY-SA 3.0" in text
+    assert "LeCun" in text
+    try:
+        files = importlib.metadata.distribution("deeptaylor").files or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("deeptaylor is not installed as a distribution")
+    licences = {f.name for f in files if "licenses" in f.parts}
+    if not licences:
+        pytest.skip("this install records no dist-info/licenses (not built by scikit-build-core)")
+    assert {"LICENSE", "README.md"} <= licences
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -156,6 +191,45 @@ def test_detection_construction(rng):
     assert np.all(mask.sum(axis=(1, 2)) == 28 * 28 * d.labels)
     assert np.all(mask[d.side == 0][:, :, :28])
     assert not np.any(mask[d.side == 0][:, :, 28:])
+
+
+def test_detection_natural_sampling(rng):
+    """positive_fraction=None: every image is a digit of any class next to a distractor; positive iff 0-3."""
+    images, labels = _pool(rng)
+    d = ds.mnist_detection(images, labels, 400, seed=3, positive_fraction=None)
+    assert d.images.shape == (400, 28, 56)
+    left_cls = np.round(d.images[:, 10, 14] * 255 - 1) / 10
+    right_cls = np.round(d.images[:, 10, 28 + 14] * 255 - 1) / 10
+    np.testing.assert_array_equal(left_cls, d.digits[:, 0])
+    np.testing.assert_array_equal(right_cls, d.digits[:, 1])
+    is_target = np.isin(d.digits, ds.TARGET_DIGITS)
+    is_distractor = np.isin(d.digits, ds.DISTRACTOR_DIGITS)
+    assert np.all(is_distractor.any(axis=1))  # a distractor in every image
+    assert np.all(is_target.sum(axis=1) == d.labels)  # at most one target, label = its presence
+    pos = d.labels == 1
+    np.testing.assert_array_equal(d.side >= 0, pos)
+    np.testing.assert_array_equal(is_target[pos, 1], d.side[pos] == 1)
+    assert set(np.unique(d.side[pos])) == {0, 1}
+    # the share of positives is the pool's share of 0-3 (here 20/50), not fixed at one half
+    share = float(np.isin(labels, ds.TARGET_DIGITS).mean())
+    assert abs(float(d.labels.mean()) - share) < 0.08
+    assert set(np.unique(d.digits)) == set(range(10))  # the free digit is of any class
+    # seeded, and the default (balanced) sampling is unchanged by the option's existence
+    e = ds.mnist_detection(images, labels, 400, seed=3, positive_fraction=None)
+    np.testing.assert_array_equal(d.images, e.images)
+    assert int(ds.mnist_detection(images, labels, 400, seed=3).labels.sum()) == 200
+    with pytest.raises(dt.InputError, match="no distractor"):
+        ds.mnist_detection(images[labels < 4], labels[labels < 4], 5, positive_fraction=None)
+    with pytest.raises(dt.InputError, match="or None"):
+        ds.mnist_detection(images, labels, 5, positive_fraction=1.5)
+
+
+@needs_mnist
+def test_natural_sampling_on_real_mnist():
+    images, labels = ds.load_mnist(MNIST, "test")
+    d = ds.mnist_detection(images, labels, 5000, seed=0, positive_fraction=None)
+    share = float(np.isin(labels, ds.TARGET_DIGITS).mean())  # 0.4157 for t10k
+    assert abs(float(d.labels.mean()) - share) < 0.03
 
 
 def test_detection_is_seeded_and_validates(rng):

@@ -86,6 +86,64 @@ def test_overlay_and_grid(rng):
     assert np.all(g[7:12, 8:14] == 7)
 
 
+def test_upscale_repeats_pixels():
+    img = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    big = hm.upscale(img, 3)
+    assert big.shape == (6, 9)
+    np.testing.assert_array_equal(big[::3, ::3], img)
+    np.testing.assert_array_equal(big[2, 3:6], [1, 1, 1])
+    rgb = hm.upscale(np.zeros((2, 3, 3), np.uint8), 2)
+    assert rgb.shape == (4, 6, 3)
+    assert hm.upscale(img, 1) is img
+    with pytest.raises(dt.InputError, match="scale"):
+        hm.upscale(img, 0)
+
+
+def test_text_mask_font():
+    one = hm.text_mask("1")
+    assert one.shape == (7, 5)
+    assert one.dtype == np.bool_
+    assert ["".join("#" if v else "." for v in row) for row in one] == [
+        "..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."]
+    two = hm.text_mask("z+", scale=2)
+    assert two.shape == (14, 22)  # (6 * 2 - 1) columns of 2x2 pixels
+    np.testing.assert_array_equal(two[::2, ::2], hm.text_mask("z+"))
+    assert not two[:, 10:12].any()  # the gap between the glyphs
+    np.testing.assert_array_equal(hm.text_mask("\u263a"), hm.text_mask("?"))  # unknown characters
+    assert hm.text_mask("").shape == (7, 0)
+    # every glyph is 7 rows of 5 and distinct
+    masks = {ch: hm.text_mask(ch).tobytes() for ch in hm._FONT}
+    assert len(set(masks.values())) == len(masks)
+
+
+def test_grid_column_labels():
+    tiles = [np.full((20, 40, 3), 200, np.uint8) for _ in range(4)]
+    plain = hm.grid(tiles, ncols=2, pad=2, pad_value=128)
+    g = hm.grid(tiles, ncols=2, pad=2, pad_value=128, labels=["input", "zB"])
+    assert g.shape[1] == plain.shape[1]
+    head = g.shape[0] - plain.shape[0]
+    assert head > 7
+    np.testing.assert_array_equal(g[head:], plain)
+    # a white cell above each column, black text inside, padding colour between the cells
+    cell0 = g[2:head, 2:42]
+    cell1 = g[2:head, 44:84]
+    for cell, text in ((cell0, "input"), (cell1, "zB")):
+        ink = np.all(cell == 0, axis=2)
+        assert ink.any()
+        assert np.all((cell == 0) | (cell == 255))
+        ys, xs = np.nonzero(ink)
+        s = (ys.max() - ys.min() + 1) // 7
+        crop = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        ref = hm.text_mask(text, s)
+        ref = ref[:, np.any(ref, axis=0).nonzero()[0].min():np.any(ref, axis=0).nonzero()[0].max() + 1]
+        np.testing.assert_array_equal(crop, ref[np.any(ref, axis=1)])
+    assert np.all(g[2:head, 42:44] == 128)
+    # labels wider than a column are cut; grey grids get grey labels
+    narrow = hm.grid([np.zeros((5, 12), np.uint8)] * 2, labels=["sensitivity", "w2"], pad=1)
+    assert narrow.ndim == 2
+    assert narrow.shape[1] == 2 * 13 + 1
+
+
 def _images(rng):
     return [rng.integers(0, 256, (9, 13, 3), dtype=np.uint8), rng.integers(0, 256, (7, 5), dtype=np.uint8)]
 

@@ -2,10 +2,11 @@
 
 ::
 
-    deeptaylor demo [--out DIR]                       # bundled model + digits -> heatmap PNGs, checks
+    deeptaylor demo [--out DIR] [--cmap NAME]         # bundled model + digits -> heatmap PNGs, checks
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
-                       [--target INT|pred] [--backend cpu|numpy] [--batch-size B]
+                       [--target INT|pred] [--backend cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
+                          [--positive-fraction P|natural]
 
 Errors (missing files, unreadable images, shape mismatches, unknown composites...) print one line
 ``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug`` shows the traceback instead.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DeepTaylorError, InputError, InputTypeError, ShapeError
+from .heatmap import CMAPS
 
 __all__ = ["build_parser", "main"]
 
@@ -53,6 +55,18 @@ def _positive(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float | None:
+    if text.strip().lower() == "natural":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'natural', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'natural', got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deeptaylor`` command."""
     p = argparse.ArgumentParser(prog="deeptaylor", description="Deep Taylor Decomposition / LRP heatmaps.")
@@ -66,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (compiled, float32; numpy where unsupported) or numpy (float64 reference)")
     d.add_argument("-n", type=_positive, default=200, help="detection images for the checks (default 200)")
     d.add_argument("--show", type=_positive, default=6, help="images in the PNG grid (default 6)")
-    d.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray")
+    d.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
 
     e = sub.add_parser("explain", help="explain inputs with a saved model; write heatmaps as .npy and PNG")
     e.add_argument("--model", required=True, help="model file (deeptaylor .npz, or .onnx with the onnx extra)")
@@ -82,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--low", type=float, default=0.0, help="lower input bound for deep-taylor's zB (default 0)")
     e.add_argument("--high", type=float, default=1.0, help="upper input bound for deep-taylor's zB (default 1)")
     e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
-    e.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray")
+    e.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
+    e.add_argument("--scale", type=_positive, default=4, metavar="K",
+                   help="enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     x = sub.add_parser("experiment", help="run a paper experiment")
@@ -96,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n-train", type=_positive, default=60000, help="generated training images (default 60000)")
     x.add_argument("--n-test", type=_positive, default=1000, help="generated test images (default 1000)")
     x.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
+    x.add_argument("--positive-fraction", type=_fraction, default=0.5, metavar="P|natural",
+                   help="share of images with a target digit 0-3 (default 0.5, exact), or 'natural': every "
+                        "image is a digit of any class next to a distractor 4-9 (about 41%% positive)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -257,6 +276,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         x = _load_npy(src)
     else:
         raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
+    in_shape = x.shape
     x, draw = _fit_input(net, x, image_shape)
     if draw is not None and int(np.prod(x.shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
         raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(x.shape[1:]))} values per sample")
@@ -264,7 +284,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     res = ex.explain(x, target=target, batch_size=args.batch_size, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "relevance.npy", res.relevance)
+    relevance = res.relevance.reshape(in_shape)  # one value per input value, in the input's own shape
+    np.save(out / "relevance.npy", relevance)
     np.save(out / "output.npy", res.output)
     written = [out / "relevance.npy", out / "output.npy"]
     if draw is not None:
@@ -273,15 +294,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         rgb = hm.to_rgb(maps, cmap=args.cmap)
         for i in range(n):
             stem = names[i] if names else f"{i:04d}"
-            written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", rgb[i])))
+            written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", hm.upscale(rgb[i], args.scale))))
     cons = checks.conservation(res)
     pos = checks.positivity(res)
     print(f"explained {res.relevance.shape[0]} input(s) with {res.method} on backend {res.backend}")
     print(f"  f(x) mean {float(res.explained.mean()):.6g}   sum R mean {float(cons.total.mean()):.6g}   "
           f"max |sum R - f(x)| {cons.max_abs_error:.3e}   negative relevance mass {100 * pos.negative_mass:.2f} %")
     pngs = sum(1 for w in written if w.suffix == ".png")
-    print(f"wrote {out / 'relevance.npy'} {res.relevance.shape}, {out / 'output.npy'}"
-          + (f" and {pngs} heatmap PNG(s) heatmap_*.png" if pngs else
+    size = f" ({draw[1] * args.scale}x{draw[0] * args.scale} pixels)" if draw is not None else ""
+    print(f"wrote {out / 'relevance.npy'} {relevance.shape}, {out / 'output.npy'}"
+          + (f" and {pngs} heatmap PNG(s) heatmap_*.png{size}" if pngs else
              " (no PNGs: pass --image-shape H,W to draw flat inputs)"))
     return 0
 
@@ -325,6 +347,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"{st.target_share:>9.1%}  {'yes' if conservative else 'NO':<12}  {'yes' if positive else 'NO'}")
     print("(sum R - f(x): sum_n |sum_p R_p - f(x_n)| / sum_n f(x_n); on target: share of positive relevance on "
           "the target digit's half)")
+    print(f"heatmaps.png: one row per image ({len(show)}: those with a target digit first, alternately left and "
+          f"right, then those without); columns: {' | '.join(['input', *results])}; overlay_zB.png: zB over the input")
     print("wrote:")
     for f in files:
         print(f"  {f}")
@@ -339,7 +363,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         raise InputError(f"MNIST directory {args.mnist!r} not found")
     summary = run_mnist_detection(args.out, steps=steps, mnist=args.mnist, seed=args.seed, backend=args.backend,
                                   n_train=args.n_train, n_test=args.n_test, lr=args.lr,
-                                  progress=not args.no_progress)
+                                  positive_fraction=args.positive_fraction, progress=not args.no_progress)
     print("wrote:")
     for f in summary["files"]:
         print(f"  {f}")

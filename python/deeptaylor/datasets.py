@@ -7,12 +7,18 @@
   Sec. 3 "Example MNIST"; slides 003): 28x56 images made of two MNIST digits side by side, where the
   network has to detect a digit from 0-3 (the *target*) next to a distractor from 4-9.
 
-What exactly is built (the paper gives the setting, not the sampling; this is our choice):
+What exactly is built (the paper gives the setting, not the sampling; the balanced default is our
+choice):
 
 * a **positive** image is one target digit (0-3) and one distractor (4-9), the target on the left or
   the right with equal probability; its label is ``1``;
 * a **negative** image is two distractors (4-9); its label is ``0``;
-* exactly ``round(n * positive_fraction)`` images are positive (default half), in random order;
+* by default (``positive_fraction=0.5``) exactly ``round(n * positive_fraction)`` images are positive,
+  in random order;
+* ``positive_fraction=None`` ("natural" sampling, the literal reading of "a digit next to a
+  distractor"): every image is a digit drawn from the whole pool (any class 0-9) next to a
+  distractor 4-9, the digit on the left or the right with equal probability; the image is positive
+  when that digit is 0-3, so the share of positives is the pool's share of 0-3 (about 41 % for MNIST);
 * digits are drawn uniformly with replacement from the given pool; pixels are ``uint8 / 255`` so the
   input domain is the box ``[0, 1]`` and the zB rule applies with ``low=0, high=1``.
 
@@ -246,7 +252,7 @@ def _as_unit_images(images: Any) -> np.ndarray:
 
 
 def mnist_detection(images: Any, labels: Any, n: int, seed: int | np.random.Generator | None = 0,
-                    positive_fraction: float = 0.5) -> DetectionSet:
+                    positive_fraction: float | None = 0.5) -> DetectionSet:
     """Build ``n`` images of the 28x56 detection task (module docstring) from MNIST digits.
 
     Parameters
@@ -256,7 +262,8 @@ def mnist_detection(images: Any, labels: Any, n: int, seed: int | np.random.Gene
         distractor (4-9)
     n : number of images to build (>= 1)
     seed : seed or Generator; the same seed gives the same set
-    positive_fraction : share of images that contain a target digit, in [0, 1]
+    positive_fraction : share of images that contain a target digit, in [0, 1] (exact); or None for
+        "natural" sampling: each image is a digit of any class next to a distractor (module docstring)
 
     Returns
     -------
@@ -268,16 +275,31 @@ def mnist_detection(images: Any, labels: Any, n: int, seed: int | np.random.Gene
         raise InputError(f"labels must be an integer array of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be a positive int, got {n!r}")
-    if not 0.0 <= float(positive_fraction) <= 1.0:
-        raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction!r}")
+    natural = positive_fraction is None
+    if not natural and not 0.0 <= float(positive_fraction) <= 1.0:  # type: ignore[arg-type]
+        raise InputError(f"positive_fraction must be in [0, 1] or None, got {positive_fraction!r}")
     targets = np.flatnonzero(np.isin(y, TARGET_DIGITS))
     distractors = np.flatnonzero(np.isin(y, DISTRACTOR_DIGITS))
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if natural:
+        if distractors.size == 0:
+            raise InputError("the digit pool has no distractor digit (4-9)")
+        pool = np.flatnonzero(np.isin(y, TARGET_DIGITS + DISTRACTOR_DIGITS))
+        digit = rng.choice(pool, size=n)
+        other = rng.choice(distractors, size=n)
+        digit_side = rng.integers(0, 2, size=n)
+        left = np.where(digit_side == 0, digit, other)
+        right = np.where(digit_side == 0, other, digit)
+        positive = np.isin(y[digit], TARGET_DIGITS)
+        side = np.where(positive, digit_side, -1).astype(np.int8)
+        out = np.concatenate([x[left], x[right]], axis=2)
+        return DetectionSet(images=out, labels=positive.astype(np.float32), side=side,
+                            digits=np.stack([y[left], y[right]], axis=1).astype(np.int64))
     n_pos = round(n * float(positive_fraction))
     if n_pos > 0 and targets.size == 0:
         raise InputError("the digit pool has no target digit (0-3)")
     if distractors.size == 0:
         raise InputError("the digit pool has no distractor digit (4-9)")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     positive = np.zeros(n, dtype=bool)
     positive[:n_pos] = True
     rng.shuffle(positive)

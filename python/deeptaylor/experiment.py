@@ -19,7 +19,9 @@ Used by ``deeptaylor experiment mnist-detection``, ``deeptaylor demo`` and
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,14 +39,17 @@ from .rules import WSquare, ZBox, ZPlus
 
 __all__ = [
     "DEFAULT_STEPS",
+    "DISPLAY_NAMES",
     "METHODS",
     "PAPER_STEPS",
     "MethodStats",
+    "dead_network_warning",
     "explain_methods",
     "format_table",
     "heatmap_panel",
     "make_explainer",
     "method_stats",
+    "panel_columns",
     "pick_rows",
     "run_mnist_detection",
 ]
@@ -130,25 +135,31 @@ def pick_rows(side: np.ndarray, n_show: int) -> list[int]:
     return pos + neg
 
 
-def _upscale(img: np.ndarray, k: int) -> np.ndarray:
-    return np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
+#: how the grids' column labels spell a method's name
+DISPLAY_NAMES = {"w2": "w²"}
+
+
+def panel_columns(results: dict[str, Explanation] | Sequence[str]) -> list[str]:
+    """The column titles of :func:`heatmap_panel`: ``input``, then each method's display name."""
+    return ["input", *(DISPLAY_NAMES.get(name, name) for name in results)]
 
 
 def heatmap_panel(images: np.ndarray, results: dict[str, Explanation], cmap: str = "bwr", scale: int = 3,
-                  rows: Sequence[int] | None = None) -> np.ndarray:
+                  rows: Sequence[int] | None = None, labels: bool = True) -> np.ndarray:
     """One RGB image: a row per input, columns = the input (grey) then each method's heatmap.
 
     ``images`` (N, H, W) in [0, 1]; each heatmap is scaled by its own ``max |R|`` (symmetric colour map,
-    white = 0 with ``bwr``).
+    white = 0 with ``bwr``). With ``labels`` a header strip names the columns (:func:`panel_columns`).
     """
     idx = range(images.shape[0]) if rows is None else rows
     tiles = []
     for i in idx:
-        tiles.append(_upscale(np.round(np.clip(images[i], 0, 1) * 255).astype(np.uint8), scale))
+        tiles.append(hm.upscale(np.round(np.clip(images[i], 0, 1) * 255).astype(np.uint8), scale))
         for res in results.values():
             rel = res.relevance[i].reshape(images.shape[1:])
-            tiles.append(_upscale(hm.to_rgb(rel, cmap=cmap), scale))
-    return hm.grid(tiles, ncols=1 + len(results), pad=scale + 1, pad_value=128)
+            tiles.append(hm.upscale(hm.to_rgb(rel, cmap=cmap), scale))
+    return hm.grid(tiles, ncols=1 + len(results), pad=scale + 1, pad_value=128,
+                   labels=panel_columns(results) if labels else None)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -199,11 +210,41 @@ def _scatter(path: Path, per_step: dict[int, dict[str, Explanation]]) -> str | N
     return str(path)
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NumPy scalars/arrays as Python values and NaN/Inf as None, for strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _warn_stderr(msg: str) -> None:
+    print(f"deeptaylor: warning: {msg}", file=sys.stderr)
+
+
+def dead_network_warning(steps: int, f: np.ndarray, lr: float | None = None) -> str | None:
+    """A one-line warning if the network's output ``f`` is 0 on every test image (all ReLUs dead), else None."""
+    f = np.asarray(f)
+    if f.size == 0 or np.any(f != 0):
+        return None
+    hint = f" (learning rate {lr:g} too large?)" if lr is not None else ""
+    return (f"after {steps} steps f(x) = 0 on all {f.size} test images: every hidden ReLU is dead{hint}; "
+            "conservation, correlation and target share are undefined (nan in the table, null in results.json)")
+
+
 def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFAULT_STEPS,
                         mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "cpu",
                         n_train: int = 60000, n_test: int = 1000, n_show: int = 6, lr: float = 0.005,
-                        progress: bool = True, save_model: bool = True,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        positive_fraction: float | None = 0.5, progress: bool = True, save_model: bool = True,
+                        log: Callable[[str], None] = print,
+                        warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the detection net once, snapshotting after each of ``steps``, and explain fixed test images.
 
     Parameters
@@ -218,12 +259,20 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     n_train / n_test : sizes of the generated training set (from MNIST train) and test set (from t10k)
     n_show : test images in each PNG grid (see :func:`pick_rows`)
     lr : SGD learning rate
+    positive_fraction : share of images with a target digit in both sets (exact; default half), or None
+        for "natural" sampling (any digit next to a distractor; see :func:`deeptaylor.datasets.mnist_detection`)
+    log : prints progress and the table (default ``print``)
+    warn : prints warnings (default: ``deeptaylor: warning: ...`` on stderr), e.g. when the network's
+        output is 0 on every test image at a step count (all ReLUs dead, as with a too large ``lr``)
 
     Returns
     -------
-    dict with ``rows`` (one per step count and method), ``files``, ``log`` (training log rows) and
-    ``accuracy`` (test accuracy per step count).
+    dict with ``rows`` (one per step count and method), ``files``, ``log`` (training log rows),
+    ``accuracy`` (test accuracy per step count), ``columns`` (of the PNG grids) and ``warnings``.
+    ``results.json`` holds the same, as strict JSON: undefined numbers (NaN) are ``null``.
     """
+    emit = warn if warn is not None else _warn_stderr
+
     from . import datasets as ds
     from . import train as tr
     from .errors import InputError
@@ -241,10 +290,12 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     t0 = time.perf_counter()
     xi, yi = ds.load_mnist(directory, "train")
     xt, yt = ds.load_mnist(directory, "test")
-    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1)
-    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2)
+    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
+    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
     show = pick_rows(test_set.side, n_show)
-    log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory} "
+    sampling = "natural sampling" if positive_fraction is None else f"{positive_fraction:.0%} with a target digit"
+    log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory}, {sampling} "
+        f"(train {train_set.labels.mean():.1%}, test {test_set.labels.mean():.1%}) "
         f"({time.perf_counter() - t0:.1f} s)")
     t1 = time.perf_counter()
     result = tr.train_detection(train_set.flat(), train_set.labels, steps[-1], seed=seed, lr=lr,
@@ -257,11 +308,16 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     files: list[str] = []
     per_step: dict[int, dict[str, Explanation]] = {}
     accuracy: dict[int, float] = {}
+    warnings: list[str] = []
     for k in steps:
         net = result.snapshots[k]
         accuracy[k] = tr.detection_accuracy(net, x_test, test_set.labels)
         results = explain_methods(net, x_test, backend)
         per_step[k] = results
+        dead = dead_network_warning(k, next(iter(results.values())).explained, lr)
+        if dead:
+            warnings.append(dead)
+            emit(dead)
         for name, res in results.items():
             st = method_stats(res, mask)
             row = {"steps": k, "accuracy": accuracy[k], **asdict(st)}
@@ -276,7 +332,9 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
         log("scatter plot skipped (matplotlib not installed: pip install 'deeptaylor[plot]')")
     table = format_table(rows)
     acc = "  ".join(f"{k}: {a:.1%}" for k, a in accuracy.items())
-    (out_dir / "table.txt").write_text(table + f"\n\ntest accuracy (f(x) > 0.5 <=> target present) {acc}\n")
+    notes = "".join(f"warning: {w}\n" for w in warnings)
+    (out_dir / "table.txt").write_text(table + f"\n\ntest accuracy (f(x) > 0.5 <=> target present) {acc}\n"
+                                       + notes)
     (out_dir / "train_log.txt").write_text(str(result.log) + "\n")
     files += [str(out_dir / "table.txt"), str(out_dir / "train_log.txt")]
     if save_model:
@@ -284,11 +342,15 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
         save(result.net, mpath)
         files.append(str(mpath))
     summary = {"steps": steps, "seed": seed, "n_train": n_train, "n_test": n_test, "lr": lr,
+               "positive_fraction": positive_fraction,
                "accuracy": {str(k): v for k, v in accuracy.items()}, "rows": rows,
                "log": result.log.rows(), "files": files, "shown_test_images": [int(i) for i in show],
-               "seconds": time.perf_counter() - t0}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+               "columns": panel_columns(METHODS),
+               "warnings": warnings, "seconds": time.perf_counter() - t0}
+    (out_dir / "results.json").write_text(json.dumps(_json_safe(summary), indent=1, allow_nan=False))
     files.append(str(out_dir / "results.json"))
     log(table)
     log(f"test accuracy: {acc}")
+    log(f"steps_<k>.png: one row per shown test image (those with a target digit first, alternately left and "
+        f"right, then those without); columns: {' | '.join(['input', *METHODS])}")
     return summary

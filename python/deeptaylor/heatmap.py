@@ -3,7 +3,8 @@
 * :func:`to_rgb` maps relevance to RGB through a 256-entry colour table (``bwr``, ``seismic``,
   ``coldnhot``, ``gray``);
 * :func:`overlay` blends a heatmap over the grey-scale input;
-* :func:`grid` tiles images into one;
+* :func:`grid` tiles images into one, optionally with column labels (:func:`text_mask`, a built-in
+  5x7 pixel font); :func:`upscale` enlarges images by pixel repetition;
 * :func:`save_png` writes 8-bit grey or RGB PNGs, with Pillow when installed (the ``image`` extra)
   and otherwise with a small built-in writer (zlib + CRC-checked chunks); :func:`read_png` reads
   the 8-bit, non-interlaced grey/RGB(A) PNGs this module and most tools write.
@@ -33,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, InputTypeError, ShapeError
 
-__all__ = ["CMAPS", "colormap", "grid", "overlay", "read_png", "save_png", "to_rgb"]
+__all__ = ["CMAPS", "colormap", "grid", "overlay", "read_png", "save_png", "text_mask", "to_rgb", "upscale"]
 
 _ANCHORS: dict[str, list[tuple[int, tuple[int, int, int]]]] = {
     "bwr": [(0, (0, 0, 255)), (128, (255, 255, 255)), (255, (255, 0, 0))],
@@ -177,7 +178,8 @@ def _as_image(img: Any, what: str = "image") -> np.ndarray:
     raise InputTypeError(f"{what} must be uint8 or float in [0, 1], got dtype {a.dtype}")
 
 
-def grid(images: Any, ncols: int | None = None, pad: int = 2, pad_value: int | Sequence[int] = 255) -> np.ndarray:
+def grid(images: Any, ncols: int | None = None, pad: int = 2, pad_value: int | Sequence[int] = 255,
+         labels: Sequence[str] | None = None, label_scale: int | None = None) -> np.ndarray:
     """Tile images row by row into one image.
 
     Parameters
@@ -187,10 +189,13 @@ def grid(images: Any, ncols: int | None = None, pad: int = 2, pad_value: int | S
     ncols : images per row (default: all in one row)
     pad : pixels between and around the tiles
     pad_value : grey level or RGB colour of the padding
+    labels : column titles, drawn above the columns (black on white, built-in 5x7 pixel font,
+        see :func:`text_mask`); labels wider than a column are cut
+    label_scale : the font's pixel size (default: the largest of 1-3 at which every label fits)
 
     Returns
     -------
-    uint8 (rows*(H+pad)+pad, ncols*(W+pad)+pad[, 3])
+    uint8 (rows*(H+pad)+pad, ncols*(W+pad)+pad[, 3]), with ``labels`` a header strip on top
     """
     items = [_as_image(im, f"image {i}") for i, im in enumerate(images)]
     if not items:
@@ -215,6 +220,114 @@ def grid(images: Any, ncols: int | None = None, pad: int = 2, pad_value: int | S
         r, c = divmod(k, ncols)
         y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
         out[y0:y0 + h, x0:x0 + w] = im
+    if labels is not None:
+        out = np.concatenate([_label_row(labels, ncols, w, pad, shape[1], rgb, pad_value, label_scale), out],
+                             axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------- text labels
+
+# A 5x7 bitmap font (no font files needed): 7 rows of 5 pixels per character, '#' = ink.
+_FONT: dict[str, str] = {
+    " ": "..... ..... ..... ..... ..... ..... .....",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####", "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.", "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.", "9": ".###. #...# #...# .#### ....# ...#. .##..",
+    "A": ".###. #...# #...# ##### #...# #...# #...#", "B": "####. #...# #...# ####. #...# #...# ####.",
+    "C": ".###. #...# #.... #.... #.... #...# .###.", "D": "###.. #..#. #...# #...# #...# #..#. ###..",
+    "E": "##### #.... #.... ####. #.... #.... #####", "F": "##### #.... #.... ####. #.... #.... #....",
+    "G": ".###. #...# #.... #.### #...# #...# .####", "H": "#...# #...# #...# ##### #...# #...# #...#",
+    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.", "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
+    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#", "L": "#.... #.... #.... #.... #.... #.... #####",
+    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#", "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
+    "O": ".###. #...# #...# #...# #...# #...# .###.", "P": "####. #...# #...# ####. #.... #.... #....",
+    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#", "R": "####. #...# #...# ####. #.#.. #..#. #...#",
+    "S": ".#### #.... #.... .###. ....# ....# ####.", "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
+    "U": "#...# #...# #...# #...# #...# #...# .###.", "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
+    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.", "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
+    "Y": "#...# #...# #...# .#.#. ..#.. ..#.. ..#..", "Z": "##### ....# ...#. ..#.. .#... #.... #####",
+    "a": "..... ..... .###. ....# .#### #...# .####", "b": "#.... #.... #.##. ##..# #...# #...# ####.",
+    "c": "..... ..... .###. #.... #.... #...# .###.", "d": "....# ....# .##.# #..## #...# #...# .####",
+    "e": "..... ..... .###. #...# ##### #.... .###.", "f": "..##. .#..# .#... ###.. .#... .#... .#...",
+    "g": "..... .#### #...# #...# .#### ....# .###.", "h": "#.... #.... #.##. ##..# #...# #...# #...#",
+    "i": "..#.. ..... .##.. ..#.. ..#.. ..#.. .###.", "j": "...#. ..... ..##. ...#. ...#. #..#. .##..",
+    "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.", "l": ".##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "m": "..... ..... ##.#. #.#.# #.#.# #...# #...#", "n": "..... ..... #.##. ##..# #...# #...# #...#",
+    "o": "..... ..... .###. #...# #...# #...# .###.", "p": "..... ..... ####. #...# ####. #.... #....",
+    "q": "..... ..... .##.# #..## .#### ....# ....#", "r": "..... ..... #.##. ##..# #.... #.... #....",
+    "s": "..... ..... .###. #.... .###. ....# ####.", "t": ".#... .#... ###.. .#... .#... .#..# ..##.",
+    "u": "..... ..... #...# #...# #...# #..## .##.#", "v": "..... ..... #...# #...# #...# .#.#. ..#..",
+    "w": "..... ..... #...# #...# #.#.# #.#.# .#.#.", "x": "..... ..... #...# .#.#. ..#.. .#.#. #...#",
+    "y": "..... ..... #...# #...# .#### ....# .###.", "z": "..... ..... ##### ...#. ..#.. .#... #####",
+    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....", "-": "..... ..... ..... ##### ..... ..... .....",
+    ".": "..... ..... ..... ..... ..... .##.. .##..", ":": "..... .##.. .##.. ..... .##.. .##.. .....",
+    "_": "..... ..... ..... ..... ..... ..... #####", "=": "..... ..... ##### ..... ##### ..... .....",
+    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.", ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
+    "/": "..... ....# ...#. ..#.. .#... #.... .....", "%": "##... ##..# ...#. ..#.. .#... #..## ...##",
+    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..", "²": ".##.. ...#. ..#.. .###. ..... ..... .....",
+}
+_GLYPH_W, _GLYPH_H = 5, 7
+
+
+def _glyph(ch: str) -> np.ndarray:
+    rows = _FONT.get(ch, _FONT["?"]).split()
+    return np.array([[c == "#" for c in row] for row in rows], dtype=bool)
+
+
+def text_mask(text: str, scale: int = 1) -> np.ndarray:
+    """``text`` rendered with a built-in 5x7 pixel font: a boolean (7*scale, (6*len - 1)*scale) mask,
+    True = ink. Covers A-Z, a-z, 0-9, space and ``+-.:_=()/%?²``; other characters are drawn as ``?``."""
+    scale = int(scale)
+    if scale < 1:
+        raise InputError(f"scale must be >= 1, got {scale}")
+    if not text:
+        return np.zeros((_GLYPH_H * scale, 0), dtype=bool)
+    gap = np.zeros((_GLYPH_H, 1), dtype=bool)
+    parts: list[np.ndarray] = []
+    for i, ch in enumerate(text):
+        if i:
+            parts.append(gap)
+        parts.append(_glyph(ch))
+    return upscale(np.concatenate(parts, axis=1), scale)
+
+
+def upscale(image: Any, k: int) -> np.ndarray:
+    """``image`` (H, W, ...) enlarged ``k`` times in each direction by pixel repetition (nearest)."""
+    k = int(k)
+    if k < 1:
+        raise InputError(f"scale must be an integer >= 1, got {k}")
+    a = np.asarray(image)
+    if a.ndim < 2:
+        raise ShapeError(f"image must be (H, W[, C]), got shape {a.shape}")
+    return np.repeat(np.repeat(a, k, axis=0), k, axis=1) if k > 1 else a
+
+
+def _label_row(labels: Sequence[str], ncols: int, w: int, pad: int, width: int, rgb: bool,
+               pad_value: Any, scale: int | None) -> np.ndarray:
+    """The header strip of :func:`grid`: a white cell above each column with its label in black."""
+    texts = [str(t) for t in labels][:ncols]
+    longest = max((len(t) for t in texts), default=1) or 1
+    fit = max(1, (w - 2) // max(1, 6 * longest - 1))  # the largest font scale at which every label fits
+    s = max(1, min(fit, 3) if scale is None else int(scale))
+    cell_h = _GLYPH_H * s + 2 * s + 2
+    shape = (pad + cell_h, width) + ((3,) if rgb else ())
+    out = np.empty(shape, dtype=np.uint8)
+    out[...] = np.asarray(pad_value, dtype=np.uint8) if rgb or np.ndim(pad_value) == 0 else pad_value[0]
+    chars = max(1, (w + s) // (6 * s))  # labels wider than a column are cut
+    for c, t in enumerate(texts):
+        x0 = pad + c * (w + pad)
+        out[pad:pad + cell_h, x0:x0 + w] = 255
+        m = text_mask(t[:chars], s)
+        if m.shape[1] == 0:
+            continue
+        tw = min(m.shape[1], w)
+        dx = x0 + (w - tw) // 2
+        dy = pad + (cell_h - m.shape[0]) // 2
+        region = out[dy:dy + m.shape[0], dx:dx + tw]
+        region[m[:, :tw]] = 0
     return out
 
 
