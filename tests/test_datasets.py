@@ -248,3 +248,10 @@ def test_detection_is_seeded_and_validates(rng):
         ds.mnist_detection(images[labels < 4], labels[labels < 4], 5)
     with pytest.raises(dt.InputError, match="n must be"):
         ds.mnist_detection(images, labels, 0)
+
+
+def test_load_detection_model_is_the_seeds_network():
+    net = ds.load_detection_model()
+    assert [layer.kind for layer in net] == ["Dense", "ReLU", "GlobalSumPool"]
+    assert net.output_shape((5, 1568)) == (5, 1)
+    assert np.all(net[0].bias <= 0)  # b <= 0: the DTD rules' conservation premise

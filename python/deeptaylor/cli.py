@@ -28,13 +28,6 @@ from .heatmap import CMAPS
 __all__ = ["build_parser", "main"]
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
-DEMO_MODEL = "detection_1568_400_1.npz"
-
-
-def _data_path(name: str) -> Path:
-    return Path(__file__).parent / "data" / name
-
-
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -312,10 +305,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import datasets as ds
     from . import heatmap as hm
     from .experiment import explain_methods, heatmap_panel, method_stats, pick_rows
-    from .io import load
     from .train import detection_accuracy
 
-    net = load(_data_path(DEMO_MODEL))
+    net = ds.load_detection_model()
     images, labels = ds.load_sample()
     data = ds.mnist_detection(images, labels, args.n, seed=0)
     x = data.flat().astype(np.float64)

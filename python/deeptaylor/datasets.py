@@ -46,6 +46,7 @@ __all__ = [
     "DatasetError",
     "DetectionSet",
     "find_mnist",
+    "load_detection_model",
     "load_mnist",
     "load_sample",
     "mnist_detection",
@@ -204,6 +205,17 @@ def load_sample() -> tuple[np.ndarray, np.ndarray]:
     except (OSError, KeyError, ValueError) as exc:
         raise DatasetError(f"the bundled MNIST sample {str(path)!r} is missing or corrupt: {exc}") from None
     return images, labels
+
+
+def load_detection_model() -> Any:
+    """The bundled detection network of the seeds (Montavon et al. 2017): a ``dt.Sequential``
+    Dense(1568 -> 400) - ReLU - GlobalSumPool with biases <= 0, trained with :mod:`deeptaylor.train`
+    on the 28x56 detection task (``examples/train_detection_model.py``; see
+    ``deeptaylor/data/README.md``). Input (N, 1568) pixels in [0, 1]; output (N, 1), the evidence
+    for a target digit 0-3."""
+    from .io import load
+
+    return load(Path(__file__).parent / "data" / "detection_1568_400_1.npz")
 
 
 @dataclass
