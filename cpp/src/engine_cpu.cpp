@@ -294,10 +294,18 @@ private:
         const RuleSpec& rule = op.rule;
         const int64_t O = g.O, Kc = g.Kc(), P = g.P(), rows = T * P, RB = lp.chunk_rows;
         const bool id = g.identity();
+        // Single-term rules (Z, Epsilon; the sign-split rules on inputs >= 0) behind a real im2col:
+        // R_in = col2im(im2col(a) (.) c) = a (.) col2im(c), so c is scattered as it is and the input
+        // multiplied once in image space (Kc / C times fewer multiplies; Z and Epsilon then need no
+        // im2col of a at all).
+        const bool zeps = rule.kind == RuleKind::Z || rule.kind == RuleKind::Epsilon;
+        const bool sign_split = rule.kind == RuleKind::ZPlus || rule.kind == RuleKind::Gamma ||
+                                rule.kind == RuleKind::AlphaBeta;
+        const bool img = !id && (zeps || (sign_split && nonneg));
         if (!id) std::memset(Rin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            const float* colA = im2col(a, g, r0, m, ar, gth);
+            const float* colA = img && zeps ? nullptr : im2col(a, g, r0, m, ar, gth);
             const float* Rr = R + r0 * O;
             const float* zr = z + r0 * O;
             float* comb = id ? Rin + r0 * Kc : ar.comb.data();
@@ -316,9 +324,13 @@ private:
                                        : safe_div(Rr[k], zr[k]);
                     });
                     sgemm_packed(m, s, O, *pk.bwd, cc, Kc, false, gth);
-                    rows_do([&](int64_t b, int64_t e) {
-                        for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * cc[k];
-                    });
+                    if (img) {
+                        comb = cc;  // a (.) after col2im
+                    } else {
+                        rows_do([&](int64_t b, int64_t e) {
+                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * cc[k];
+                        });
+                    }
                     break;
                 }
                 case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
@@ -365,6 +377,10 @@ private:
                     sgemm_packed(m, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
                     float* cc2 = cc + mK;
                     if (cn) sgemm_packed(m, s, wO, *pk.tQ.p, cc2, Kc, false, gth, pk.tQ.f);
+                    if (img) {
+                        comb = cc;  // nonneg: cp is a itself; a (.) after col2im
+                        break;
+                    }
                     rows_do([&](int64_t b, int64_t e) {
                         if (cn)
                             for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
@@ -415,6 +431,9 @@ private:
             }
             if (!id) col2im(comb, g, r0, m, Rin, gth);
         }
+        if (img) split(T * g.in_size(), gth, [&](int64_t b, int64_t e) {
+            for (int64_t k = b; k < e; ++k) Rin[k] *= a[k];
+        });
     }
 
     // ---- one tile ---------------------------------------------------------------------------
