@@ -112,6 +112,78 @@ def test_unsupported_modules_name_path_and_type(model, match):
         dt.from_torch(model, (2, 8, 8))
 
 
+class _TwiceLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _LeakyReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.nn.functional.leaky_relu(x, 0.1)
+
+
+class _McDropout(nn.Dropout):  # "Monte-Carlo dropout": active in eval mode too
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, self.p, training=True)
+
+
+class _Reversed(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _ScaledConv(nn.Conv2d):  # overrides the helper that the stock forward calls
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _Called(nn.ReLU):
+    def __call__(self, x):
+        return -super().__call__(x)
+
+
+@pytest.mark.parametrize(("model", "shape", "match"), [
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TwiceLinear(4, 2)), (4,), r"'2' of type _TwiceLinear.*nn\.Linear.*forward"),
+    (nn.Sequential(nn.Linear(4, 4), _LeakyReLU()), (4,), r"'1' of type _LeakyReLU.*nn\.ReLU"),
+    (nn.Sequential(nn.Linear(4, 4), _McDropout(0.5)), (4,), r"'1' of type _McDropout.*nn\.Dropout"),
+    (nn.Sequential(nn.Linear(4, 4), _Reversed(nn.Linear(4, 3), nn.ReLU())), (4,), r"'1' of type _Reversed.*Sequential"),
+    (nn.Sequential(nn.Sequential(nn.Linear(4, 4), _Residual(nn.ReLU(), nn.Linear(4, 4)))), (4,),
+     r"'0\.1' of type _Residual"),
+    (nn.Sequential(_ScaledConv(1, 2, 3), nn.ReLU()), (1, 6, 6), r"'0' of type _ScaledConv.*_conv_forward"),
+    (nn.Sequential(nn.Linear(4, 4), _Called()), (4,), r"'1' of type _Called.*__call__"),
+    (_TwiceLinear(4, 2), (4,), r"'_TwiceLinear' of type _TwiceLinear"),
+    (_Residual(nn.Linear(4, 4)), (4,), r"_Residual is a custom module"),
+])
+def test_subclasses_overriding_forward_are_refused(model, shape, match):
+    """A subclass of a supported class with its own forward computes something else: refuse it rather
+    than import the stock layer (which would give silently wrong outputs)."""
+    with pytest.raises(dt.UnsupportedError, match=match):
+        dt.from_torch(model, shape)
+
+
+def test_subclasses_keeping_the_stock_forward_are_accepted():
+    class Block(nn.Sequential):
+        pass
+
+    class MyLinear(nn.Linear):
+        def extra_repr(self):
+            return "mine"
+
+    model = Block(MyLinear(5, 4), nn.ReLU(), Block(MyLinear(4, 3))).double().eval()
+    net = dt.from_torch(model, (5,))
+    assert [layer.kind for layer in net] == ["Dense", "ReLU", "Dense"]
+    x = np.random.default_rng(8).normal(size=(3, 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).numpy(), rtol=1e-12, atol=1e-12)
+
+
 def test_ceil_mode_accepted_when_size_unchanged():
     model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()).double()
     net = dt.from_torch(model, (1, 8, 8))

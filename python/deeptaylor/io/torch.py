@@ -51,11 +51,37 @@ def _unsupported(path: str, module: Any, why: str = "") -> UnsupportedError:
                             f"supported: {', '.join(SUPPORTED_MODULES)}")
 
 
+# The torch classes from_torch reads, most specific first. A module is read only when its class runs
+# the stock forward of the class it derives from: a subclass overriding forward() computes something
+# else, which deeptaylor cannot see.
+_STOCK = ("Sequential", "Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten",
+          "Dropout", "Identity", "ZeroPad2d", "ConstantPad2d", "BatchNorm1d", "BatchNorm2d")
+# Methods that the stock forward of a class calls and a subclass could override instead of forward().
+_HELPERS = {"Conv2d": ("_conv_forward",)}
+
+
+def _check_stock(path: str, module: Any, nn: Any) -> None:
+    """Raise (naming ``path`` and the type) unless ``module``'s class computes its supported base class's forward."""
+    for name in _STOCK:
+        cls = getattr(nn, name)
+        if not isinstance(module, cls):
+            continue
+        typ = type(module)
+        overridden = [m for m in ("forward", *_HELPERS.get(name, ())) if getattr(typ, m) is not getattr(cls, m)]
+        if typ.__call__ is not nn.Module.__call__:
+            overridden.append("__call__")
+        if overridden:
+            raise _unsupported(path, module, f"a subclass of nn.{name} that overrides {', '.join(overridden)}(): "
+                                             "deeptaylor reads only the stock computation of the supported classes")
+        return
+
+
 def _walk(module: Any, prefix: str, nn: Any) -> list[tuple[str, Any]]:
     """(path, module) of every leaf, nested nn.Sequential flattened in forward order."""
     out = []
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
+        _check_stock(path, child, nn)
         if isinstance(child, nn.Sequential):
             out.extend(_walk(child, path, nn))
         else:
@@ -144,10 +170,12 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
     nn = torch.nn
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.Sequential):
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        _check_stock(type(module).__name__, module, nn)
         leaves = _walk(module, "", nn)
     elif len(list(module.children())) == 0:
         leaves = [(type(module).__name__, module)]
+        _check_stock(*leaves[0], nn)
     else:
         raise UnsupportedError(
             f"from_torch: {type(module).__name__} is a custom module whose forward() cannot be read; convert "
