@@ -112,6 +112,32 @@ def test_unsupported_modules_name_path_and_type(model, match):
         dt.from_torch(model, (2, 8, 8))
 
 
+@pytest.mark.parametrize(("in_hw", "out_size", "kernel", "stride"), [
+    ((7, 7), 3, (3, 3), (2, 2)),            # windows [0,3) [2,5) [4,7)
+    ((10, 10), 3, (4, 4), (3, 3)),          # windows [0,4) [3,7) [6,10)
+    ((7, 10), (3, 3), (3, 4), (2, 3)),
+    ((8, 6), (2, None), (4, 1), (4, 1)),    # None keeps the size: kernel 1
+    ((9, 5), (4, 1), (3, 5), (2, 5)),       # windows [0,3) [2,5) [4,7) [6,9); a single window across W
+    ((6, 6), 6, (1, 1), (1, 1)),
+])
+def test_adaptive_avg_pool_fixed_windows_match_torch(in_hw, out_size, kernel, stride):
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size), nn.Flatten()).double()
+    net = dt.from_torch(model, (2, *in_hw))
+    assert (net[0].kernel_size, net[0].stride, net[0].padding) == (kernel, stride, (0, 0, 0, 0))
+    x = np.random.default_rng(6).normal(size=(3, 2, *in_hw))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("in_hw", "out_size"), [((5, 5), 3), ((8, 8), (2, 3)), ((2, 2), 3), ((4, 4), 8)])
+def test_adaptive_avg_pool_uneven_windows_are_refused(in_hw, out_size):
+    # 5 -> 3: windows [0,2) [1,4) [3,5) of sizes 2, 3, 2; 8 -> 3: sizes 3, 4, 3; 2 -> 3 / 4 -> 8: strides 0 and 1
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size))
+    with pytest.raises(dt.UnsupportedError, match=r"'0' of type AdaptiveAvgPool2d.*different sizes or strides"):
+        dt.from_torch(model, (1, *in_hw))
+
+
 class _TwiceLinear(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)

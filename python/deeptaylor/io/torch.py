@@ -31,7 +31,7 @@ __all__ = ["SUPPORTED_MODULES", "from_torch", "to_torch"]
 
 SUPPORTED_MODULES = ("Sequential (nested ones are flattened)", "Linear",
                      "Conv2d (groups=1, padding_mode='zeros')", "ReLU", "MaxPool2d", "AvgPool2d",
-                     "AdaptiveAvgPool2d (when it is a fixed pooling for the input shape)",
+                     "AdaptiveAvgPool2d (when its windows are of one size and stride for the input shape)",
                      "Flatten (start_dim=1, end_dim=-1)", "Dropout (dropped)", "Identity (dropped)",
                      "ZeroPad2d/ConstantPad2d (folded into the following Conv2d/AvgPool2d, or MaxPool2d for -inf)",
                      "BatchNorm1d/BatchNorm2d (folded into the preceding Linear/Conv2d)")
@@ -107,6 +107,26 @@ def _pool_out(size: int, k: int, s: int, p: int, ceil: bool) -> int:
     if ceil and (out - 1) * s >= size + p:  # torch: the last window must start inside the input or left pad
         out -= 1
     return out
+
+
+def _adaptive_window(size: int, out: int) -> tuple[int, int] | None:
+    """(kernel, stride) of the fixed pooling that equals torch's adaptive average pooling ``size -> out``
+    along one axis, or None. Torch's window ``i`` is ``[floor(i size / out), ceil((i + 1) size / out))``;
+    it is a fixed pooling when all windows have one size and consecutive starts one stride apart
+    (e.g. 7 -> 3: kernel 3, stride 2; 10 -> 3: kernel 4, stride 3; 8 -> 2: kernel 4, stride 4)."""
+    if out < 1 or size < 1:
+        return None
+    starts = [i * size // out for i in range(out)]
+    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    kernels = {e - b for b, e in zip(starts, ends, strict=True)}
+    strides = {b1 - b0 for b0, b1 in zip(starts, starts[1:], strict=False)}
+    if len(kernels) != 1 or len(strides) > 1:
+        return None
+    k = kernels.pop()
+    s = strides.pop() if strides else k  # a single window: any stride, the kernel's by convention
+    if s < 1 or (size - k) // s + 1 != out:  # pragma: no cover - implied by the windows above
+        return None
+    return k, s
 
 
 def _input_shape(input_shape: Any) -> tuple[int, ...]:
@@ -287,15 +307,18 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             if len(shape) != 4:
                 raise _unsupported(path, m, f"needs an (N, C, H, W) input, the layer gets {shape}")
             osz = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size, m.output_size)
-            ks = []
+            ks, ss = [], []
             for d in range(2):
                 size = shape[2 + d]
                 o = size if osz[d] is None else int(osz[d])
-                if size % o:
-                    raise _unsupported(path, m, f"output size {tuple(osz)} does not divide the input {shape[2:]}: "
+                fixed = _adaptive_window(size, o)
+                if fixed is None:
+                    raise _unsupported(path, m, f"output size {tuple(osz)} for the input {shape[2:]} gives windows of "
+                                                f"different sizes or strides along axis {2 + d} ({size} -> {o}): "
                                                 "not a fixed pooling")
-                ks.append(size // o)
-            new = AvgPool2d(tuple(ks), stride=tuple(ks))
+                ks.append(fixed[0])
+                ss.append(fixed[1])
+            new = AvgPool2d(tuple(ks), stride=tuple(ss))
         else:
             raise _unsupported(path, m)
         try:
