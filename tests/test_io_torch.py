@@ -210,6 +210,25 @@ def test_subclasses_keeping_the_stock_forward_are_accepted():
         np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).numpy(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad", ["negative", "nan"])
+def test_batchnorm_bad_running_var_names_the_module(bad):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Sequential(nn.BatchNorm2d(3)), nn.ReLU())
+    with torch.no_grad():
+        model[1][0].running_var.copy_(torch.tensor([1.0, -0.5 if bad == "negative" else float("nan"), 1.0]))
+    match = r"module '1\.0' \(BatchNorm2d\): running_var" + (r" \+ eps must be positive.*channel 1" if bad == "negative"
+                                                           else " contains NaN")
+    with pytest.raises(dt.InputError, match=match):  # and no RuntimeWarning (warnings are errors in the tests)
+        dt.from_torch(model, (1, 6, 6))
+
+
+def test_nan_weights_name_the_module():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(dt.InputError, match=r"module '2' \(Linear\): Dense: weight contains NaN or Inf"):
+        dt.from_torch(model)
+
+
 def test_ceil_mode_accepted_when_size_unchanged():
     model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()).double()
     net = dt.from_torch(model, (1, 8, 8))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError, UnsupportedError
+from ..errors import DeepTaylorError, InputError, ShapeError, UnsupportedError
 from ..layers import (
     AvgPool2d,
     Conv2d,
@@ -150,13 +150,33 @@ def _fold_bn(prev: Layer, bn: Any, path: str) -> Layer:
     mean, var = _array(bn.running_mean), _array(bn.running_var)
     gamma = _array(bn.weight) if bn.weight is not None else np.ones_like(mean)
     beta = _array(bn.bias) if bn.bias is not None else np.zeros_like(mean)
-    scale = gamma / np.sqrt(var + float(bn.eps))
-    w = prev.weight * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
-    b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
+    eps = float(bn.eps)
+    where = f"from_torch: module {path!r} ({type(bn).__name__})"
+    for what, v in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
+        if not np.all(np.isfinite(v)):
+            raise InputError(f"{where}: {what} contains NaN or Inf")
+    if not np.all(var + eps > 0):
+        bad = np.flatnonzero(~(var + eps > 0))
+        raise InputError(f"{where}: running_var + eps must be positive to fold the BatchNorm, but it is "
+                         f"{(var + eps)[bad[0]]:.6g} for channel {int(bad[0])} ({len(bad)} channel(s) in all)")
+    scale = gamma / np.sqrt(var + eps)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the layer, with the path
+        w = prev.weight * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
+        b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
     if isinstance(prev, Dense):
-        return Dense(w, b)
+        return _build(path, bn, Dense, w, b)
     assert isinstance(prev, Conv2d)
-    return Conv2d(w, b, stride=prev.stride, padding=prev.padding, dilation=prev.dilation)
+    return _build(path, bn, Conv2d, w, b, stride=prev.stride, padding=prev.padding, dilation=prev.dilation)
+
+
+def _build(path: str, module: Any, cls: type, *args: Any, **kwargs: Any) -> Layer:
+    """``cls(*args, **kwargs)``; a bad parameter (NaN/Inf weights, ...) is reported with the module's path."""
+    try:
+        return cls(*args, **kwargs)
+    except ShapeError:
+        raise
+    except DeepTaylorError as exc:
+        raise type(exc)(f"from_torch: module {path!r} ({type(module).__name__}): {exc}") from None
 
 
 def from_torch(module: Any, input_shape: Any = None) -> Sequential:
@@ -247,7 +267,7 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             layers[-1] = _fold_bn(prev, m, path)
             continue
         if isinstance(m, nn.Linear):
-            new = Dense(_array(m.weight), None if m.bias is None else _array(m.bias))
+            new = _build(path, m, Dense, _array(m.weight), None if m.bias is None else _array(m.bias))
         elif isinstance(m, nn.Conv2d):
             if m.groups != 1:
                 raise _unsupported(path, m, f"groups={m.groups}: grouped/depthwise convolutions are not supported")
@@ -266,8 +286,8 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
             pad = tuple(a + b for a, b in zip(pad, extra_pad, strict=True))
-            new = Conv2d(_array(m.weight), None if m.bias is None else _array(m.bias), stride=_pair(m.stride),
-                         padding=pad, dilation=(dh, dw))
+            new = _build(path, m, Conv2d, _array(m.weight), None if m.bias is None else _array(m.bias),
+                         stride=_pair(m.stride), padding=pad, dilation=(dh, dw))
         elif isinstance(m, nn.ReLU):
             new = ReLU()
         elif isinstance(m, nn.Flatten):
