@@ -279,6 +279,47 @@ def test_shape_constant_cannot_fake_a_feature_dimension():
     bad(nodes, inits, ["N", 6], "not a flatten")
 
 
+def ints(name, values):
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+@pytest.mark.parametrize("allowzero", [0, 1])
+def test_batch_size_from_sliced_shape_reshape_and_concat(allowzero):
+    """The dynamo exporter's unoptimised flatten: Shape(start=0, end=1) -> Squeeze -> Reshape([-1]) ->
+    Concat with the feature count -> Reshape(allowzero=1): the batch size is carried symbolically."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+             helper.make_node("Squeeze", ["s"], ["n"]),
+             helper.make_node("Reshape", ["n", "minus1"], ["n1"]),
+             helper.make_node("Concat", ["n1", "feats"], ["t"], axis=0),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "t"], ["f"], allowzero=allowzero),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    m = model(nodes, [ints("minus1", [-1]), ints("feats", [18]), init("W", w(4, 18))], ["N", 2, 3, 3], ["N", 4],
+              opset=18)
+    net = check_against_reference(m, RNG.normal(size=(5, 2, 3, 3)))
+    assert [layer.kind for layer in net] == ["ReLU", "Flatten", "Dense"]
+
+
+@pytest.mark.parametrize(("nodes", "inits", "match"), [
+    # the batch size used as the feature count, or as an index, axis or target shape
+    ([helper.make_node("Shape", ["x"], ["s"], end=1), helper.make_node("Concat", ["m1", "s"], ["t"], axis=0),
+      helper.make_node("Reshape", ["x", "t"], ["y"])], [ints("m1", [-1])], r"Reshape to \[-1, 'batch'\]"),
+    ([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "s"], ["g"]),
+      helper.make_node("Reshape", ["x", "g"], ["y"])], [], "depend on the batch size"),
+    ([helper.make_node("Shape", ["x"], ["s"], start=0, end=1), helper.make_node("Reshape", ["m1", "s"], ["t"]),
+      helper.make_node("Reshape", ["x", "t"], ["y"])], [ints("m1", [-1])], "depend on the batch size"),
+    ([helper.make_node("Shape", ["x"], ["s"], start=-1), helper.make_node("ConstantOfShape", ["s"], ["t"]),
+      helper.make_node("Reshape", ["x", "t"], ["y"])], [], "only an integer value"),
+])
+def test_batch_size_marker_cannot_become_a_number(nodes, inits, match):
+    bad(nodes, inits, ["N", 6], match)
+
+
+def test_shape_start_end_of_unknown_sizes_needs_input_shape():
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=1), helper.make_node("Reshape", ["x", "s"], ["y"])]
+    bad(nodes, [], ["N", 2, "H", "W"], "not static; pass input_shape", opset=18)
+
+
 # ----------------------------------------------------------------------------------------------- fuzz
 
 

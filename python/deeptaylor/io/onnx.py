@@ -23,8 +23,10 @@ Flatten / Reshape           Flatten, when it flattens to ``(N, -1)`` (``axis = 1
 BatchNormalization          folded into the preceding Conv / Gemm / MatMul
 Dropout, Identity           dropped
 Constant                    a constant (initializers are read from ``graph.initializer`` too)
-Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``)
-Squeeze, Concat, Cast
+Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``
+Squeeze, Concat, Cast,      and of exported padding); ``Shape`` of the chain tensor gives the batch
+Reshape, Slice, Transpose,  size as a marker that only a flattening ``Reshape`` may use
+ConstantOfShape
 ==========================  ====================================================================
 
 The graph must have one input, one output, and be a single chain: every operator takes the previous
@@ -48,10 +50,18 @@ __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Flatten", "Reshape (to 2-D)", "BatchNormalization (folded)", "Dropout",
-                 "Identity", "Constant", "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast (shape arithmetic)")
+                 "Identity", "Constant",
+                 "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape "
+                 "(shape arithmetic on constants)")
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
-_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast")  # evaluated on constants (shape arithmetic)
+# evaluated on constants (shape arithmetic)
+_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Transpose", "ConstantOfShape")
+_MAX_FOLD = 64  # elements of a tensor that shape arithmetic may take or make
+# What ``Shape`` of the chain tensor gives for the batch size, which is not known at import: a value no
+# real size and no Reshape/Slice code (-1, 0, INT64_MIN/MAX) takes, so wherever it ends up (Reshape's
+# target: the batch; anywhere else: an error) it cannot be mistaken for a number.
+_BATCH = -(1 << 60) - 12345
 _MAX_SIZE = 1 << 24  # kernel sizes, strides, pads, dilations beyond this are treated as corrupt
 
 
@@ -125,7 +135,6 @@ class _Importer:
         self.where = where
         self.user_shape = input_shape
         self.consts: dict[str, np.ndarray] = {}
-        self.symbolic: set[str] = set()  # constants derived from Shape(chain): entry 0 stands for the batch
         self.layers: list[Layer] = []
         self.foldable = False  # the last layer is linear and nothing came after it (bias / BatchNorm fold)
         self.rank = 0
@@ -260,8 +269,6 @@ class _Importer:
                 if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
                     raise self.fmt(f"Identity node {node.name!r} must have one new output")
                 self.consts[node.output[0]] = self.consts[node.input[0]]  # exporters alias weights this way
-                if node.input[0] in self.symbolic:
-                    self.symbolic.add(node.output[0])
                 continue
             if node.op_type in _FOLDABLE and node.input and all(i in self.consts for i in node.input if i):
                 self.fold(node)
@@ -440,46 +447,102 @@ class _Importer:
 
     def shape_of(self, node: Any) -> None:
         """``Shape`` of the chain tensor (``x.size()`` in a traced ``x.view(x.size(0), -1)``): the per-sample
-        sizes, with 0 in place of the batch, which a following ``Reshape`` reads as "copy the batch"."""
-        if self.shape is None:
-            raise self.unsupported(node, "Shape of a tensor whose size is not static; pass input_shape")
+        sizes, with the marker ``_BATCH`` in place of the batch size, which a ``Reshape`` target may hold
+        in its first entry only ("the batch"). ``start``/``end`` (opset 15) slice it."""
         if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
             raise self.fmt(f"Shape node {node.name!r} must have one new output")
         attrs = self.attrs(node)
-        if "start" in attrs or "end" in attrs:
-            raise self.unsupported(node, "Shape with start/end")
-        self.consts[node.output[0]] = np.array([0, *self.shape[1:]], dtype=np.int64)
-        self.symbolic.add(node.output[0])
+        shape = self.shape
+        dims: list[int | None] = [_BATCH, *shape[1:]] if shape is not None else [_BATCH] + [None] * (self.rank - 1)
+        r = len(dims)
+        start = self.attr(node, attrs, "start", 0, int)
+        end = self.attr(node, attrs, "end", r, int)
+        start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
+        picked = dims[start:end]
+        if any(d is None for d in picked):
+            raise self.unsupported(node, "Shape of a tensor whose size is not static; pass input_shape")
+        self.consts[node.output[0]] = np.array(picked, dtype=np.int64)
 
     def fold(self, node: Any) -> None:
-        """Evaluate a shape-arithmetic op whose inputs are all constants (int64 tensors)."""
-        ins = [self.consts[i] for i in node.input if i]
+        """Evaluate a shape-arithmetic op whose inputs are all constants (small int64 tensors)."""
+        ins = [self.consts[i] if i else None for i in node.input]  # positional: optional inputs may be ''
         attrs = self.attrs(node)
-        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
-            raise self.fmt(f"node {node.name!r} ({node.op_type}) must have one new output")
-        if any(a.dtype.kind != "i" or a.size > 64 for a in ins):
-            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
         op = node.op_type
+        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
+            raise self.fmt(f"node {node.name!r} ({op}) must have one new output")
+        if any(a is not None and (a.dtype.kind != "i" or a.size > _MAX_FOLD) for a in ins):
+            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
+        # the inputs that say how to compute (indices, axes, target shapes), as opposed to the data moved
+        params = ins if op == "ConstantOfShape" else [] if op == "Concat" else ins[1:]
+        if any(a is not None and np.any(a == _BATCH) for a in params):
+            raise self.unsupported(node, "its indices/axes/shape depend on the batch size")
+
+        def ints(name: str, i: int | None = None) -> list[int] | None:
+            """Optional int list: input ``i`` (newer opsets) or attribute ``name`` (older ones)."""
+            if i is not None and i < len(ins) and ins[i] is not None:
+                return [int(v) for v in ins[i].reshape(-1)]  # type: ignore[union-attr]
+            v = attrs.get(name)
+            if v is None:
+                return None
+            if not isinstance(v, list) or not all(isinstance(a, int) for a in v):
+                raise self.fmt(f"node {node.name!r} ({op}): attribute {name} must be ints, got {v!r:.100}")
+            return v
+
         try:
+            x = ins[0]
+            if x is None:
+                raise ValueError("the first input is missing")
             if op == "Gather":
-                out = np.take(ins[0], ins[1], axis=self.attr(node, attrs, "axis", 0, int))
-            elif op in ("Unsqueeze", "Squeeze"):
-                axes = ins[1].tolist() if len(ins) > 1 else attrs.get("axes")
-                if op == "Unsqueeze":
-                    out = ins[0]
-                    for ax in sorted(int(a) for a in (axes or [])):
-                        out = np.expand_dims(out, ax)
-                else:
-                    out = np.squeeze(ins[0], axis=None if axes is None else tuple(int(a) for a in axes))
+                out = np.take(x, ins[1], axis=self.attr(node, attrs, "axis", 0, int))
+            elif op == "Unsqueeze":
+                out = x
+                for ax in sorted(int(a) for a in (ints("axes", 1) or [])):
+                    out = np.expand_dims(out, ax)
+            elif op == "Squeeze":
+                axes = ints("axes", 1)
+                out = np.squeeze(x, axis=None if axes is None else tuple(axes))
             elif op == "Concat":
-                out = np.concatenate(ins, axis=self.attr(node, attrs, "axis", 0, int))
+                if any(a is None for a in ins):
+                    raise ValueError("an input is missing")
+                out = np.concatenate(ins, axis=self.attr(node, attrs, "axis", 0, int))  # type: ignore[arg-type]
+            elif op == "Reshape":
+                target = ints("shape", 1)
+                if target is None:
+                    raise ValueError("no target shape")
+                copy = not self.attr(node, attrs, "allowzero", 0, int)
+                target = [x.shape[i] if v == 0 and copy and i < x.ndim else v for i, v in enumerate(target)]
+                out = x.reshape(target)
+            elif op == "Slice":
+                starts, ends = ints("starts", 1), ints("ends", 2)
+                if starts is None or ends is None or len(starts) != len(ends):
+                    raise ValueError("starts and ends must be given, of one length")
+                axes = ints("axes", 3) or list(range(len(starts)))
+                steps = ints("steps", 4) or [1] * len(starts)
+                if len(axes) != len(starts) or len(steps) != len(starts) or 0 in steps:
+                    raise ValueError(f"axes {axes} / steps {steps} do not fit starts {starts}")
+                index = [slice(None)] * x.ndim
+                for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
+                    index[a] = slice(b, e, st)  # Python's slice clamping is ONNX's
+                out = x[tuple(index)]
+            elif op == "Transpose":
+                perm = self.attr(node, attrs, "perm", list(range(x.ndim))[::-1], list)
+                out = np.transpose(x, perm)
+            elif op == "ConstantOfShape":
+                value = attrs.get("value")
+                if value is not None and not isinstance(value, self.onnx.TensorProto):
+                    raise self.fmt(f"ConstantOfShape node {node.name!r}: attribute value must be a tensor")
+                fill = np.zeros(1, np.float32) if value is None else self.tensor(value, "ConstantOfShape value")
+                if fill.dtype.kind != "i" or fill.size != 1:
+                    raise self.unsupported(node, "only an integer value is evaluated (shape arithmetic)")
+                dims = [int(v) for v in x.reshape(-1)]
+                if x.ndim != 1 or min(dims, default=0) < 0 or math.prod(dims) > _MAX_FOLD:
+                    raise ValueError(f"shape {dims} is not a small non-negative shape")
+                out = np.full(dims, fill.reshape(-1)[0], dtype=np.int64)
             else:  # Cast: shape values stay integers
-                out = ins[0]
+                out = x
         except (ValueError, IndexError, TypeError, np.exceptions.AxisError) as exc:
             raise self.fmt(f"node {node.name!r} ({op}): {exc}") from None
         self.consts[node.output[0]] = np.asarray(out, dtype=np.int64)
-        if any(i in self.symbolic for i in node.input):
-            self.symbolic.add(node.output[0])
 
     def weight(self, node: Any, name: str, what: str, ndim: int) -> np.ndarray:
         arr = self.const(node, name, what)
@@ -665,7 +728,7 @@ class _Importer:
         ok = False
         if len(target) == 2:
             n, f = target
-            if n == 0 and not allowzero:  # copy the batch dimension
+            if n == _BATCH or (n == 0 and not allowzero):  # the batch size from Shape, or "copy the batch"
                 n_ok = True
             elif n == -1:  # inferred: a flatten only if the feature count is given and right
                 n_ok = feats is not None and f == feats
@@ -674,12 +737,13 @@ class _Importer:
             if f == -1:
                 f_ok = n != -1
             elif f == 0 and not allowzero:  # copy dimension 1: a flatten only of a rank-2 input
-                f_ok = self.rank == 2 and node.input[1] not in self.symbolic
+                f_ok = self.rank == 2
             else:
                 f_ok = f > 0 and f == feats
             ok = n_ok and f_ok
         if not ok:
             have = "unknown" if feats is None else str(feats)
+            target = ["batch" if v == _BATCH else v for v in target]  # type: ignore[misc]
             raise self.unsupported(node, f"Reshape to {target} is not a flatten to (batch, features) for an input of "
                                          f"rank {self.rank} with {have} features per sample (use shape (0, -1))")
         if self.rank == 4:
