@@ -116,6 +116,46 @@ def test_batchnorm_folded_after_conv_and_gemm():
     assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "Flatten", "Dense"]
 
 
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize(("opset", "axes"), [(13, [2, 3]), (13, [-1, -2]), (18, [-1, -2]), (18, [3, 2])])
+def test_reduce_mean_over_the_map_is_global_average_pooling(opset, axes, keepdims):
+    """``AdaptiveAvgPool2d(1)`` as the dynamo exporter writes it: axes as an attribute (opset < 18) or an
+    input (opset >= 18), followed by the flatten its output rank needs."""
+    if opset < 18:
+        mean = helper.make_node("ReduceMean", ["r"], ["m"], axes=axes, keepdims=keepdims)
+        inits = []
+    else:
+        mean = helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=keepdims)
+        inits = [ints("axes", axes)]
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             mean, helper.make_node("Reshape", ["m", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wd"], ["y"], transB=1)]
+    inits += [init("Wc", w(4, 2, 3, 3)), ints("shape", [-1, 4]), init("Wd", w(3, 4))]
+    m = model(nodes, inits, ["N", 2, 5, 6], ["N", 3], opset=opset)
+    net = check_against_reference(m, RNG.normal(size=(3, 2, 5, 6)))
+    # keepdims=0: ReduceMean's own Flatten, the Reshape of a rank-2 tensor adds none; keepdims=1: the Reshape's
+    assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "AvgPool2d", "Flatten", "Dense"]
+    assert net[2].kernel_size == (5, 6)
+
+
+@pytest.mark.parametrize(("attrs", "axes", "shape", "match"), [
+    ({}, [1], [1, 2, 4, 4], r"axes=\[1\].*only the mean over the spatial axes"),
+    ({}, [2], [1, 2, 4, 4], r"axes=\[2\]"),
+    ({}, [1], [1, 6], "rank-2"),
+    ({}, None, [1, 2, 4, 4], "over all axes"),
+    ({}, [2, 3], [1, 2, "H", "W"], "input_shape"),
+])
+def test_reduce_mean_other_axes_refused(attrs, axes, shape, match):
+    nodes = [helper.make_node("ReduceMean", ["x"] + (["axes"] if axes is not None else []), ["y"], **attrs)]
+    bad(nodes, [ints("axes", axes)] if axes is not None else [], shape, match, opset=18)
+
+
+def test_reduce_mean_with_empty_axes_and_noop_is_the_identity():
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], noop_with_empty_axes=1), helper.make_node("Relu", ["m"], ["y"])]
+    net = check_against_reference(model(nodes, [], [2, 5], opset=18), RNG.normal(size=(2, 5)))
+    assert [layer.kind for layer in net] == ["ReLU"]
+
+
 def bad(nodes, inits, shape, match, error=dt.UnsupportedError, opset=13, **kw):
     with pytest.raises(error, match=match):
         load_onnx(model(nodes, inits, shape, opset=opset).SerializeToString(), **kw)

@@ -18,6 +18,7 @@ MaxPool                     MaxPool2d (``dilations = 1``; no Indices output; ``c
                             it gives the floor size)
 AveragePool                 AvgPool2d (``count_include_pad = 0`` only without padding)
 GlobalAveragePool           AvgPool2d over the whole map (needs static H, W)
+ReduceMean                  the same, for the mean over axes (2, 3) (``keepdims = 0``: then a Flatten)
 Flatten / Reshape           Flatten, when it flattens to ``(N, -1)`` (``axis = 1``; shape ``(0, -1)``,
                             ``(N, -1)``, ``(-1, F)`` or ``(N, F)``)
 BatchNormalization          folded into the preceding Conv / Gemm / MatMul
@@ -49,8 +50,8 @@ from ..network import Sequential
 __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "Flatten", "Reshape (to 2-D)", "BatchNormalization (folded)", "Dropout",
-                 "Identity", "Constant",
+                 "GlobalAveragePool", "ReduceMean (over axes 2, 3)", "Flatten", "Reshape (to 2-D)",
+                 "BatchNormalization (folded)", "Dropout", "Identity", "Constant",
                  "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape "
                  "(shape arithmetic on constants)")
 MIN_OPSET = 7
@@ -706,6 +707,37 @@ class _Importer:
         shape = self.need_shape(node, "GlobalAveragePool")
         hw = (shape[2], shape[3])
         self.add(node, self.make(node, AvgPool2d, hw, stride=hw))
+
+    def op_ReduceMean(self, node: Any, attrs: dict[str, Any]) -> None:
+        """The mean over the spatial axes (2, 3) of an ``(N, C, H, W)`` tensor, as the dynamo exporter writes
+        ``AdaptiveAvgPool2d(1)`` / ``x.mean((2, 3))``: an ``AvgPool2d`` over the whole map, then a ``Flatten``
+        when ``keepdims = 0`` (output ``(N, C)``; with ``keepdims = 1`` it is ``(N, C, 1, 1)``). The axes are
+        an attribute (opset < 18) or a constant second input (opset >= 18)."""
+        keepdims = self.attr(node, attrs, "keepdims", 1, int)
+        noop = self.attr(node, attrs, "noop_with_empty_axes", 0, int)
+        axes: list[int] | None = None
+        if len(node.input) > 1 and node.input[1]:
+            if "axes" in attrs:
+                raise self.fmt(f"ReduceMean node {node.name!r} has axes both as an attribute and an input")
+            t = self.const(node, node.input[1], "axes")
+            if t.dtype.kind != "i" or t.ndim > 1 or np.any(t == _BATCH):
+                raise self.unsupported(node, "axes must be a constant 1-D int64 tensor")
+            axes = [int(v) for v in t.reshape(-1)]
+        elif "axes" in attrs:
+            axes = self.attr(node, attrs, "axes", None, list)
+        if not axes:
+            if noop:
+                return  # reduces nothing: the identity
+            raise self.unsupported(node, "ReduceMean over all axes (the batch too)")
+        norm = sorted(a + self.rank if a < 0 else a for a in axes)
+        if self.rank != 4 or norm != [2, 3]:
+            raise self.unsupported(node, f"axes={axes} on a rank-{self.rank} input: only the mean over the spatial "
+                                         "axes (2, 3) of an (N, C, H, W) tensor (global average pooling)")
+        shape = self.need_shape(node, "ReduceMean")
+        hw = (shape[2], shape[3])
+        self.add(node, self.make(node, AvgPool2d, hw, stride=hw))
+        if not keepdims:
+            self.add(node, Flatten())
 
     def op_Flatten(self, node: Any, attrs: dict[str, Any]) -> None:
         axis = self.attr(node, attrs, "axis", 1, int)
