@@ -340,6 +340,121 @@ def test_batch_size_from_sliced_shape_reshape_and_concat(allowzero):
     assert [layer.kind for layer in net] == ["ReLU", "Flatten", "Dense"]
 
 
+def pad_node(opset, pads, value=None, axes=None, mode=None, out="p", name="pad"):
+    """A Pad of ``x`` in the form of ``opset``: attributes before 11, inputs from 11, ``axes`` from 18."""
+    kw = {} if mode is None else {"mode": mode}
+    if opset < 11:
+        if value is not None:
+            kw["value"] = value
+        return helper.make_node("Pad", ["x"], [out], pads=pads, name=name, **kw), []
+    ins, inits = ["x", "pads"], [ints("pads", pads)]
+    if value is not None or axes is not None:
+        ins.append("" if value is None else "pad_value")
+        inits += [] if value is None else [init("pad_value", np.float32(value))]
+    if axes is not None:
+        ins.append("pad_axes")
+        inits.append(ints("pad_axes", axes))
+    return helper.make_node("Pad", ins, [out], name=name, **kw), inits
+
+
+@pytest.mark.parametrize(("opset", "pads", "value", "axes", "op", "kw"), [
+    (9, [0, 0, 1, 2, 0, 0, 2, 0], None, None, "Conv", {"pads": [1, 0, 0, 1]}),
+    (9, [0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, "AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2]}),
+    (9, [0, 0, 1, 0, 0, 0, 0, 1], -np.inf, None, "MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    (13, [0, 0, 0, 0, 0, 0, 1, 1], 0.0, None, "Conv", {"pads": [1, 1, 1, 1]}),  # torch 'same', even kernel
+    (13, [0, 0, 1, 0, 0, 0, 0, 0], None, None, "Conv", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    (13, [0, 0, 1, 1, 0, 0, 1, 1], None, None, "AveragePool",  # count_include_pad=0: the Pad's zeros count
+     {"kernel_shape": [3, 3], "count_include_pad": 0}),
+    (13, [0, 0, 1, 0, 0, 0, 1, 1], -np.inf, None, "MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2],
+                                                              "ceil_mode": 1}),
+    (18, [1, 0, 2, 1], 0.0, [2, 3], "Conv", {}),
+    (18, [0, 1, 1, 0], None, [-1, -2], "AveragePool", {"kernel_shape": [2, 2], "pads": [0, 1, 0, 0],
+                                                        "count_include_pad": 1}),  # its own pads add up
+    (18, [0, 0, 0, 0, 0, 0, 0, 0], 3.0, None, "MaxPool", {"kernel_shape": [2, 2]}),  # pads nothing: dropped
+])
+def test_constant_pad_is_folded_into_the_next_conv_or_pool(opset, pads, value, axes, op, kw):
+    pad, inits = pad_node(opset, pads, value, axes)
+    nodes = [pad]
+    if op == "Conv":
+        nodes.append(helper.make_node("Conv", ["p", "W"], ["y"], kernel_shape=[4, 4], **kw))
+        inits.append(init("W", w(3, 2, 4, 4)))
+    else:
+        nodes.append(helper.make_node(op, ["p"], ["y"], **kw))
+    m = model(nodes, inits, ["N", 2, 9, 8], opset=opset)
+    net = check_against_reference(m, RNG.normal(size=(2, 2, 9, 8)))
+    assert [layer.kind for layer in net] == [{"Conv": "Conv2d", "AveragePool": "AvgPool2d"}.get(op, "MaxPool2d")]
+
+
+@pytest.mark.parametrize(("pads", "value", "mode", "after", "match"), [
+    ([0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, "MaxPool", "before MaxPool.*-inf"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], -np.inf, None, "Conv", "value -inf before Conv"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], 1.5, None, "Conv", "constant value 1.5"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], 0.0, "reflect", "Conv", "mode='reflect'"),
+    ([0, 1, 0, 0, 0, 0, 0, 0], 0.0, None, "Conv", "batch or channel"),
+    ([0, 0, -1, 0, 0, 0, 0, 0], 0.0, None, "Conv", "negative pads"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, "Relu", "not into Relu"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, None, "end of the graph"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], -np.inf, None, "Pad", "-inf, then one with value 0"),
+    ([0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, "GlobalAveragePool", "not into GlobalAveragePool"),
+])
+def test_other_pads_are_refused_naming_the_node(pads, value, mode, after, match):
+    pad, inits = pad_node(13, pads, value, mode=mode, name="the_pad")
+    nodes = [pad]
+    if after == "Conv":
+        nodes.append(helper.make_node("Conv", ["p", "W"], ["y"]))
+        inits.append(init("W", w(3, 2, 3, 3)))
+    elif after == "MaxPool":
+        nodes.append(helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2]))
+    elif after == "Pad":
+        nodes += [helper.make_node("Pad", ["p", "pads"], ["p2"]),
+                  helper.make_node("MaxPool", ["p2"], ["y"], kernel_shape=[3, 3])]
+    elif after is not None:
+        nodes.append(helper.make_node(after, ["p"], ["y"]))
+    bad(nodes, inits, [1, 2, 6, 6], r"node 'the_pad' \(op 'Pad'\).*" + match)
+
+
+def test_consecutive_pads_add_up():
+    first, inits = pad_node(13, [0, 0, 1, 0, 0, 0, 0, 1], out="p0")
+    nodes = [first, helper.make_node("Pad", ["p0", "pads2"], ["p"]), helper.make_node("Conv", ["p", "W"], ["y"])]
+    inits += [ints("pads2", [0, 0, 0, 1, 0, 0, 1, 0]), init("W", w(3, 2, 3, 3))]
+    net = check_against_reference(model(nodes, inits, ["N", 2, 6, 7]), RNG.normal(size=(2, 2, 6, 7)))
+    assert net[0].padding == (1, 1, 1, 1)
+
+
+def test_infinite_scalars_only_as_pad_values():
+    """Initializers may hold a -inf scalar (a Pad value); an infinite weight or bias is still an error."""
+    for nodes, inits in [([helper.make_node("Gemm", ["x", "W"], ["y"])], [init("W", [[np.inf]])]),
+                         ([helper.make_node("Gemm", ["x", "W", "b"], ["y"])], [init("W", [[1.0]]), init("b", [np.inf])]),
+                         ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                          [init("W", [[1.0]]), init("b", -np.inf)])]:
+        bad(nodes, inits, [1, 1], "contains NaN or Inf", error=dt.ModelFormatError)
+    bad([helper.make_node("Gemm", ["x", "W"], ["y"])], [init("W", [[1.0, np.inf]])], [1, 2], "contains NaN or Inf",
+        error=dt.ModelFormatError)
+    bad([helper.make_node("Relu", ["x"], ["y"])], [init("unused", np.nan)], [1, 2], "contains NaN or Inf",
+        error=dt.ModelFormatError)
+
+
+def test_constant_pads_computed_by_slice_transpose_constantofshape():
+    """TorchScript's ZeroPad2d export (opset >= 11) computes Pad's pads from torch's order with
+    ConstantOfShape/Concat/Reshape/Slice(step -1)/Transpose/Reshape/Cast: all evaluated at import."""
+    nodes = [helper.make_node("ConstantOfShape", ["four"], ["z"], value=ints("v", [0])),
+             helper.make_node("Concat", ["torch_pads", "z"], ["c"], axis=0),
+             helper.make_node("Reshape", ["c", "m12"], ["c2"]),
+             helper.make_node("Slice", ["c2", "s_start", "s_end", "s_axes", "s_steps"], ["rev"]),
+             helper.make_node("Transpose", ["rev"], ["tr"], perm=[1, 0]),
+             helper.make_node("Reshape", ["tr", "m1"], ["flat"]),
+             helper.make_node("Cast", ["flat"], ["pads"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
+             helper.make_node("Conv", ["p", "W"], ["y"])]
+    inits = [ints("four", [4]), ints("torch_pads", [1, 2, 0, 1]), ints("m12", [-1, 2]), ints("s_start", [-1]),
+             ints("s_end", [-(2 ** 63) + 1]), ints("s_axes", [0]), ints("s_steps", [-1]), ints("m1", [-1]),
+             init("W", w(3, 2, 3, 3))]
+    m = model(nodes, inits, ["N", 2, 7, 7])
+    net = check_against_reference(m, RNG.normal(size=(2, 2, 7, 7)))
+    assert [layer.kind for layer in net] == ["Conv2d"]
+    assert net[0].padding == (0, 1, 1, 2)  # torch's (left 1, right 2, top 0, bottom 1)
+
+
 @pytest.mark.parametrize(("nodes", "inits", "match"), [
     # the batch size used as the feature count, or as an index, axis or target shape
     ([helper.make_node("Shape", ["x"], ["s"], end=1), helper.make_node("Concat", ["m1", "s"], ["t"], axis=0),

@@ -17,6 +17,8 @@ Relu                        ReLU
 MaxPool                     MaxPool2d (``dilations = 1``; no Indices output; ``ceil_mode`` only where
                             it gives the floor size)
 AveragePool                 AvgPool2d (``count_include_pad = 0`` only without padding)
+Pad                         folded into the following Conv / AveragePool (value 0) or MaxPool (value
+                            -inf); constant mode, spatial axes only
 GlobalAveragePool           AvgPool2d over the whole map (needs static H, W)
 ReduceMean                  the same, for the mean over axes (2, 3) (``keepdims = 0``: then a Flatten)
 Flatten / Reshape           Flatten, when it flattens to ``(N, -1)`` (``axis = 1``; shape ``(0, -1)``,
@@ -50,6 +52,7 @@ from ..network import Sequential
 __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
+                 "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
                  "GlobalAveragePool", "ReduceMean (over axes 2, 3)", "Flatten", "Reshape (to 2-D)",
                  "BatchNormalization (folded)", "Dropout", "Identity", "Constant",
                  "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape "
@@ -58,6 +61,7 @@ MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
 # evaluated on constants (shape arithmetic)
 _FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Transpose", "ConstantOfShape")
+_PAD_USERS = ("Conv", "AveragePool", "MaxPool")  # ops a preceding constant Pad is folded into
 _MAX_FOLD = 64  # elements of a tensor that shape arithmetic may take or make
 # What ``Shape`` of the chain tensor gives for the batch size, which is not known at import: a value no
 # real size and no Reshape/Slice code (-1, 0, INT64_MIN/MAX) takes, so wherever it ends up (Reshape's
@@ -141,6 +145,8 @@ class _Importer:
         self.rank = 0
         self.shape: tuple[int, ...] | None = None  # full shape with batch 1, when every per-sample dim is known
         self.batch: int | None = None  # the declared static batch size, if any
+        # a Pad node waiting to be folded into the next Conv/AveragePool/MaxPool: (node, (t, b, l, r), value)
+        self.pad: tuple[Any, tuple[int, int, int, int], float] | None = None
 
     # ------------------------------------------------------------------------------------------ errors
 
@@ -174,7 +180,8 @@ class _Importer:
         if arr.dtype.kind == "f":
             with np.errstate(all="ignore"):  # NaN/Inf are reported below, not warned about
                 arr = arr.astype(np.float64)
-            if not np.all(np.isfinite(arr)):
+            # a scalar may be infinite (a Pad's -inf value before MaxPool); weights and biases are checked on use
+            if np.any(np.isnan(arr)) or (arr.size != 1 and not np.all(np.isfinite(arr))):
                 raise self.fmt(f"{what} {t.name!r} contains NaN or Inf")
         else:
             arr = arr.astype(np.int64)
@@ -285,8 +292,14 @@ class _Importer:
                 raise self.unsupported(node)
             if not node.output or not node.output[0]:
                 raise self.fmt(f"node {node.name!r} ({node.op_type}) has no output")
+            if self.pad is not None and node.op_type not in _PAD_USERS + ("Pad", "Identity", "Dropout"):
+                raise self.unsupported(self.pad[0], f"a Pad is folded into a directly following Conv, AveragePool "
+                                                    f"or MaxPool, not into {node.op_type} ({node.name!r})")
             handler(node, self.attrs(node))
             cur = node.output[0]
+        if self.pad is not None:
+            raise self.unsupported(self.pad[0], "a Pad at the end of the graph (it is folded into a following Conv, "
+                                                "AveragePool or MaxPool)")
         if graph.output[0].name != cur:
             raise UnsupportedError(f"{self.where}: the graph's output {graph.output[0].name!r} is not the end of "
                                    f"the chain ({cur!r})")
@@ -402,11 +415,20 @@ class _Importer:
                 raise self.fmt(f"the graph declares output shape {self.show(declared)} but its layers give "
                                f"(N, {', '.join(map(str, out[1:]))}) for input {self.show(self.input_dims)}")
 
+    def cur_shape(self) -> tuple[int, ...] | None:
+        """The chain tensor's shape (batch 1), with a pending Pad applied."""
+        if self.shape is None or self.pad is None:
+            return self.shape
+        t, b, lft, r = self.pad[1]
+        n, c, h, w = self.shape
+        return (n, c, h + t + b, w + lft + r)
+
     def need_shape(self, node: Any, why: str) -> tuple[int, ...]:
-        if self.shape is None:
+        shape = self.cur_shape()
+        if shape is None:
             raise self.unsupported(node, f"{why} needs the input's spatial size; the graph declares none, pass "
                                          "input_shape=(C, H, W)")
-        return self.shape
+        return shape
 
     def add(self, node: Any, layer: Layer) -> None:
         if self.shape is not None:
@@ -453,7 +475,7 @@ class _Importer:
         if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
             raise self.fmt(f"Shape node {node.name!r} must have one new output")
         attrs = self.attrs(node)
-        shape = self.shape
+        shape = self.cur_shape()
         dims: list[int | None] = [_BATCH, *shape[1:]] if shape is not None else [_BATCH] + [None] * (self.rank - 1)
         r = len(dims)
         start = self.attr(node, attrs, "start", 0, int)
@@ -550,6 +572,8 @@ class _Importer:
         if arr.dtype.kind != "f" or arr.ndim != ndim:
             raise self.fmt(f"node {node.name!r} ({node.op_type}): {what} must be a {ndim}-D float tensor, got "
                            f"{arr.dtype} shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise self.fmt(f"node {node.name!r} ({node.op_type}): {what} {name!r} contains NaN or Inf")
         return arr
 
     def make(self, node: Any, cls: type, *args: Any, **kwargs: Any) -> Layer:
@@ -604,6 +628,8 @@ class _Importer:
         """A constant added to a (N, K) or (N, K, H, W) output as a per-channel vector, or an error."""
         if c.dtype.kind != "f" or c.ndim > rank:
             raise self.unsupported(node, f"a bias of shape {c.shape} ({c.dtype}) does not broadcast per channel")
+        if not np.all(np.isfinite(c)):
+            raise self.fmt(f"node {node.name!r} ({node.op_type}): the bias contains NaN or Inf")
         full = c.reshape((1,) * (rank - c.ndim) + c.shape)
         ok = full.shape[0] == 1 and full.shape[1] in (1, channels) and all(s == 1 for s in full.shape[2:])
         if not ok:
@@ -648,6 +674,81 @@ class _Importer:
             return tuple(out)
         raise self.fmt(f"node {node.name!r} ({node.op_type}): unknown auto_pad {auto!r:.50}")
 
+    def op_Pad(self, node: Any, attrs: dict[str, Any]) -> None:
+        """A constant ``Pad`` of the spatial axes, kept until the next node folds it into its own padding:
+        value 0 into ``Conv`` / ``AveragePool`` (the padded zeros are averaged as ``AvgPool2d``'s padding
+        is), value -inf into ``MaxPool`` (max pooling's padding). A zero Pad before MaxPool is refused: the
+        max over zeros is not the max over -inf where the inputs are negative. Pads of zero are dropped."""
+        self.need_rank(node, 4)
+        mode = self.attr(node, attrs, "mode", b"constant", bytes)
+        value: Any = 0.0
+        if self.opset < 11:  # pads and value are attributes
+            pads = self.attr(node, attrs, "pads", None, list, 8)
+            value = attrs.get("value", 0.0)
+            axes: list[int] | None = None
+        else:
+            if len(node.input) < 2 or not node.input[1]:
+                raise self.fmt(f"Pad node {node.name!r} needs the pads input")
+            t = self.const(node, node.input[1], "pads")
+            if t.dtype.kind != "i" or t.ndim != 1 or t.size > 8 or np.any(np.abs(t) > _MAX_SIZE):
+                raise self.unsupported(node, f"pads must be a constant 1-D int64 tensor of sizes, got {t.tolist()!r:.100}")
+            pads = [int(v) for v in t]
+            if len(node.input) > 2 and node.input[2]:
+                c = self.const(node, node.input[2], "constant_value")
+                if c.dtype.kind != "f" or c.size != 1:
+                    raise self.unsupported(node, "constant_value must be a float scalar")
+                value = float(c.reshape(-1)[0])
+            axes = None
+            if len(node.input) > 3 and node.input[3]:
+                a = self.const(node, node.input[3], "axes")
+                if a.dtype.kind != "i" or a.ndim != 1 or np.any(a == _BATCH):
+                    raise self.unsupported(node, "axes must be a constant 1-D int64 tensor")
+                axes = [int(v) + 4 if int(v) < 0 else int(v) for v in a]
+                if sorted(set(axes)) != sorted(axes) or any(not 0 <= v < 4 for v in axes):
+                    raise self.fmt(f"Pad node {node.name!r}: invalid axes {a.tolist()}")
+        if not isinstance(value, float) or math.isnan(value):
+            raise self.fmt(f"Pad node {node.name!r}: the constant value must be a number, got {value!r:.50}")
+        ax = list(range(4)) if axes is None else axes
+        if len(pads) != 2 * len(ax):
+            raise self.fmt(f"Pad node {node.name!r}: {len(pads)} pads for {len(ax)} axes")
+        full = [0] * 8  # [x1_begin, .., x4_begin, x1_end, .., x4_end] over (N, C, H, W)
+        for j, a in enumerate(ax):
+            full[a], full[a + 4] = pads[j], pads[j + len(ax)]
+        if not any(full):
+            return  # pads nothing: the identity, whatever the mode
+        if mode != b"constant":
+            raise self.unsupported(node, f"mode={mode.decode(errors='replace')!r}: only constant padding is folded")
+        if any(full[i] for i in (0, 1, 4, 5)):
+            raise self.unsupported(node, f"pads {pads} pad the batch or channel axis; only H and W can be folded")
+        if min(full) < 0:
+            raise self.unsupported(node, f"negative pads {pads} (cropping)")
+        if value not in (0.0, -math.inf):
+            raise self.unsupported(node, f"constant value {value}: only 0 (before Conv/AveragePool) or -inf (before "
+                                         "MaxPool) is folded")
+        pad = (full[2], full[6], full[3], full[7])
+        if self.pad is not None:  # Pad after Pad: one Pad, if both pad with the same value
+            if self.pad[2] != value:
+                raise self.unsupported(self.pad[0], f"a Pad with value {self.pad[2]}, then one with value {value} "
+                                                    f"({node.name!r})")
+            pad = tuple(a + b for a, b in zip(self.pad[1], pad, strict=True))  # type: ignore[assignment]
+            node = self.pad[0]
+        self.pad = (node, pad, value)
+
+    def add_pad(self, node: Any, pads: tuple[int, ...]) -> tuple[int, ...]:
+        """``pads`` (top, bottom, left, right) plus a pending Pad's, which this node absorbs."""
+        if self.pad is None:
+            return pads
+        pnode, extra, value = self.pad
+        self.pad = None
+        if node.op_type == "MaxPool" and value != -math.inf:
+            raise self.unsupported(pnode, f"a Pad with value {value} before MaxPool ({node.name!r}): max pooling pads "
+                                          "with -inf, and the max over zeros differs wherever the inputs are negative; "
+                                          "only a -inf Pad is folded into MaxPool")
+        if node.op_type != "MaxPool" and value != 0.0:
+            raise self.unsupported(pnode, f"a Pad with value {value} before {node.op_type} ({node.name!r}): only zero "
+                                          "padding is folded into Conv and AveragePool")
+        return tuple(a + b for a, b in zip(pads, extra, strict=True))
+
     def op_Conv(self, node: Any, attrs: dict[str, Any]) -> None:
         self.need_rank(node, 4)
         if len(node.input) < 2:
@@ -662,7 +763,7 @@ class _Importer:
             raise self.fmt(f"Conv node {node.name!r}: kernel_shape {ks} does not match the weight {W.shape}")
         s = self.attr(node, attrs, "strides", [1, 1], list, 2)
         d = self.attr(node, attrs, "dilations", [1, 1], list, 2)
-        pads = self.pads(node, attrs, k, s, d)
+        pads = self.add_pad(node, self.pads(node, attrs, k, s, d))
         b = None
         if len(node.input) > 2 and node.input[2]:
             b = self.weight(node, node.input[2], "B", 1)
@@ -694,6 +795,7 @@ class _Importer:
                 if ceil_out != floor_out:
                     raise self.unsupported(node, f"ceil_mode=1 changes the output size for input "
                                                  f"{self.show([self.batch, *shape[1:]])}")
+        pads = self.add_pad(node, pads)
         self.add(node, self.make(node, cls, tuple(k), stride=tuple(s), padding=pads))
 
     def op_MaxPool(self, node: Any, attrs: dict[str, Any]) -> None:
