@@ -465,9 +465,30 @@ def test_constant_pads_computed_by_slice_transpose_constantofshape():
       helper.make_node("Reshape", ["x", "t"], ["y"])], [ints("m1", [-1])], "depend on the batch size"),
     ([helper.make_node("Shape", ["x"], ["s"], start=-1), helper.make_node("ConstantOfShape", ["s"], ["t"]),
       helper.make_node("Reshape", ["x", "t"], ["y"])], [], "only an integer value"),
+    ([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Mul", ["s", "one"], ["t"]),
+      helper.make_node("Reshape", ["x", "t"], ["y"])], [ints("one", [1])], "depend on the batch size"),
+    ([helper.make_node("Mul", ["big", "big"], ["t"]), helper.make_node("Reshape", ["x", "t"], ["y"])],
+     [ints("big", [2 ** 40, 1])], "integer arithmetic on values beyond"),
 ])
 def test_batch_size_marker_cannot_become_a_number(nodes, inits, match):
     bad(nodes, inits, ["N", 6], match)
+
+
+def test_shape_of_constants_and_integer_arithmetic():
+    """TorchScript without constant folding computes ZeroPad2d's pads as 2 * 4 - len(torch_pads) zeros
+    after them: Shape of a constant, Gather, Mul, Sub, ConstantOfShape, Concat."""
+    nodes = [helper.make_node("Shape", ["torch_pads"], ["n"]),
+             helper.make_node("Gather", ["n", "zero"], ["n0"], axis=0),
+             helper.make_node("Mul", ["four", "two"], ["eight"]),
+             helper.make_node("Sub", ["eight", "n0"], ["rest"]),
+             helper.make_node("Add", ["rest", "zero"], ["rest2"]),
+             helper.make_node("ConstantOfShape", ["rest2"], ["z"], value=ints("v", [0])),
+             helper.make_node("Concat", ["z", "torch_pads"], ["pads"], axis=0),
+             helper.make_node("Pad", ["x", "pads"], ["p"]),
+             helper.make_node("AveragePool", ["p"], ["y"], kernel_shape=[2, 2])]
+    inits = [ints("torch_pads", [0, 0, 1, 0]), ints("zero", [0]), ints("four", 4), ints("two", 2)]
+    net = check_against_reference(model(nodes, inits, ["N", 2, 5, 5]), RNG.normal(size=(2, 2, 5, 5)))
+    assert net[0].padding == (0, 1, 0, 0)  # x3_end (H, bottom) = 1
 
 
 def test_shape_start_end_of_unknown_sizes_needs_input_shape():

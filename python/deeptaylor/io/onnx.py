@@ -29,7 +29,8 @@ Constant                    a constant (initializers are read from ``graph.initi
 Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``
 Squeeze, Concat, Cast,      and of exported padding); ``Shape`` of the chain tensor gives the batch
 Reshape, Slice, Transpose,  size as a marker that only a flattening ``Reshape`` may use
-ConstantOfShape
+ConstantOfShape, Shape,
+Add, Sub, Mul
 ==========================  ====================================================================
 
 The graph must have one input, one output, and be a single chain: every operator takes the previous
@@ -55,12 +56,14 @@ SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu
                  "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
                  "GlobalAveragePool", "ReduceMean (over axes 2, 3)", "Flatten", "Reshape (to 2-D)",
                  "BatchNormalization (folded)", "Dropout", "Identity", "Constant",
-                 "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape "
-                 "(shape arithmetic on constants)")
+                 "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape/Add/Sub/Mul "
+                 "(integer shape arithmetic on constants)")
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
 # evaluated on constants (shape arithmetic)
-_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Transpose", "ConstantOfShape")
+_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Transpose", "ConstantOfShape",
+             "Shape", "Add", "Sub", "Mul")
+_MAX_ARITH = 1 << 31  # Add/Sub/Mul are evaluated on values up to this size only (no int64 overflow)
 _PAD_USERS = ("Conv", "AveragePool", "MaxPool")  # ops a preceding constant Pad is folded into
 _MAX_FOLD = 64  # elements of a tensor that shape arithmetic may take or make
 # What ``Shape`` of the chain tensor gives for the batch size, which is not known at import: a value no
@@ -493,10 +496,18 @@ class _Importer:
         op = node.op_type
         if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
             raise self.fmt(f"node {node.name!r} ({op}) must have one new output")
+        if op == "Shape":  # of a constant (TorchScript without constant folding takes it of its own constants)
+            if len(ins) != 1 or ins[0] is None:
+                raise self.fmt(f"Shape node {node.name!r} needs one input")
+            dims, r = list(ins[0].shape), ins[0].ndim
+            start, end = self.attr(node, attrs, "start", 0, int), self.attr(node, attrs, "end", r, int)
+            start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
+            self.consts[node.output[0]] = np.array(dims[start:end], dtype=np.int64)
+            return
         if any(a is not None and (a.dtype.kind != "i" or a.size > _MAX_FOLD) for a in ins):
             raise self.unsupported(node, "only small integer (shape) constants are evaluated")
         # the inputs that say how to compute (indices, axes, target shapes), as opposed to the data moved
-        params = ins if op == "ConstantOfShape" else [] if op == "Concat" else ins[1:]
+        params = ins if op in ("ConstantOfShape", "Add", "Sub", "Mul") else [] if op == "Concat" else ins[1:]
         if any(a is not None and np.any(a == _BATCH) for a in params):
             raise self.unsupported(node, "its indices/axes/shape depend on the batch size")
 
@@ -547,6 +558,13 @@ class _Importer:
                 for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
                     index[a] = slice(b, e, st)  # Python's slice clamping is ONNX's
                 out = x[tuple(index)]
+            elif op in ("Add", "Sub", "Mul"):
+                if len(ins) != 2 or ins[1] is None:
+                    raise ValueError("needs two inputs")
+                if any(np.any(np.abs(a) > _MAX_ARITH) for a in ins):  # type: ignore[arg-type]
+                    raise self.unsupported(node, f"integer arithmetic on values beyond {_MAX_ARITH}")
+                fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+                out = fn(ins[0], ins[1])
             elif op == "Transpose":
                 perm = self.attr(node, attrs, "perm", list(range(x.ndim))[::-1], list)
                 out = np.transpose(x, perm)
