@@ -245,14 +245,15 @@ torch_cases = {
     "bn": (lambda nn: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6),
                                     nn.ReLU(), nn.Linear(6, 3)), (3, 16, 16)),
+    # padding that exporters write as Pad nodes: ZeroPad2d, AvgPool2d's (TorchScript opset < 11), a -inf
+    # ConstantPad2d before max pooling (how to_torch writes asymmetric padding), even-kernel 'same'
+    "pads": (lambda nn: nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(2, 4, 3), nn.ReLU(),
+                                      nn.AvgPool2d(3, stride=2, padding=1), nn.ConstantPad2d((1, 0, 1, 1), -float("inf")),
+                                      nn.MaxPool2d(2), nn.Conv2d(4, 3, 4, padding="same"), nn.Flatten()), (2, 9, 10)),
 }
 
 
-@pytest.mark.parametrize("fold", [True, False])  # False: BatchNormalization nodes kept, initializers as inputs
-@pytest.mark.parametrize("opset", [11, 17])
-@pytest.mark.parametrize("name", sorted(torch_cases))
-def test_torch_exported_models_match_torch(name, opset, fold):
-    torch = pytest.importorskip("torch")
+def torch_model(torch, name):
     factory, shape = torch_cases[name]
     torch.manual_seed(0)
     net_t = factory(torch.nn).eval()
@@ -260,6 +261,25 @@ def test_torch_exported_models_match_torch(name, opset, fold):
         if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             mod.running_mean.uniform_(-1, 1)
             mod.running_var.uniform_(0.5, 2)
+    return net_t, shape
+
+
+def check_against_torch(torch, data, net_t, shape):
+    net = load_onnx(data)
+    x = np.random.default_rng(5).uniform(-0.2, 1, size=(4, *shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = net_t(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert net.output_shape((4, *shape)) == ref.shape
+    return net
+
+
+@pytest.mark.parametrize("fold", [True, False])  # False: BatchNormalization nodes kept, initializers as inputs
+@pytest.mark.parametrize("opset", [7, 9, 11, 13, 17])  # 7, 9: AvgPool2d padding and ZeroPad2d as Pad attributes
+@pytest.mark.parametrize("name", sorted(torch_cases))
+def test_torch_exported_models_match_torch(name, opset, fold):
+    torch = pytest.importorskip("torch")
+    net_t, shape = torch_model(torch, name)
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -267,14 +287,55 @@ def test_torch_exported_models_match_torch(name, opset, fold):
             torch.onnx.export(net_t, torch.zeros(2, *shape), buf, dynamo=False, opset_version=opset,
                               do_constant_folding=fold, keep_initializers_as_inputs=not fold, input_names=["image"],
                               dynamic_axes={"image": {0: "batch"}})
-    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
+    except ImportError as exc:  # pragma: no cover - an exporter dependency is missing; any other error fails
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
-    net = load_onnx(buf.getvalue())
-    x = np.random.default_rng(5).uniform(size=(4, *shape)).astype(np.float32)
-    with torch.no_grad():
-        ref = net_t(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    assert net.output_shape((4, *shape)) == ref.shape
+    check_against_torch(torch, buf.getvalue(), net_t, shape)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("optimize", [True, False])  # False: BatchNormalization, Pad and shape arithmetic kept
+@pytest.mark.parametrize("name", sorted(torch_cases))
+def test_torch_dynamo_exported_models_match_torch(name, optimize, dynamic):
+    """torch's default exporter (``dynamo=True``, opset 18): AdaptiveAvgPool2d(1) as ReduceMean, flatten as a
+    Reshape (allowzero=1) whose target is computed from Shape(start, end) when not optimised, padding as Pad."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    net_t, shape = torch_model(torch, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(net_t, (torch.zeros(2, *shape),), dynamo=True, optimize=optimize,
+                                        verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
+    except ImportError as exc:  # pragma: no cover - an exporter dependency is missing; any other error fails
+        pytest.skip(f"torch.onnx.export(dynamo=True) unavailable: {exc}")
+    data = program.model_proto.SerializeToString()
+    ops = {n.op_type for n in onnx.load_model_from_string(data).graph.node}
+    if name == "bn":
+        assert "ReduceMean" in ops
+    if name == "pads":
+        assert "Pad" in ops  # the ZeroPad2d and -inf ConstantPad2d at least
+    net = check_against_torch(torch, data, net_t, shape)
+    if name == "pads":
+        assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "AvgPool2d", "MaxPool2d", "Conv2d", "Flatten"]
+        assert net[0].padding == (0, 1, 1, 2) and net[3].padding == (1, 1, 1, 0) and net[4].padding == (1, 2, 1, 2)
+
+
+def test_dynamo_export_of_even_kernel_same_conv_unoptimised_is_pad_then_conv():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(4)
+    net_t = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 4, padding="same"), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net_t, (torch.zeros(1, 2, 9, 9),), dynamo=True, optimize=False, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+    data = program.model_proto.SerializeToString()
+    ops = [n.op_type for n in onnx.load_model_from_string(data).graph.node]
+    assert ops.index("Pad") == ops.index("Conv") - 1  # torch pads the extra row/column itself
+    net = check_against_torch(torch, data, net_t, (2, 9, 9))
+    assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "Flatten"]
+    assert net[0].padding == (1, 2, 1, 2)
 
 
 @pytest.mark.parametrize("fold", [True, False])  # False: also Identity nodes aliasing constants
@@ -298,7 +359,7 @@ def test_torch_view_flatten_exports(dynamic, fold):
             warnings.simplefilter("ignore")
             torch.onnx.export(m, torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["x"],
                               dynamic_axes={"x": {0: "b"}} if dynamic else None, do_constant_folding=fold)
-    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable
+    except ImportError as exc:  # pragma: no cover - an exporter dependency is missing; any other error fails
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
     if dynamic:
         assert any(n.op_type == "Shape" for n in onnx.load_model_from_string(buf.getvalue()).graph.node)
