@@ -228,10 +228,14 @@ def test_format_errors():
 
 def test_load_dispatches_onnx_by_extension_and_content(tmp_path):
     m = model([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [init("W", w(3, 4))], ["N", 4])
-    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
-    (tmp_path / "m.bin").write_bytes(m.SerializeToString())
-    for name in ("m.onnx", "m.bin"):
+    for name in ("m.onnx", "m.bin", "m", "m.npz"):  # content wins over the extension
+        (tmp_path / name).write_bytes(m.SerializeToString())
         assert dt.load(tmp_path / name)[0].weight.shape == (3, 4)
+    m2 = model([helper.make_node("GlobalAveragePool", ["x"], ["y"])], [], ["N", 2, "H", "W"])
+    (tmp_path / "g.npz").write_bytes(m2.SerializeToString())
+    assert dt.load(tmp_path / "g.npz", input_shape=(2, 3, 5))[0].kernel_size == (3, 5)
+    with pytest.raises(dt.InputTypeError, match="unexpected keyword"):
+        dt.load(tmp_path / "m.onnx", shape=(4,))
 
 
 # ------------------------------------------------------------------------------------- torch export
