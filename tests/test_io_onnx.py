@@ -219,6 +219,8 @@ def test_format_errors():
     bad([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [ext], [1, 4], "external data",
         error=dt.ModelFormatError)
     bad([helper.make_node("Relu", ["x"], ["y"])], [], [1, 4], "opset 3", opset=3)
+    bad([helper.make_node("Conv", ["x", "W"], ["y"], strides=[0, 1], auto_pad="SAME_UPPER")], [init("W", w(1, 1, 3, 3))],
+        [1, 1, 5, 5], r"strides \[0, 1\].*must be positive", error=dt.ModelFormatError)
     bad([helper.make_node("Relu", ["nowhere"], ["y"])], [], [1, 4], "undefined tensor", error=dt.ModelFormatError)
     broken = numpy_helper.from_array(w(3, 4), "W")
     broken.dims[0] = 5
@@ -424,7 +426,7 @@ def pad_node(opset, pads, value=None, axes=None, mode=None, out="p", name="pad")
 
 @pytest.mark.parametrize(("opset", "pads", "value", "axes", "op", "kw"), [
     (9, [0, 0, 1, 2, 0, 0, 2, 0], None, None, "Conv", {"pads": [1, 0, 0, 1]}),
-    (9, [0, 0, 1, 1, 0, 0, 1, 1], 0.0, None, "AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2]}),
+    (9, [0, 0, 1, 1, 0, 0, 1, 1], 0, None, "AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2]}),  # int attr
     (9, [0, 0, 1, 0, 0, 0, 0, 1], -np.inf, None, "MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
     (13, [0, 0, 0, 0, 0, 0, 1, 1], 0.0, None, "Conv", {"pads": [1, 1, 1, 1]}),  # torch 'same', even kernel
     (13, [0, 0, 1, 0, 0, 0, 0, 0], None, None, "Conv", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),

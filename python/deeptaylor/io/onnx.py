@@ -724,6 +724,8 @@ class _Importer:
                 axes = [int(v) + 4 if int(v) < 0 else int(v) for v in a]
                 if sorted(set(axes)) != sorted(axes) or any(not 0 <= v < 4 for v in axes):
                     raise self.fmt(f"Pad node {node.name!r}: invalid axes {a.tolist()}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if not isinstance(value, float) or math.isnan(value):
             raise self.fmt(f"Pad node {node.name!r}: the constant value must be a number, got {value!r:.50}")
         ax = list(range(4)) if axes is None else axes
@@ -781,6 +783,8 @@ class _Importer:
             raise self.fmt(f"Conv node {node.name!r}: kernel_shape {ks} does not match the weight {W.shape}")
         s = self.attr(node, attrs, "strides", [1, 1], list, 2)
         d = self.attr(node, attrs, "dilations", [1, 1], list, 2)
+        if min(s) < 1 or min(d) < 1:
+            raise self.fmt(f"Conv node {node.name!r}: strides {s} / dilations {d} must be positive")
         pads = self.add_pad(node, self.pads(node, attrs, k, s, d))
         b = None
         if len(node.input) > 2 and node.input[2]:
