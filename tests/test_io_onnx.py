@@ -151,7 +151,8 @@ def test_reduce_mean_other_axes_refused(attrs, axes, shape, match):
 
 
 def test_reduce_mean_with_empty_axes_and_noop_is_the_identity():
-    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], noop_with_empty_axes=1), helper.make_node("Relu", ["m"], ["y"])]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], noop_with_empty_axes=1),
+             helper.make_node("Relu", ["m"], ["y"])]
     net = check_against_reference(model(nodes, [], [2, 5], opset=18), RNG.normal(size=(2, 5)))
     assert [layer.kind for layer in net] == ["ReLU"]
 
@@ -219,8 +220,8 @@ def test_format_errors():
     bad([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [ext], [1, 4], "external data",
         error=dt.ModelFormatError)
     bad([helper.make_node("Relu", ["x"], ["y"])], [], [1, 4], "opset 3", opset=3)
-    bad([helper.make_node("Conv", ["x", "W"], ["y"], strides=[0, 1], auto_pad="SAME_UPPER")], [init("W", w(1, 1, 3, 3))],
-        [1, 1, 5, 5], r"strides \[0, 1\].*must be positive", error=dt.ModelFormatError)
+    bad([helper.make_node("Conv", ["x", "W"], ["y"], strides=[0, 1], auto_pad="SAME_UPPER")],
+        [init("W", w(1, 1, 3, 3))], [1, 1, 5, 5], r"strides \[0, 1\].*must be positive", error=dt.ModelFormatError)
     bad([helper.make_node("Relu", ["nowhere"], ["y"])], [], [1, 4], "undefined tensor", error=dt.ModelFormatError)
     broken = numpy_helper.from_array(w(3, 4), "W")
     broken.dims[0] = 5
@@ -254,7 +255,8 @@ torch_cases = {
     # padding that exporters write as Pad nodes: ZeroPad2d, AvgPool2d's (TorchScript opset < 11), a -inf
     # ConstantPad2d before max pooling (how to_torch writes asymmetric padding), even-kernel 'same'
     "pads": (lambda nn: nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(2, 4, 3), nn.ReLU(),
-                                      nn.AvgPool2d(3, stride=2, padding=1), nn.ConstantPad2d((1, 0, 1, 1), -float("inf")),
+                                      nn.AvgPool2d(3, stride=2, padding=1),
+                                      nn.ConstantPad2d((1, 0, 1, 1), -float("inf")),
                                       nn.MaxPool2d(2), nn.Conv2d(4, 3, 4, padding="same"), nn.Flatten()), (2, 9, 10)),
 }
 
@@ -324,7 +326,7 @@ def test_torch_dynamo_exported_models_match_torch(name, optimize, dynamic):
     net = check_against_torch(torch, data, net_t, shape)
     if name == "pads":
         assert [layer.kind for layer in net] == ["Conv2d", "ReLU", "AvgPool2d", "MaxPool2d", "Conv2d", "Flatten"]
-        assert net[0].padding == (0, 1, 1, 2) and net[3].padding == (1, 1, 1, 0) and net[4].padding == (1, 2, 1, 2)
+        assert [net[i].padding for i in (0, 3, 4)] == [(0, 1, 1, 2), (1, 1, 1, 0), (1, 2, 1, 2)]
 
 
 def test_dynamo_export_of_even_kernel_same_conv_unoptimised_is_pad_then_conv():
@@ -491,7 +493,8 @@ def test_consecutive_pads_add_up():
 def test_infinite_scalars_only_as_pad_values():
     """Initializers may hold a -inf scalar (a Pad value); an infinite weight or bias is still an error."""
     for nodes, inits in [([helper.make_node("Gemm", ["x", "W"], ["y"])], [init("W", [[np.inf]])]),
-                         ([helper.make_node("Gemm", ["x", "W", "b"], ["y"])], [init("W", [[1.0]]), init("b", [np.inf])]),
+                         ([helper.make_node("Gemm", ["x", "W", "b"], ["y"])],
+                          [init("W", [[1.0]]), init("b", [np.inf])]),
                          ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
                           [init("W", [[1.0]]), init("b", -np.inf)])]:
         bad(nodes, inits, [1, 1], "contains NaN or Inf", error=dt.ModelFormatError)

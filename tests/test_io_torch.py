@@ -176,7 +176,8 @@ class _Called(nn.ReLU):
 
 
 @pytest.mark.parametrize(("model", "shape", "match"), [
-    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TwiceLinear(4, 2)), (4,), r"'2' of type _TwiceLinear.*nn\.Linear.*forward"),
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TwiceLinear(4, 2)), (4,),
+     r"'2' of type _TwiceLinear.*nn\.Linear.*forward"),
     (nn.Sequential(nn.Linear(4, 4), _LeakyReLU()), (4,), r"'1' of type _LeakyReLU.*nn\.ReLU"),
     (nn.Sequential(nn.Linear(4, 4), _McDropout(0.5)), (4,), r"'1' of type _McDropout.*nn\.Dropout"),
     (nn.Sequential(nn.Linear(4, 4), _Reversed(nn.Linear(4, 3), nn.ReLU())), (4,), r"'1' of type _Reversed.*Sequential"),

@@ -56,8 +56,8 @@ SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu
                  "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
                  "GlobalAveragePool", "ReduceMean (over axes 2, 3)", "Flatten", "Reshape (to 2-D)",
                  "BatchNormalization (folded)", "Dropout", "Identity", "Constant",
-                 "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape/Add/Sub/Mul "
-                 "(integer shape arithmetic on constants)")
+                 ("Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape/Add/Sub/Mul "
+                  "(integer shape arithmetic on constants)"))
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
 # evaluated on constants (shape arithmetic)
@@ -709,7 +709,8 @@ class _Importer:
                 raise self.fmt(f"Pad node {node.name!r} needs the pads input")
             t = self.const(node, node.input[1], "pads")
             if t.dtype.kind != "i" or t.ndim != 1 or t.size > 8 or np.any(np.abs(t) > _MAX_SIZE):
-                raise self.unsupported(node, f"pads must be a constant 1-D int64 tensor of sizes, got {t.tolist()!r:.100}")
+                raise self.unsupported(node, f"pads must be a constant 1-D int64 tensor of sizes, got "
+                                             f"{t.tolist()!r:.100}")
             pads = [int(v) for v in t]
             if len(node.input) > 2 and node.input[2]:
                 c = self.const(node, node.input[2], "constant_value")

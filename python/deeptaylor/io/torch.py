@@ -8,6 +8,7 @@ Torch is imported only when these functions are called.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -119,7 +120,7 @@ def _adaptive_window(size: int, out: int) -> tuple[int, int] | None:
     starts = [i * size // out for i in range(out)]
     ends = [-(-(i + 1) * size // out) for i in range(out)]
     kernels = {e - b for b, e in zip(starts, ends, strict=True)}
-    strides = {b1 - b0 for b0, b1 in zip(starts, starts[1:], strict=False)}
+    strides = {b1 - b0 for b0, b1 in itertools.pairwise(starts)}
     if len(kernels) != 1 or len(strides) > 1:
         return None
     k = kernels.pop()
