@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -199,6 +200,14 @@ def test_load_dispatch_errors(tmp_path, rng):
         dt.save("not a net", tmp_path / "x.npz")
 
 
+def test_load_keyword_arguments_are_library_errors(tmp_path, rng):
+    dt.save(classifier(rng), tmp_path / "x.npz", input_shape=(1, 8, 8))
+    for kwargs, match in (({"input_shape": (1, 8, 8)}, "native deeptaylor .npz model.*input shape is stored"),
+                          ({"inputshape": (1, 8, 8)}, r"unexpected keyword arguments \['inputshape'\]")):
+        with pytest.raises(dt.InputTypeError, match=match):  # also a TypeError, as before
+            dt.load(tmp_path / "x.npz", **kwargs)
+
+
 def _mutations(data: bytes, seed: int, count: int):
     rng = np.random.default_rng(seed)
     for _ in range(count):
@@ -231,18 +240,59 @@ def test_fuzz_mutated_npz_raises_only_model_format_error(rng):
     assert loaded < 250  # the mutations do break files
 
 
+def _json_mutations(meta, seed: int, count: int):
+    """Valid JSON, wrong content: one value of the description replaced, deleted or duplicated."""
+    rng = np.random.default_rng(seed)
+    values = [None, True, False, -1, 0, 1, 3, 2 ** 40, 1.5, float("nan"), "x", "Dense", [], [1], [2, 2],
+              [1, 1, 1, 1], [-1, 0, 0, 0], {}, {"kind": "ReLU", "params": {}}, {"kind": "Dense"}]
+
+    def slots(node, out):
+        """(container, key) of every value below ``node``."""
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for k, v in items:
+            out.append((node, k))
+            slots(v, out)
+        return out
+
+    for _ in range(count):
+        m = json.loads(json.dumps(meta))
+        where = slots(m, [])
+        parent, key = where[int(rng.integers(len(where)))]
+        action = rng.integers(3)
+        if action == 0:
+            parent[key] = values[int(rng.integers(len(values)))]
+        elif action == 1:
+            del parent[key]
+        elif isinstance(parent, list):
+            parent.insert(key, parent[key])
+        else:
+            parent[f"{key}_extra"] = parent[key]
+        yield json.dumps(m).encode()
+
+
 def test_fuzz_crafted_json_mutations(rng):
-    """Mutate the JSON description itself (zip and CRCs intact) so the validation code is reached."""
-    meta = json.dumps({"format": "deeptaylor.model", "version": 1, "input_shape": [1, 8, 8], "layers": [
+    """Mutate the JSON description itself (zip and CRCs intact): bytes (mostly undecodable JSON), then the
+    parsed values (valid JSON), so the validation code is reached. Every outcome is a network or a
+    ModelFormatError, and most mutations must be rejected, for several different reasons."""
+    desc = {"format": "deeptaylor.model", "version": 1, "input_shape": [1, 8, 8], "layers": [
         {"kind": "Conv2d", "params": {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1]}},
         {"kind": "ReLU", "params": {}}, {"kind": "MaxPool2d", "params": {"kernel_size": [2, 2], "stride": [2, 2],
                                                                        "padding": [0, 0, 0, 0]}},
-        {"kind": "Flatten", "params": {}}, {"kind": "Dense", "params": {}}]}).encode()
+        {"kind": "Flatten", "params": {}}, {"kind": "Dense", "params": {}}]}
+    meta = json.dumps(desc).encode()
     arrays = {"layer0.weight": rng.normal(size=(3, 1, 3, 3)), "layer0.bias": np.zeros(3),
               "layer4.weight": rng.normal(size=(2, 48)), "layer4.bias": np.zeros(2)}
     assert len(load_npz(craft(None, arrays, raw_meta=meta))) == 5
-    for mutated in _mutations(meta, seed=7, count=150):
-        try:
-            load_npz(craft(None, arrays, raw_meta=mutated))
-        except dt.DeepTaylorError:
-            pass
+    for mutations, count, min_reasons in ((_mutations(meta, seed=7, count=150), 150, 3),
+                                          (_json_mutations(desc, seed=8, count=300), 300, 20)):
+        rejected, reasons = 0, set()
+        for mutated in mutations:
+            try:
+                net = load_npz(craft(None, arrays, raw_meta=mutated))
+            except dt.ModelFormatError as exc:  # the loader's error for bad files, nothing else
+                rejected += 1
+                reasons.add(re.sub(r"[0-9]+", "#", str(exc))[:60])  # the reason, numbers aside
+                continue
+            assert isinstance(net, dt.Sequential)
+        assert rejected >= 0.8 * count, (rejected, count)
+        assert len(reasons) >= min_reasons, sorted(reasons)

@@ -47,6 +47,11 @@ def bn_model():
 
 
 CASES = {"lenet": (lenet, (1, 28, 28)), "mlp": (mlp, (1, 28, 28)), "bn": (bn_model, (3, 16, 16))}
+KINDS = {  # Dropout/Identity dropped, BatchNorm folded into the layer before it
+    "lenet": ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Dense", "ReLU", "Dense"],
+    "mlp": ["Flatten", "Dense", "ReLU", "Dense", "ReLU", "Dense"],
+    "bn": ["Conv2d", "ReLU", "Conv2d", "ReLU", "AvgPool2d", "AvgPool2d", "Flatten", "Dense", "ReLU", "Dense"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -62,7 +67,7 @@ def test_forward_matches_torch(name):
     ours = net.forward(x)
     np.testing.assert_allclose(ours, y64, rtol=1e-9, atol=1e-9 * np.abs(y64).max())  # folding is exact maths
     np.testing.assert_allclose(ours, y32, rtol=1e-5, atol=1e-5 * np.abs(y32).max())
-    assert not any(type(layer).__name__ == "BatchNorm" for layer in net)
+    assert [layer.kind for layer in net] == KINDS[name]
 
 
 def test_conv_options():
@@ -105,6 +110,124 @@ def test_input_shape_forms_and_default():
 def test_unsupported_modules_name_path_and_type(model, match):
     with pytest.raises(dt.UnsupportedError, match=match):
         dt.from_torch(model, (2, 8, 8))
+
+
+@pytest.mark.parametrize(("in_hw", "out_size", "kernel", "stride"), [
+    ((7, 7), 3, (3, 3), (2, 2)),            # windows [0,3) [2,5) [4,7)
+    ((10, 10), 3, (4, 4), (3, 3)),          # windows [0,4) [3,7) [6,10)
+    ((7, 10), (3, 3), (3, 4), (2, 3)),
+    ((8, 6), (2, None), (4, 1), (4, 1)),    # None keeps the size: kernel 1
+    ((9, 5), (4, 1), (3, 5), (2, 5)),       # windows [0,3) [2,5) [4,7) [6,9); a single window across W
+    ((6, 6), 6, (1, 1), (1, 1)),
+])
+def test_adaptive_avg_pool_fixed_windows_match_torch(in_hw, out_size, kernel, stride):
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size), nn.Flatten()).double()
+    net = dt.from_torch(model, (2, *in_hw))
+    assert (net[0].kernel_size, net[0].stride, net[0].padding) == (kernel, stride, (0, 0, 0, 0))
+    x = np.random.default_rng(6).normal(size=(3, 2, *in_hw))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("in_hw", "out_size"), [((5, 5), 3), ((8, 8), (2, 3)), ((2, 2), 3), ((4, 4), 8)])
+def test_adaptive_avg_pool_uneven_windows_are_refused(in_hw, out_size):
+    # 5 -> 3: windows [0,2) [1,4) [3,5) of sizes 2, 3, 2; 8 -> 3: sizes 3, 4, 3; 2 -> 3 / 4 -> 8: strides 0 and 1
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size))
+    with pytest.raises(dt.UnsupportedError, match=r"'0' of type AdaptiveAvgPool2d.*different sizes or strides"):
+        dt.from_torch(model, (1, *in_hw))
+
+
+class _TwiceLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _LeakyReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.nn.functional.leaky_relu(x, 0.1)
+
+
+class _McDropout(nn.Dropout):  # "Monte-Carlo dropout": active in eval mode too
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, self.p, training=True)
+
+
+class _Reversed(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _ScaledConv(nn.Conv2d):  # overrides the helper that the stock forward calls
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _Called(nn.ReLU):
+    def __call__(self, x):
+        return -super().__call__(x)
+
+
+@pytest.mark.parametrize(("model", "shape", "match"), [
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TwiceLinear(4, 2)), (4,),
+     r"'2' of type _TwiceLinear.*nn\.Linear.*forward"),
+    (nn.Sequential(nn.Linear(4, 4), _LeakyReLU()), (4,), r"'1' of type _LeakyReLU.*nn\.ReLU"),
+    (nn.Sequential(nn.Linear(4, 4), _McDropout(0.5)), (4,), r"'1' of type _McDropout.*nn\.Dropout"),
+    (nn.Sequential(nn.Linear(4, 4), _Reversed(nn.Linear(4, 3), nn.ReLU())), (4,), r"'1' of type _Reversed.*Sequential"),
+    (nn.Sequential(nn.Sequential(nn.Linear(4, 4), _Residual(nn.ReLU(), nn.Linear(4, 4)))), (4,),
+     r"'0\.1' of type _Residual"),
+    (nn.Sequential(_ScaledConv(1, 2, 3), nn.ReLU()), (1, 6, 6), r"'0' of type _ScaledConv.*_conv_forward"),
+    (nn.Sequential(nn.Linear(4, 4), _Called()), (4,), r"'1' of type _Called.*__call__"),
+    (_TwiceLinear(4, 2), (4,), r"'_TwiceLinear' of type _TwiceLinear"),
+    (_Residual(nn.Linear(4, 4)), (4,), r"_Residual is a custom module"),
+])
+def test_subclasses_overriding_forward_are_refused(model, shape, match):
+    """A subclass of a supported class with its own forward computes something else: refuse it rather
+    than import the stock layer (which would give silently wrong outputs)."""
+    with pytest.raises(dt.UnsupportedError, match=match):
+        dt.from_torch(model, shape)
+
+
+def test_subclasses_keeping_the_stock_forward_are_accepted():
+    class Block(nn.Sequential):
+        pass
+
+    class MyLinear(nn.Linear):
+        def extra_repr(self):
+            return "mine"
+
+    model = Block(MyLinear(5, 4), nn.ReLU(), Block(MyLinear(4, 3))).double().eval()
+    net = dt.from_torch(model, (5,))
+    assert [layer.kind for layer in net] == ["Dense", "ReLU", "Dense"]
+    x = np.random.default_rng(8).normal(size=(3, 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["negative", "nan"])
+def test_batchnorm_bad_running_var_names_the_module(bad):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Sequential(nn.BatchNorm2d(3)), nn.ReLU())
+    with torch.no_grad():
+        model[1][0].running_var.copy_(torch.tensor([1.0, -0.5 if bad == "negative" else float("nan"), 1.0]))
+    match = r"module '1\.0' \(BatchNorm2d\): running_var" + (r" \+ eps must be positive.*channel 1" if bad == "negative"
+                                                           else " contains NaN")
+    with pytest.raises(dt.InputError, match=match):  # and no RuntimeWarning (warnings are errors in the tests)
+        dt.from_torch(model, (1, 6, 6))
+
+
+def test_nan_weights_name_the_module():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(dt.InputError, match=r"module '2' \(Linear\): Dense: weight contains NaN or Inf"):
+        dt.from_torch(model)
 
 
 def test_ceil_mode_accepted_when_size_unchanged():

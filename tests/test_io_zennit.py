@@ -123,7 +123,7 @@ def _import(model, shape, importer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model.float(), torch.zeros(1, *shape), buf, dynamo=False, do_constant_folding=False)
-    except Exception as exc:  # noqa: BLE001  # pragma: no cover - exporter unavailable in this torch build
+    except ImportError as exc:  # pragma: no cover - an exporter dependency is missing; any other error fails
         pytest.skip(f"torch.onnx.export unavailable: {exc}")
     finally:
         model.double()
@@ -151,12 +151,10 @@ def test_heatmaps_match_zennit(name, recipe, importer, backend):
     assert np.abs(ref).max() > 0
     if backend == "numpy":
         res = dt.Explainer(net, _ours(recipe), backend="numpy").explain(x)
-    else:
-        try:
-            ex = dt.Explainer(net, _ours(recipe), backend="cpu")
-        except dt.UnsupportedError as exc:
-            pytest.skip(f"cpu backend: {exc}")
-        res = ex.explain(x.astype(np.float32))
+    else:  # the C++ engine supports every layer and rule of these models: an UnsupportedError is a failure
+        if "cpu" not in dt.available_backends():  # pragma: no cover - only where the C++ core is not built
+            pytest.skip("the cpu backend (C++ core) is not built")
+        res = dt.Explainer(net, _ours(recipe), backend="cpu").explain(x.astype(np.float32))
     assert _maxnorm_diff(res.relevance.astype(np.float64), ref) <= 1e-4, (name, recipe, importer, backend)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import ModelFormatError
+from ..errors import InputTypeError, ModelFormatError
 from .npz import load_npz, save_npz
 
 __all__ = ["from_torch", "load", "load_npz", "load_onnx", "save", "save_npz", "to_torch"]
@@ -35,8 +35,9 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Load a network from ``path``: a deeptaylor ``.npz`` or (with the ``onnx`` extra) an ONNX model.
 
     The format is chosen by content (a zip archive is a native ``.npz``; a protobuf starting with
-    ``ir_version`` is ONNX), then by extension (``.npz``, ``.onnx``). Keyword arguments go to the
-    ONNX importer (:func:`deeptaylor.io.onnx.load_onnx`, e.g. ``input_shape``).
+    ``ir_version`` is ONNX), whatever the extension, and only then by extension (``.npz``, ``.onnx``).
+    The keyword argument ``input_shape`` goes to the ONNX importer (:func:`deeptaylor.io.onnx.load_onnx`);
+    a native model stores its own.
 
     Returns
     -------
@@ -47,7 +48,13 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     ModelFormatError
         For missing, unreadable, corrupt or unknown files (an ONNX graph deeptaylor cannot represent
         raises :class:`~deeptaylor.errors.UnsupportedError`).
+    InputTypeError
+        For keyword arguments other than ``input_shape``, or any keyword argument for a native model.
     """
+    unknown = sorted(set(kwargs) - {"input_shape"})
+    if unknown:
+        raise InputTypeError(f"load: unexpected keyword arguments {unknown}; the only one is input_shape (for "
+                             "ONNX models)")
     p = os.fspath(path)
     try:
         with open(p, "rb") as fh:
@@ -57,9 +64,11 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     ext = os.path.splitext(p)[1].lower()
     if head.startswith(b"PK"):
         if kwargs:
-            raise TypeError(f"load: unexpected keyword arguments {sorted(kwargs)} for a native .npz model")
+            raise InputTypeError(f"load: {p!r} is a native deeptaylor .npz model, which takes no keyword arguments "
+                                 f"(got {sorted(kwargs)}): its input shape is stored in the file "
+                                 "(dt.save(net, path, input_shape=...)); input_shape applies to ONNX models only")
         return load_npz(p)
-    if ext == ".onnx" or (ext != ".npz" and _looks_like_onnx(head)):
+    if _looks_like_onnx(head) or ext == ".onnx":  # content wins over the extension, as for zip archives
         return load_onnx(p, **kwargs)
     if ext == ".npz":
         raise ModelFormatError(f"{p!r} is not a valid .npz archive (corrupt or truncated)")

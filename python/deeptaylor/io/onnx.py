@@ -17,14 +17,20 @@ Relu                        ReLU
 MaxPool                     MaxPool2d (``dilations = 1``; no Indices output; ``ceil_mode`` only where
                             it gives the floor size)
 AveragePool                 AvgPool2d (``count_include_pad = 0`` only without padding)
+Pad                         folded into the following Conv / AveragePool (value 0) or MaxPool (value
+                            -inf); constant mode, spatial axes only
 GlobalAveragePool           AvgPool2d over the whole map (needs static H, W)
+ReduceMean                  the same, for the mean over axes (2, 3) (``keepdims = 0``: then a Flatten)
 Flatten / Reshape           Flatten, when it flattens to ``(N, -1)`` (``axis = 1``; shape ``(0, -1)``,
                             ``(N, -1)``, ``(-1, F)`` or ``(N, F)``)
 BatchNormalization          folded into the preceding Conv / Gemm / MatMul
 Dropout, Identity           dropped
 Constant                    a constant (initializers are read from ``graph.initializer`` too)
-Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``)
-Squeeze, Concat, Cast
+Shape, Gather, Unsqueeze,   evaluated on constants (the shape arithmetic of ``x.view(x.size(0), -1)``
+Squeeze, Concat, Cast,      and of exported padding); ``Shape`` of the chain tensor gives the batch
+Reshape, Slice, Transpose,  size as a marker that only a flattening ``Reshape`` may use
+ConstantOfShape, Shape,
+Add, Sub, Mul
 ==========================  ====================================================================
 
 The graph must have one input, one output, and be a single chain: every operator takes the previous
@@ -47,11 +53,23 @@ from ..network import Sequential
 __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add (bias after MatMul/Conv)", "Conv", "Relu", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "Flatten", "Reshape (to 2-D)", "BatchNormalization (folded)", "Dropout",
-                 "Identity", "Constant", "Shape/Gather/Unsqueeze/Squeeze/Concat/Cast (shape arithmetic)")
+                 "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
+                 "GlobalAveragePool", "ReduceMean (over axes 2, 3)", "Flatten", "Reshape (to 2-D)",
+                 "BatchNormalization (folded)", "Dropout", "Identity", "Constant",
+                 ("Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape/Add/Sub/Mul "
+                  "(integer shape arithmetic on constants)"))
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
-_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast")  # evaluated on constants (shape arithmetic)
+# evaluated on constants (shape arithmetic)
+_FOLDABLE = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Transpose", "ConstantOfShape",
+             "Shape", "Add", "Sub", "Mul")
+_MAX_ARITH = 1 << 31  # Add/Sub/Mul are evaluated on values up to this size only (no int64 overflow)
+_PAD_USERS = ("Conv", "AveragePool", "MaxPool")  # ops a preceding constant Pad is folded into
+_MAX_FOLD = 64  # elements of a tensor that shape arithmetic may take or make
+# What ``Shape`` of the chain tensor gives for the batch size, which is not known at import: a value no
+# real size and no Reshape/Slice code (-1, 0, INT64_MIN/MAX) takes, so wherever it ends up (Reshape's
+# target: the batch; anywhere else: an error) it cannot be mistaken for a number.
+_BATCH = -(1 << 60) - 12345
 _MAX_SIZE = 1 << 24  # kernel sizes, strides, pads, dilations beyond this are treated as corrupt
 
 
@@ -125,12 +143,13 @@ class _Importer:
         self.where = where
         self.user_shape = input_shape
         self.consts: dict[str, np.ndarray] = {}
-        self.symbolic: set[str] = set()  # constants derived from Shape(chain): entry 0 stands for the batch
         self.layers: list[Layer] = []
         self.foldable = False  # the last layer is linear and nothing came after it (bias / BatchNorm fold)
         self.rank = 0
         self.shape: tuple[int, ...] | None = None  # full shape with batch 1, when every per-sample dim is known
         self.batch: int | None = None  # the declared static batch size, if any
+        # a Pad node waiting to be folded into the next Conv/AveragePool/MaxPool: (node, (t, b, l, r), value)
+        self.pad: tuple[Any, tuple[int, int, int, int], float] | None = None
 
     # ------------------------------------------------------------------------------------------ errors
 
@@ -164,7 +183,8 @@ class _Importer:
         if arr.dtype.kind == "f":
             with np.errstate(all="ignore"):  # NaN/Inf are reported below, not warned about
                 arr = arr.astype(np.float64)
-            if not np.all(np.isfinite(arr)):
+            # a scalar may be infinite (a Pad's -inf value before MaxPool); weights and biases are checked on use
+            if np.any(np.isnan(arr)) or (arr.size != 1 and not np.all(np.isfinite(arr))):
                 raise self.fmt(f"{what} {t.name!r} contains NaN or Inf")
         else:
             arr = arr.astype(np.int64)
@@ -260,8 +280,6 @@ class _Importer:
                 if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
                     raise self.fmt(f"Identity node {node.name!r} must have one new output")
                 self.consts[node.output[0]] = self.consts[node.input[0]]  # exporters alias weights this way
-                if node.input[0] in self.symbolic:
-                    self.symbolic.add(node.output[0])
                 continue
             if node.op_type in _FOLDABLE and node.input and all(i in self.consts for i in node.input if i):
                 self.fold(node)
@@ -277,8 +295,14 @@ class _Importer:
                 raise self.unsupported(node)
             if not node.output or not node.output[0]:
                 raise self.fmt(f"node {node.name!r} ({node.op_type}) has no output")
+            if self.pad is not None and node.op_type not in _PAD_USERS + ("Pad", "Identity", "Dropout"):
+                raise self.unsupported(self.pad[0], f"a Pad is folded into a directly following Conv, AveragePool "
+                                                    f"or MaxPool, not into {node.op_type} ({node.name!r})")
             handler(node, self.attrs(node))
             cur = node.output[0]
+        if self.pad is not None:
+            raise self.unsupported(self.pad[0], "a Pad at the end of the graph (it is folded into a following Conv, "
+                                                "AveragePool or MaxPool)")
         if graph.output[0].name != cur:
             raise UnsupportedError(f"{self.where}: the graph's output {graph.output[0].name!r} is not the end of "
                                    f"the chain ({cur!r})")
@@ -394,11 +418,20 @@ class _Importer:
                 raise self.fmt(f"the graph declares output shape {self.show(declared)} but its layers give "
                                f"(N, {', '.join(map(str, out[1:]))}) for input {self.show(self.input_dims)}")
 
+    def cur_shape(self) -> tuple[int, ...] | None:
+        """The chain tensor's shape (batch 1), with a pending Pad applied."""
+        if self.shape is None or self.pad is None:
+            return self.shape
+        t, b, lft, r = self.pad[1]
+        n, c, h, w = self.shape
+        return (n, c, h + t + b, w + lft + r)
+
     def need_shape(self, node: Any, why: str) -> tuple[int, ...]:
-        if self.shape is None:
+        shape = self.cur_shape()
+        if shape is None:
             raise self.unsupported(node, f"{why} needs the input's spatial size; the graph declares none, pass "
                                          "input_shape=(C, H, W)")
-        return self.shape
+        return shape
 
     def add(self, node: Any, layer: Layer) -> None:
         if self.shape is not None:
@@ -440,52 +473,125 @@ class _Importer:
 
     def shape_of(self, node: Any) -> None:
         """``Shape`` of the chain tensor (``x.size()`` in a traced ``x.view(x.size(0), -1)``): the per-sample
-        sizes, with 0 in place of the batch, which a following ``Reshape`` reads as "copy the batch"."""
-        if self.shape is None:
-            raise self.unsupported(node, "Shape of a tensor whose size is not static; pass input_shape")
+        sizes, with the marker ``_BATCH`` in place of the batch size, which a ``Reshape`` target may hold
+        in its first entry only ("the batch"). ``start``/``end`` (opset 15) slice it."""
         if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
             raise self.fmt(f"Shape node {node.name!r} must have one new output")
         attrs = self.attrs(node)
-        if "start" in attrs or "end" in attrs:
-            raise self.unsupported(node, "Shape with start/end")
-        self.consts[node.output[0]] = np.array([0, *self.shape[1:]], dtype=np.int64)
-        self.symbolic.add(node.output[0])
+        shape = self.cur_shape()
+        dims: list[int | None] = [_BATCH, *shape[1:]] if shape is not None else [_BATCH] + [None] * (self.rank - 1)
+        r = len(dims)
+        start = self.attr(node, attrs, "start", 0, int)
+        end = self.attr(node, attrs, "end", r, int)
+        start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
+        picked = dims[start:end]
+        if any(d is None for d in picked):
+            raise self.unsupported(node, "Shape of a tensor whose size is not static; pass input_shape")
+        self.consts[node.output[0]] = np.array(picked, dtype=np.int64)
 
     def fold(self, node: Any) -> None:
-        """Evaluate a shape-arithmetic op whose inputs are all constants (int64 tensors)."""
-        ins = [self.consts[i] for i in node.input if i]
+        """Evaluate a shape-arithmetic op whose inputs are all constants (small int64 tensors)."""
+        ins = [self.consts[i] if i else None for i in node.input]  # positional: optional inputs may be ''
         attrs = self.attrs(node)
-        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
-            raise self.fmt(f"node {node.name!r} ({node.op_type}) must have one new output")
-        if any(a.dtype.kind != "i" or a.size > 64 for a in ins):
-            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
         op = node.op_type
+        if len(node.output) != 1 or not node.output[0] or node.output[0] in self.consts:
+            raise self.fmt(f"node {node.name!r} ({op}) must have one new output")
+        if op == "Shape":  # of a constant (TorchScript without constant folding takes it of its own constants)
+            if len(ins) != 1 or ins[0] is None:
+                raise self.fmt(f"Shape node {node.name!r} needs one input")
+            dims, r = list(ins[0].shape), ins[0].ndim
+            start, end = self.attr(node, attrs, "start", 0, int), self.attr(node, attrs, "end", r, int)
+            start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
+            self.consts[node.output[0]] = np.array(dims[start:end], dtype=np.int64)
+            return
+        if any(a is not None and (a.dtype.kind != "i" or a.size > _MAX_FOLD) for a in ins):
+            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
+        # the inputs that say how to compute (indices, axes, target shapes), as opposed to the data moved
+        params = ins if op in ("ConstantOfShape", "Add", "Sub", "Mul") else [] if op == "Concat" else ins[1:]
+        if any(a is not None and np.any(a == _BATCH) for a in params):
+            raise self.unsupported(node, "its indices/axes/shape depend on the batch size")
+
+        def ints(name: str, i: int | None = None) -> list[int] | None:
+            """Optional int list: input ``i`` (newer opsets) or attribute ``name`` (older ones)."""
+            if i is not None and i < len(ins) and ins[i] is not None:
+                return [int(v) for v in ins[i].reshape(-1)]  # type: ignore[union-attr]
+            v = attrs.get(name)
+            if v is None:
+                return None
+            if not isinstance(v, list) or not all(isinstance(a, int) for a in v):
+                raise self.fmt(f"node {node.name!r} ({op}): attribute {name} must be ints, got {v!r:.100}")
+            return v
+
         try:
+            x = ins[0]
+            if x is None:
+                raise ValueError("the first input is missing")
             if op == "Gather":
-                out = np.take(ins[0], ins[1], axis=self.attr(node, attrs, "axis", 0, int))
-            elif op in ("Unsqueeze", "Squeeze"):
-                axes = ins[1].tolist() if len(ins) > 1 else attrs.get("axes")
-                if op == "Unsqueeze":
-                    out = ins[0]
-                    for ax in sorted(int(a) for a in (axes or [])):
-                        out = np.expand_dims(out, ax)
-                else:
-                    out = np.squeeze(ins[0], axis=None if axes is None else tuple(int(a) for a in axes))
+                out = np.take(x, ins[1], axis=self.attr(node, attrs, "axis", 0, int))
+            elif op == "Unsqueeze":
+                out = x
+                for ax in sorted(int(a) for a in (ints("axes", 1) or [])):
+                    out = np.expand_dims(out, ax)
+            elif op == "Squeeze":
+                axes = ints("axes", 1)
+                out = np.squeeze(x, axis=None if axes is None else tuple(axes))
             elif op == "Concat":
-                out = np.concatenate(ins, axis=self.attr(node, attrs, "axis", 0, int))
+                if any(a is None for a in ins):
+                    raise ValueError("an input is missing")
+                out = np.concatenate(ins, axis=self.attr(node, attrs, "axis", 0, int))  # type: ignore[arg-type]
+            elif op == "Reshape":
+                target = ints("shape", 1)
+                if target is None:
+                    raise ValueError("no target shape")
+                copy = not self.attr(node, attrs, "allowzero", 0, int)
+                target = [x.shape[i] if v == 0 and copy and i < x.ndim else v for i, v in enumerate(target)]
+                out = x.reshape(target)
+            elif op == "Slice":
+                starts, ends = ints("starts", 1), ints("ends", 2)
+                if starts is None or ends is None or len(starts) != len(ends):
+                    raise ValueError("starts and ends must be given, of one length")
+                axes = ints("axes", 3) or list(range(len(starts)))
+                steps = ints("steps", 4) or [1] * len(starts)
+                if len(axes) != len(starts) or len(steps) != len(starts) or 0 in steps:
+                    raise ValueError(f"axes {axes} / steps {steps} do not fit starts {starts}")
+                index = [slice(None)] * x.ndim
+                for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
+                    index[a] = slice(b, e, st)  # Python's slice clamping is ONNX's
+                out = x[tuple(index)]
+            elif op in ("Add", "Sub", "Mul"):
+                if len(ins) != 2 or ins[1] is None:
+                    raise ValueError("needs two inputs")
+                if any(np.any(np.abs(a) > _MAX_ARITH) for a in ins):  # type: ignore[arg-type]
+                    raise self.unsupported(node, f"integer arithmetic on values beyond {_MAX_ARITH}")
+                fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+                out = fn(ins[0], ins[1])
+            elif op == "Transpose":
+                perm = self.attr(node, attrs, "perm", list(range(x.ndim))[::-1], list)
+                out = np.transpose(x, perm)
+            elif op == "ConstantOfShape":
+                value = attrs.get("value")
+                if value is not None and not isinstance(value, self.onnx.TensorProto):
+                    raise self.fmt(f"ConstantOfShape node {node.name!r}: attribute value must be a tensor")
+                fill = np.zeros(1, np.float32) if value is None else self.tensor(value, "ConstantOfShape value")
+                if fill.dtype.kind != "i" or fill.size != 1:
+                    raise self.unsupported(node, "only an integer value is evaluated (shape arithmetic)")
+                dims = [int(v) for v in x.reshape(-1)]
+                if x.ndim != 1 or min(dims, default=0) < 0 or math.prod(dims) > _MAX_FOLD:
+                    raise ValueError(f"shape {dims} is not a small non-negative shape")
+                out = np.full(dims, fill.reshape(-1)[0], dtype=np.int64)
             else:  # Cast: shape values stay integers
-                out = ins[0]
+                out = x
         except (ValueError, IndexError, TypeError, np.exceptions.AxisError) as exc:
             raise self.fmt(f"node {node.name!r} ({op}): {exc}") from None
         self.consts[node.output[0]] = np.asarray(out, dtype=np.int64)
-        if any(i in self.symbolic for i in node.input):
-            self.symbolic.add(node.output[0])
 
     def weight(self, node: Any, name: str, what: str, ndim: int) -> np.ndarray:
         arr = self.const(node, name, what)
         if arr.dtype.kind != "f" or arr.ndim != ndim:
             raise self.fmt(f"node {node.name!r} ({node.op_type}): {what} must be a {ndim}-D float tensor, got "
                            f"{arr.dtype} shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise self.fmt(f"node {node.name!r} ({node.op_type}): {what} {name!r} contains NaN or Inf")
         return arr
 
     def make(self, node: Any, cls: type, *args: Any, **kwargs: Any) -> Layer:
@@ -540,6 +646,8 @@ class _Importer:
         """A constant added to a (N, K) or (N, K, H, W) output as a per-channel vector, or an error."""
         if c.dtype.kind != "f" or c.ndim > rank:
             raise self.unsupported(node, f"a bias of shape {c.shape} ({c.dtype}) does not broadcast per channel")
+        if not np.all(np.isfinite(c)):
+            raise self.fmt(f"node {node.name!r} ({node.op_type}): the bias contains NaN or Inf")
         full = c.reshape((1,) * (rank - c.ndim) + c.shape)
         ok = full.shape[0] == 1 and full.shape[1] in (1, channels) and all(s == 1 for s in full.shape[2:])
         if not ok:
@@ -584,6 +692,84 @@ class _Importer:
             return tuple(out)
         raise self.fmt(f"node {node.name!r} ({node.op_type}): unknown auto_pad {auto!r:.50}")
 
+    def op_Pad(self, node: Any, attrs: dict[str, Any]) -> None:
+        """A constant ``Pad`` of the spatial axes, kept until the next node folds it into its own padding:
+        value 0 into ``Conv`` / ``AveragePool`` (the padded zeros are averaged as ``AvgPool2d``'s padding
+        is), value -inf into ``MaxPool`` (max pooling's padding). A zero Pad before MaxPool is refused: the
+        max over zeros is not the max over -inf where the inputs are negative. Pads of zero are dropped."""
+        self.need_rank(node, 4)
+        mode = self.attr(node, attrs, "mode", b"constant", bytes)
+        value: Any = 0.0
+        if self.opset < 11:  # pads and value are attributes
+            pads = self.attr(node, attrs, "pads", None, list, 8)
+            value = attrs.get("value", 0.0)
+            axes: list[int] | None = None
+        else:
+            if len(node.input) < 2 or not node.input[1]:
+                raise self.fmt(f"Pad node {node.name!r} needs the pads input")
+            t = self.const(node, node.input[1], "pads")
+            if t.dtype.kind != "i" or t.ndim != 1 or t.size > 8 or np.any(np.abs(t) > _MAX_SIZE):
+                raise self.unsupported(node, f"pads must be a constant 1-D int64 tensor of sizes, got "
+                                             f"{t.tolist()!r:.100}")
+            pads = [int(v) for v in t]
+            if len(node.input) > 2 and node.input[2]:
+                c = self.const(node, node.input[2], "constant_value")
+                if c.dtype.kind != "f" or c.size != 1:
+                    raise self.unsupported(node, "constant_value must be a float scalar")
+                value = float(c.reshape(-1)[0])
+            axes = None
+            if len(node.input) > 3 and node.input[3]:
+                a = self.const(node, node.input[3], "axes")
+                if a.dtype.kind != "i" or a.ndim != 1 or np.any(a == _BATCH):
+                    raise self.unsupported(node, "axes must be a constant 1-D int64 tensor")
+                axes = [int(v) + 4 if int(v) < 0 else int(v) for v in a]
+                if sorted(set(axes)) != sorted(axes) or any(not 0 <= v < 4 for v in axes):
+                    raise self.fmt(f"Pad node {node.name!r}: invalid axes {a.tolist()}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, float) or math.isnan(value):
+            raise self.fmt(f"Pad node {node.name!r}: the constant value must be a number, got {value!r:.50}")
+        ax = list(range(4)) if axes is None else axes
+        if len(pads) != 2 * len(ax):
+            raise self.fmt(f"Pad node {node.name!r}: {len(pads)} pads for {len(ax)} axes")
+        full = [0] * 8  # [x1_begin, .., x4_begin, x1_end, .., x4_end] over (N, C, H, W)
+        for j, a in enumerate(ax):
+            full[a], full[a + 4] = pads[j], pads[j + len(ax)]
+        if not any(full):
+            return  # pads nothing: the identity, whatever the mode
+        if mode != b"constant":
+            raise self.unsupported(node, f"mode={mode.decode(errors='replace')!r}: only constant padding is folded")
+        if any(full[i] for i in (0, 1, 4, 5)):
+            raise self.unsupported(node, f"pads {pads} pad the batch or channel axis; only H and W can be folded")
+        if min(full) < 0:
+            raise self.unsupported(node, f"negative pads {pads} (cropping)")
+        if value not in (0.0, -math.inf):
+            raise self.unsupported(node, f"constant value {value}: only 0 (before Conv/AveragePool) or -inf (before "
+                                         "MaxPool) is folded")
+        pad = (full[2], full[6], full[3], full[7])
+        if self.pad is not None:  # Pad after Pad: one Pad, if both pad with the same value
+            if self.pad[2] != value:
+                raise self.unsupported(self.pad[0], f"a Pad with value {self.pad[2]}, then one with value {value} "
+                                                    f"({node.name!r})")
+            pad = tuple(a + b for a, b in zip(self.pad[1], pad, strict=True))  # type: ignore[assignment]
+            node = self.pad[0]
+        self.pad = (node, pad, value)
+
+    def add_pad(self, node: Any, pads: tuple[int, ...]) -> tuple[int, ...]:
+        """``pads`` (top, bottom, left, right) plus a pending Pad's, which this node absorbs."""
+        if self.pad is None:
+            return pads
+        pnode, extra, value = self.pad
+        self.pad = None
+        if node.op_type == "MaxPool" and value != -math.inf:
+            raise self.unsupported(pnode, f"a Pad with value {value} before MaxPool ({node.name!r}): max pooling pads "
+                                          "with -inf, and the max over zeros differs wherever the inputs are negative; "
+                                          "only a -inf Pad is folded into MaxPool")
+        if node.op_type != "MaxPool" and value != 0.0:
+            raise self.unsupported(pnode, f"a Pad with value {value} before {node.op_type} ({node.name!r}): only zero "
+                                          "padding is folded into Conv and AveragePool")
+        return tuple(a + b for a, b in zip(pads, extra, strict=True))
+
     def op_Conv(self, node: Any, attrs: dict[str, Any]) -> None:
         self.need_rank(node, 4)
         if len(node.input) < 2:
@@ -598,7 +784,9 @@ class _Importer:
             raise self.fmt(f"Conv node {node.name!r}: kernel_shape {ks} does not match the weight {W.shape}")
         s = self.attr(node, attrs, "strides", [1, 1], list, 2)
         d = self.attr(node, attrs, "dilations", [1, 1], list, 2)
-        pads = self.pads(node, attrs, k, s, d)
+        if min(s) < 1 or min(d) < 1:
+            raise self.fmt(f"Conv node {node.name!r}: strides {s} / dilations {d} must be positive")
+        pads = self.add_pad(node, self.pads(node, attrs, k, s, d))
         b = None
         if len(node.input) > 2 and node.input[2]:
             b = self.weight(node, node.input[2], "B", 1)
@@ -630,6 +818,7 @@ class _Importer:
                 if ceil_out != floor_out:
                     raise self.unsupported(node, f"ceil_mode=1 changes the output size for input "
                                                  f"{self.show([self.batch, *shape[1:]])}")
+        pads = self.add_pad(node, pads)
         self.add(node, self.make(node, cls, tuple(k), stride=tuple(s), padding=pads))
 
     def op_MaxPool(self, node: Any, attrs: dict[str, Any]) -> None:
@@ -643,6 +832,37 @@ class _Importer:
         shape = self.need_shape(node, "GlobalAveragePool")
         hw = (shape[2], shape[3])
         self.add(node, self.make(node, AvgPool2d, hw, stride=hw))
+
+    def op_ReduceMean(self, node: Any, attrs: dict[str, Any]) -> None:
+        """The mean over the spatial axes (2, 3) of an ``(N, C, H, W)`` tensor, as the dynamo exporter writes
+        ``AdaptiveAvgPool2d(1)`` / ``x.mean((2, 3))``: an ``AvgPool2d`` over the whole map, then a ``Flatten``
+        when ``keepdims = 0`` (output ``(N, C)``; with ``keepdims = 1`` it is ``(N, C, 1, 1)``). The axes are
+        an attribute (opset < 18) or a constant second input (opset >= 18)."""
+        keepdims = self.attr(node, attrs, "keepdims", 1, int)
+        noop = self.attr(node, attrs, "noop_with_empty_axes", 0, int)
+        axes: list[int] | None = None
+        if len(node.input) > 1 and node.input[1]:
+            if "axes" in attrs:
+                raise self.fmt(f"ReduceMean node {node.name!r} has axes both as an attribute and an input")
+            t = self.const(node, node.input[1], "axes")
+            if t.dtype.kind != "i" or t.ndim > 1 or np.any(t == _BATCH):
+                raise self.unsupported(node, "axes must be a constant 1-D int64 tensor")
+            axes = [int(v) for v in t.reshape(-1)]
+        elif "axes" in attrs:
+            axes = self.attr(node, attrs, "axes", None, list)
+        if not axes:
+            if noop:
+                return  # reduces nothing: the identity
+            raise self.unsupported(node, "ReduceMean over all axes (the batch too)")
+        norm = sorted(a + self.rank if a < 0 else a for a in axes)
+        if self.rank != 4 or norm != [2, 3]:
+            raise self.unsupported(node, f"axes={axes} on a rank-{self.rank} input: only the mean over the spatial "
+                                         "axes (2, 3) of an (N, C, H, W) tensor (global average pooling)")
+        shape = self.need_shape(node, "ReduceMean")
+        hw = (shape[2], shape[3])
+        self.add(node, self.make(node, AvgPool2d, hw, stride=hw))
+        if not keepdims:
+            self.add(node, Flatten())
 
     def op_Flatten(self, node: Any, attrs: dict[str, Any]) -> None:
         axis = self.attr(node, attrs, "axis", 1, int)
@@ -665,7 +885,7 @@ class _Importer:
         ok = False
         if len(target) == 2:
             n, f = target
-            if n == 0 and not allowzero:  # copy the batch dimension
+            if n == _BATCH or (n == 0 and not allowzero):  # the batch size from Shape, or "copy the batch"
                 n_ok = True
             elif n == -1:  # inferred: a flatten only if the feature count is given and right
                 n_ok = feats is not None and f == feats
@@ -674,12 +894,13 @@ class _Importer:
             if f == -1:
                 f_ok = n != -1
             elif f == 0 and not allowzero:  # copy dimension 1: a flatten only of a rank-2 input
-                f_ok = self.rank == 2 and node.input[1] not in self.symbolic
+                f_ok = self.rank == 2
             else:
                 f_ok = f > 0 and f == feats
             ok = n_ok and f_ok
         if not ok:
             have = "unknown" if feats is None else str(feats)
+            target = ["batch" if v == _BATCH else v for v in target]  # type: ignore[misc]
             raise self.unsupported(node, f"Reshape to {target} is not a flatten to (batch, features) for an input of "
                                          f"rank {self.rank} with {have} features per sample (use shape (0, -1))")
         if self.rank == 4:

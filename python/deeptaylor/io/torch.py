@@ -8,11 +8,12 @@ Torch is imported only when these functions are called.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError, UnsupportedError
+from ..errors import DeepTaylorError, InputError, ShapeError, UnsupportedError
 from ..layers import (
     AvgPool2d,
     Conv2d,
@@ -31,7 +32,7 @@ __all__ = ["SUPPORTED_MODULES", "from_torch", "to_torch"]
 
 SUPPORTED_MODULES = ("Sequential (nested ones are flattened)", "Linear",
                      "Conv2d (groups=1, padding_mode='zeros')", "ReLU", "MaxPool2d", "AvgPool2d",
-                     "AdaptiveAvgPool2d (when it is a fixed pooling for the input shape)",
+                     "AdaptiveAvgPool2d (when its windows are of one size and stride for the input shape)",
                      "Flatten (start_dim=1, end_dim=-1)", "Dropout (dropped)", "Identity (dropped)",
                      "ZeroPad2d/ConstantPad2d (folded into the following Conv2d/AvgPool2d, or MaxPool2d for -inf)",
                      "BatchNorm1d/BatchNorm2d (folded into the preceding Linear/Conv2d)")
@@ -51,11 +52,37 @@ def _unsupported(path: str, module: Any, why: str = "") -> UnsupportedError:
                             f"supported: {', '.join(SUPPORTED_MODULES)}")
 
 
+# The torch classes from_torch reads, most specific first. A module is read only when its class runs
+# the stock forward of the class it derives from: a subclass overriding forward() computes something
+# else, which deeptaylor cannot see.
+_STOCK = ("Sequential", "Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten",
+          "Dropout", "Identity", "ZeroPad2d", "ConstantPad2d", "BatchNorm1d", "BatchNorm2d")
+# Methods that the stock forward of a class calls and a subclass could override instead of forward().
+_HELPERS = {"Conv2d": ("_conv_forward",)}
+
+
+def _check_stock(path: str, module: Any, nn: Any) -> None:
+    """Raise (naming ``path`` and the type) unless ``module``'s class computes its supported base class's forward."""
+    for name in _STOCK:
+        cls = getattr(nn, name)
+        if not isinstance(module, cls):
+            continue
+        typ = type(module)
+        overridden = [m for m in ("forward", *_HELPERS.get(name, ())) if getattr(typ, m) is not getattr(cls, m)]
+        if typ.__call__ is not nn.Module.__call__:
+            overridden.append("__call__")
+        if overridden:
+            raise _unsupported(path, module, f"a subclass of nn.{name} that overrides {', '.join(overridden)}(): "
+                                             "deeptaylor reads only the stock computation of the supported classes")
+        return
+
+
 def _walk(module: Any, prefix: str, nn: Any) -> list[tuple[str, Any]]:
     """(path, module) of every leaf, nested nn.Sequential flattened in forward order."""
     out = []
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
+        _check_stock(path, child, nn)
         if isinstance(child, nn.Sequential):
             out.extend(_walk(child, path, nn))
         else:
@@ -83,6 +110,26 @@ def _pool_out(size: int, k: int, s: int, p: int, ceil: bool) -> int:
     return out
 
 
+def _adaptive_window(size: int, out: int) -> tuple[int, int] | None:
+    """(kernel, stride) of the fixed pooling that equals torch's adaptive average pooling ``size -> out``
+    along one axis, or None. Torch's window ``i`` is ``[floor(i size / out), ceil((i + 1) size / out))``;
+    it is a fixed pooling when all windows have one size and consecutive starts one stride apart
+    (e.g. 7 -> 3: kernel 3, stride 2; 10 -> 3: kernel 4, stride 3; 8 -> 2: kernel 4, stride 4)."""
+    if out < 1 or size < 1:
+        return None
+    starts = [i * size // out for i in range(out)]
+    ends = [-(-(i + 1) * size // out) for i in range(out)]
+    kernels = {e - b for b, e in zip(starts, ends, strict=True)}
+    strides = {b1 - b0 for b0, b1 in itertools.pairwise(starts)}
+    if len(kernels) != 1 or len(strides) > 1:
+        return None
+    k = kernels.pop()
+    s = strides.pop() if strides else k  # a single window: any stride, the kernel's by convention
+    if s < 1 or (size - k) // s + 1 != out:  # pragma: no cover - implied by the windows above
+        return None
+    return k, s
+
+
 def _input_shape(input_shape: Any) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in input_shape)
@@ -104,13 +151,33 @@ def _fold_bn(prev: Layer, bn: Any, path: str) -> Layer:
     mean, var = _array(bn.running_mean), _array(bn.running_var)
     gamma = _array(bn.weight) if bn.weight is not None else np.ones_like(mean)
     beta = _array(bn.bias) if bn.bias is not None else np.zeros_like(mean)
-    scale = gamma / np.sqrt(var + float(bn.eps))
-    w = prev.weight * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
-    b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
+    eps = float(bn.eps)
+    where = f"from_torch: module {path!r} ({type(bn).__name__})"
+    for what, v in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
+        if not np.all(np.isfinite(v)):
+            raise InputError(f"{where}: {what} contains NaN or Inf")
+    if not np.all(var + eps > 0):
+        bad = np.flatnonzero(~(var + eps > 0))
+        raise InputError(f"{where}: running_var + eps must be positive to fold the BatchNorm, but it is "
+                         f"{(var + eps)[bad[0]]:.6g} for channel {int(bad[0])} ({len(bad)} channel(s) in all)")
+    scale = gamma / np.sqrt(var + eps)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the layer, with the path
+        w = prev.weight * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
+        b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
     if isinstance(prev, Dense):
-        return Dense(w, b)
+        return _build(path, bn, Dense, w, b)
     assert isinstance(prev, Conv2d)
-    return Conv2d(w, b, stride=prev.stride, padding=prev.padding, dilation=prev.dilation)
+    return _build(path, bn, Conv2d, w, b, stride=prev.stride, padding=prev.padding, dilation=prev.dilation)
+
+
+def _build(path: str, module: Any, cls: type, *args: Any, **kwargs: Any) -> Layer:
+    """``cls(*args, **kwargs)``; a bad parameter (NaN/Inf weights, ...) is reported with the module's path."""
+    try:
+        return cls(*args, **kwargs)
+    except ShapeError:
+        raise
+    except DeepTaylorError as exc:
+        raise type(exc)(f"from_torch: module {path!r} ({type(module).__name__}): {exc}") from None
 
 
 def from_torch(module: Any, input_shape: Any = None) -> Sequential:
@@ -144,10 +211,12 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
     nn = torch.nn
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.Sequential):
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        _check_stock(type(module).__name__, module, nn)
         leaves = _walk(module, "", nn)
     elif len(list(module.children())) == 0:
         leaves = [(type(module).__name__, module)]
+        _check_stock(*leaves[0], nn)
     else:
         raise UnsupportedError(
             f"from_torch: {type(module).__name__} is a custom module whose forward() cannot be read; convert "
@@ -199,7 +268,7 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             layers[-1] = _fold_bn(prev, m, path)
             continue
         if isinstance(m, nn.Linear):
-            new = Dense(_array(m.weight), None if m.bias is None else _array(m.bias))
+            new = _build(path, m, Dense, _array(m.weight), None if m.bias is None else _array(m.bias))
         elif isinstance(m, nn.Conv2d):
             if m.groups != 1:
                 raise _unsupported(path, m, f"groups={m.groups}: grouped/depthwise convolutions are not supported")
@@ -218,8 +287,8 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
             pad = tuple(a + b for a, b in zip(pad, extra_pad, strict=True))
-            new = Conv2d(_array(m.weight), None if m.bias is None else _array(m.bias), stride=_pair(m.stride),
-                         padding=pad, dilation=(dh, dw))
+            new = _build(path, m, Conv2d, _array(m.weight), None if m.bias is None else _array(m.bias),
+                         stride=_pair(m.stride), padding=pad, dilation=(dh, dw))
         elif isinstance(m, nn.ReLU):
             new = ReLU()
         elif isinstance(m, nn.Flatten):
@@ -259,15 +328,18 @@ def from_torch(module: Any, input_shape: Any = None) -> Sequential:
             if len(shape) != 4:
                 raise _unsupported(path, m, f"needs an (N, C, H, W) input, the layer gets {shape}")
             osz = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size, m.output_size)
-            ks = []
+            ks, ss = [], []
             for d in range(2):
                 size = shape[2 + d]
                 o = size if osz[d] is None else int(osz[d])
-                if size % o:
-                    raise _unsupported(path, m, f"output size {tuple(osz)} does not divide the input {shape[2:]}: "
+                fixed = _adaptive_window(size, o)
+                if fixed is None:
+                    raise _unsupported(path, m, f"output size {tuple(osz)} for the input {shape[2:]} gives windows of "
+                                                f"different sizes or strides along axis {2 + d} ({size} -> {o}): "
                                                 "not a fixed pooling")
-                ks.append(size // o)
-            new = AvgPool2d(tuple(ks), stride=tuple(ks))
+                ks.append(fixed[0])
+                ss.append(fixed[1])
+            new = AvgPool2d(tuple(ks), stride=tuple(ss))
         else:
             raise _unsupported(path, m)
         try:
