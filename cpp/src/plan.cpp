@@ -84,6 +84,7 @@ void prepare_linear(size_t i, const OpSpec& op, LinearPrep& lp) {
                     lp.Wm[o * Kc + (a * g.kw + b) * C + c] = op.weight[((o * C + c) * g.kh + a) * g.kw + b];
     // at least 128 rows per GEMM block: fewer would re-stream the packed weights per block
     lp.chunk_rows = std::max<int64_t>(kMinChunkRows, kChunkFloats / std::max<int64_t>(Kc, 1));
+    lp.chunk_rows = (lp.chunk_rows + kRowMultiple - 1) / kRowMultiple * kRowMultiple;
 
     const RuleSpec& r = op.rule;
     const std::vector<float>& b = op.bias;
@@ -276,6 +277,9 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     // Largest tile (<= kMaxTile) whose arena fits the budget; never depends on the thread count.
     int64_t T = kMaxTile;
     while (T > 1 && arena_sizes(*plan, T).bytes() > kArenaBudgetBytes) --T;
+    // A tile cut by the budget is rounded down to whole GEMM micro-panels: T = 13 images made every
+    // Dense product 12 + 1 rows, and the 1-row panel streamed the whole weight matrix again.
+    if (T < kMaxTile && T > kRowMultiple) T -= T % kRowMultiple;
     plan->tile = T;
     return plan;
 }

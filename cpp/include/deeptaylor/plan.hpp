@@ -113,6 +113,9 @@ constexpr int64_t kMaxTile = 64;
 // Floats of one im2col block (rows x Kc); bounds the conv working set independent of the batch.
 constexpr int64_t kChunkFloats = 1 << 17;
 constexpr int64_t kMinChunkRows = 128;
+// GEMM rows come in micro-panels of MR (12 for AVX-512, 6 for AVX2, 4 portable): tiles cut by the
+// arena budget and im2col blocks are rounded to multiples of 12 so that no product ends in a short panel.
+constexpr int64_t kRowMultiple = 12;
 
 const char* op_name(OpKind k);
 
