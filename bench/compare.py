@@ -53,12 +53,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _best_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int, min_seconds: float = 1.0, max_runs: int = 500) -> float:
+    """Best wall time of at least ``repeats`` runs, and of as many more as fit in ``min_seconds``
+    (at most ``max_runs``): a 3 ms workload gets a few hundred runs, so its best is as little
+    disturbed by the rest of the machine as a 3 s one's (the same rule for every framework)."""
     best = float("inf")
-    for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    runs = 0
+    while runs < max(1, repeats) or (time.perf_counter() - start < min_seconds and runs < max_runs):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+        runs += 1
     return best
 
 
