@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from custom_objects import _MyLayer, _MyRule, _MyZPlus
 
 import deeptaylor as dt
 
@@ -356,21 +357,6 @@ def test_init_bad_shapes_name_the_initialiser(name):
     f((np.int64(3), np.int32(2)))
     with pytest.raises(dt.InputTypeError, match="constant: shape must be a sequence of ints"):
         dt.init.constant((2.5, 2), -0.1)
-
-
-class _MyZPlus(dt.rules.ZPlus):
-    __slots__ = ()
-
-
-class _MyRule(dt.rules.Rule):
-    __slots__ = ()
-
-
-class _MyLayer(dt.Layer):
-    __slots__ = ()
-
-    def output_shape(self, input_shape):
-        return tuple(input_shape)
 
 
 class _MyMethod(dt.methods.Method):

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from custom_objects import _MyLayer, _MyRule, _MyZPlus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -224,23 +225,6 @@ def test_cpu_backend_refuses_methods_or_agrees(rng):
             continue
         ref = dt.Explainer(net, method).explain(x)
         assert max_norm_err(ex.explain(x).relevance, ref.relevance) <= 1e-4
-
-
-class _MyZPlus(dt.rules.ZPlus):
-    """A subclass the engine cannot know: it passes isinstance(ZPlus) but is not ZPlus."""
-
-    __slots__ = ()
-
-
-class _MyRule(dt.rules.Rule):
-    __slots__ = ()
-
-
-class _MyLayer(dt.Layer):
-    __slots__ = ()
-
-    def output_shape(self, input_shape):
-        return tuple(input_shape)
 
 
 class _MyReLU(dt.ReLU):
