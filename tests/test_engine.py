@@ -166,6 +166,26 @@ def lenet_like(rng, b_nonpositive=False):
     ])
 
 
+@pytest.mark.parametrize("name", ["deep_taylor", "epsilon_plus_flat", "epsilon_gamma_box", "sensitivity",
+                                  "gradient_x_input"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reused_arenas_give_what_fresh_ones_give(rng, name, threads):
+    # The plan keeps its arenas between calls: a call after others (larger and smaller batches,
+    # other inputs, layers requested) must equal the same call on a fresh Explainer, bit for bit.
+    net = lenet_like(rng)
+    comp = dt.composites.get(name)
+    used = dt.Explainer(net, comp, backend="cpu", threads=threads)
+    for n in (150, 5, 1):  # 3 tiles (the parallel path at 2 threads), 1, 1
+        used.explain(rng.uniform(0.0, 1.0, size=(n, 1, 12, 12)), return_layers=n == 5)
+    x = rng.uniform(0.0, 1.0, size=(71, 1, 12, 12))  # 2 tiles
+    got = used.explain(x, return_layers=True)
+    want = dt.Explainer(net, comp, backend="cpu", threads=threads).explain(x, return_layers=True)
+    np.testing.assert_array_equal(got.relevance, want.relevance)
+    np.testing.assert_array_equal(got.output, want.output)
+    for g, w in zip(got.layers, want.layers, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("name", ["deep_taylor", "deep_taylor_unbounded", "epsilon_plus_flat",
                                   "epsilon_gamma_box", "sensitivity", "gradient_x_input"])
 def test_composites_match_reference(rng, name):
