@@ -525,9 +525,13 @@ private:
         } else {
             const bool sens = pl.mode == Mode::Sensitivity;
             auto emit = [&](const float* gr, const float* a, const Shape& s, float* dst) {
-                float* v = ar.tmp2.data();
-                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = sens ? gr[k] * gr[k] : gr[k] * a[k];
-                write_user(v, s, dst, n0, T);
+                // straight into the caller's array when no layout permutation is needed
+                float* v = s.permuted() ? ar.tmp2.data() : dst + n0 * s.size();
+                if (sens)
+                    for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * gr[k];
+                else
+                    for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * a[k];
+                if (s.permuted()) write_user(v, s, dst, n0, T);
             };
             if (want_layers) emit(cur, act[L], pl.ops[L - 1].out, args.layers[L]);
             for (size_t ii = L; ii-- > 0;) {
