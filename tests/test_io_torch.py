@@ -287,3 +287,18 @@ def test_import_deeptaylor_does_not_import_torch():
             "assert callable(deeptaylor.from_torch) and callable(deeptaylor.to_torch); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float32_weights_stay_float32_folded_ones_are_float64():
+    # A large float32 model is not doubled in memory on import; a BatchNorm fold is computed in float64.
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)).eval()
+    net = dt.from_torch(m, (1, 6, 6))
+    assert [(layer.kind, layer.weight.dtype) for layer in net if hasattr(layer, "weight")] == [
+        ("Conv2d", np.float64), ("Dense", np.float32)]
+    assert all(layer.bias.dtype == np.float64 for layer in net if hasattr(layer, "bias"))
+    np.testing.assert_array_equal(net[-1].weight, m[-1].weight.detach().numpy())
+    x = np.random.default_rng(0).uniform(size=(3, 1, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x.astype(np.float64)), want, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
 """PyTorch interop (extra ``torch``): :func:`from_torch` and its inverse :func:`to_torch`.
 
 ``from_torch`` reads the modules of a ``torch.nn.Sequential`` (nested ones flattened) and builds the
-equivalent :class:`~deeptaylor.Sequential` in float64. BatchNorm layers are folded into the preceding
+equivalent :class:`~deeptaylor.Sequential` (float32 weights stay float32, biases and everything else
+become float64). BatchNorm layers are folded into the preceding
 Linear/Conv2d (docs/importing.md gives the maths); Dropout and Identity are dropped (evaluation mode).
 Torch is imported only when these functions are called.
 """
@@ -91,7 +92,10 @@ def _walk(module: Any, prefix: str, nn: Any) -> list[tuple[str, Any]]:
 
 
 def _array(t: Any) -> np.ndarray:
-    return t.detach().to(device="cpu").double().numpy().copy()
+    """A NumPy copy of a parameter: float32 stays float32 (the layers keep float32 weights, half the
+    memory of a float64 copy for a large model), every other dtype becomes float64."""
+    t = t.detach().to(device="cpu")
+    return (t if t.dtype == _torch().float32 else t.double()).numpy().copy()
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -148,9 +152,10 @@ def _fold_bn(prev: Layer, bn: Any, path: str) -> Layer:
     ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per channel."""
     if bn.running_mean is None or bn.running_var is None:
         raise _unsupported(path, bn, "track_running_stats=False: no running statistics to fold")
-    mean, var = _array(bn.running_mean), _array(bn.running_var)
-    gamma = _array(bn.weight) if bn.weight is not None else np.ones_like(mean)
-    beta = _array(bn.bias) if bn.bias is not None else np.zeros_like(mean)
+    f64 = np.float64  # the fold is computed in float64 (the folded layer's weights are float64)
+    mean, var = _array(bn.running_mean).astype(f64), _array(bn.running_var).astype(f64)
+    gamma = _array(bn.weight).astype(f64) if bn.weight is not None else np.ones_like(mean)
+    beta = _array(bn.bias).astype(f64) if bn.bias is not None else np.zeros_like(mean)
     eps = float(bn.eps)
     where = f"from_torch: module {path!r} ({type(bn).__name__})"
     for what, v in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
@@ -162,7 +167,7 @@ def _fold_bn(prev: Layer, bn: Any, path: str) -> Layer:
                          f"{(var + eps)[bad[0]]:.6g} for channel {int(bad[0])} ({len(bad)} channel(s) in all)")
     scale = gamma / np.sqrt(var + eps)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the layer, with the path
-        w = prev.weight * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
+        w = prev.weight.astype(f64) * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
         b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
     if isinstance(prev, Dense):
         return _build(path, bn, Dense, w, b)
@@ -181,7 +186,8 @@ def _build(path: str, module: Any, cls: type, *args: Any, **kwargs: Any) -> Laye
 
 
 def from_torch(module: Any, input_shape: Any = None) -> Sequential:
-    """Convert a PyTorch ``nn.Sequential`` into a :class:`~deeptaylor.Sequential` (float64 copies).
+    """Convert a PyTorch ``nn.Sequential`` into a :class:`~deeptaylor.Sequential` (copies; float32
+    weights stay float32, BatchNorm-folded weights and biases are float64).
 
     Parameters
     ----------
