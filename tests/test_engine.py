@@ -353,3 +353,42 @@ def test_concurrent_calls_share_one_plan(rng):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
     assert ex.backend.plans == 1
+
+
+def _grouped_net(rng):
+    """A net whose tile is a few images (64x64 convolution maps) and whose Dense head holds 1 MiB of
+    weights: the plan runs the head on groups of several tiles (docs/engine.md §4)."""
+    return dt.Sequential([
+        dt.Conv2d(rng.normal(size=(32, 3, 3, 3)) / 5, -np.abs(rng.normal(size=32)) * 0.05, padding=1),
+        dt.ReLU(), dt.MaxPool2d(2), dt.Flatten(),
+        dt.Dense(rng.normal(size=(8, 32 * 32 * 32)) / 180, -np.abs(rng.normal(size=8)) * 0.01), dt.ReLU(),
+        dt.Dense(rng.normal(size=(5, 8)) / 3, -np.abs(rng.normal(size=5)) * 0.01),
+    ])
+
+
+@pytest.mark.parametrize("name", ["deep_taylor", "epsilon_plus_flat", "sensitivity", "gradient_x_input"])
+def test_head_groups_match_reference(rng, name):
+    net = _grouped_net(rng)
+    comp = dt.composites.get(name)
+    ex = dt.Explainer(net, comp, backend="cpu", threads=2)
+    plan = ex.backend.plan(net, ex.assignment, (3, 64, 64))
+    assert plan.tile <= 4 < plan.group  # the case under test
+    x = rng.uniform(0.0, 1.0, size=(2 * plan.group + plan.tile + 1, 3, 64, 64))  # a partial tile too
+    compare(net, comp, x, threads=2)
+
+
+def test_head_groups_do_not_change_results(rng):
+    """Group sizes follow the batch and the thread count; tile boundaries do not: bit-identical
+    heatmaps for 1 and 2 threads, for the batch at once and in pieces, and per layer."""
+    net = _grouped_net(rng)
+    comp = dt.composites.deep_taylor(0.0, 1.0)
+    x = rng.uniform(0.0, 1.0, size=(41, 3, 64, 64)).astype(np.float32)
+    r1 = dt.Explainer(net, comp, backend="cpu", threads=1).explain(x, return_layers=True)
+    ex2 = dt.Explainer(net, comp, backend="cpu", threads=2)
+    r2 = ex2.explain(x, return_layers=True)
+    for a, b in zip(r1.layers, r2.layers, strict=True):
+        np.testing.assert_array_equal(a, b)
+    tile = ex2.backend.plan(net, ex2.assignment, x.shape[1:]).tile
+    cut = 3 * tile  # a tile boundary
+    parts = np.concatenate([ex2.explain(x[:cut]).relevance, ex2.explain(x[cut:]).relevance])
+    np.testing.assert_array_equal(parts, r2.relevance)

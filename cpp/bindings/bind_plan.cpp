@@ -161,8 +161,10 @@ void register_plan(py::module_& m) {
         .def_property_readonly("tile", [](const PyPlan& p) { return p.plan->tile; },
                                "Images per batch tile (fixed at plan time, independent of threads).")
         .def_property_readonly("arena_bytes",
-                               [](const PyPlan& p) { return arena_sizes(*p.plan, p.plan->tile).bytes(); },
+                               [](const PyPlan& p) { return arena_sizes(*p.plan).bytes(); },
                                "Working memory of one thread for a full tile, in bytes.")
+        .def_property_readonly("group", [](const PyPlan& p) { return p.plan->group; },
+                               "Images per head group (= tile when the plan has no head groups).")
         .def_property_readonly("executor", [](const PyPlan& p) { return std::string(p.exec->name()); })
         .def(
             "run",

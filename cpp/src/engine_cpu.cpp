@@ -99,7 +99,7 @@ struct Arena {
     std::vector<std::vector<float>> act;
     std::vector<std::vector<int32_t>> arg;
     std::vector<float> R0, R1, tmp, tmp2;
-    std::vector<float> col, colP, colN, comb, den, s, ccol;
+    std::vector<float> col, colP, colN, comb, den, s, ccol, head_rel;
     explicit Arena(const ArenaSizes& z) {
         act.resize(z.act.size());
         for (size_t i = 0; i < z.act.size(); ++i) act[i].resize(static_cast<size_t>(z.act[i]));
@@ -110,6 +110,7 @@ struct Arena {
         den.resize(static_cast<size_t>(z.den));
         s.resize(static_cast<size_t>(z.den));
         ccol.resize(static_cast<size_t>(z.ccol));
+        head_rel.resize(static_cast<size_t>(z.head_rel));
     }
 };
 
@@ -193,29 +194,47 @@ public:
 
     void run(const RunArgs& args) const override {
         const Plan& pl = *plan_;
-        const int64_t N = args.N, T = std::min(pl.tile, N);
+        const int64_t N = args.N;
         if (N <= 0) return;
         const int threads = args.threads > 0 ? args.threads : default_threads();
-        const int64_t ntiles = (N + T - 1) / T;
-        if (ntiles >= threads && threads > 1) {
-            // Enough tiles for every thread: parallelise over tiles, single-threaded GEMMs.
+        const int64_t Ts = std::min(pl.tile, N);
+        const int64_t G = group_rows(N, threads);
+        const int64_t ngroups = (N + G - 1) / G;
+        if (ngroups >= threads && threads > 1) {
+            // Enough groups for every thread: parallelise over them, single-threaded GEMMs.
             // Arenas are taken here, before the parallel region, so a failed allocation raises
             // normally; nothing in the region throws.
             Arenas arenas(*this, threads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-            for (int64_t k = 0; k < ntiles; ++k) {
+            for (int64_t k = 0; k < ngroups; ++k) {
                 int tid = 0;
 #ifdef _OPENMP
                 tid = omp_get_thread_num();
 #endif
-                run_tile(args, k * T, std::min(T, N - k * T), arenas[tid], 1);
+                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], 1);
             }
         } else {
-            // Few tiles: one at a time, the threads work inside each GEMM.
+            // Few groups: one at a time, the threads work inside each GEMM.
             Arenas arenas(*this, 1);
-            for (int64_t k = 0; k < ntiles; ++k)
-                run_tile(args, k * T, std::min(T, N - k * T), arenas[0], threads);
+            for (int64_t k = 0; k < ngroups; ++k)
+                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], threads);
         }
+    }
+
+    // Images per group for a call: whole tiles, at most the plan's group, and as evenly spread over
+    // the threads as the tiles allow (the groups of a thread hold about as many tiles as the plain
+    // tiles would give it). Tile boundaries are multiples of the tile whatever the group, and a
+    // head product's rows do not depend on how many rows it has, so results do not depend on the
+    // group size (nor on the thread count).
+    int64_t group_rows(int64_t N, int threads) const {
+        const Plan& pl = *plan_;
+        const int64_t T = pl.tile;
+        if (pl.group <= T || N <= T) return std::min(T, N);
+        const int64_t tiles = (N + T - 1) / T;
+        const int64_t per_thread = (tiles + threads - 1) / threads;  // tiles per thread
+        const int64_t gmax = pl.group / T;                              // tiles per group at most
+        const int64_t rounds = (per_thread + gmax - 1) / gmax;         // groups per thread
+        return T * ((per_thread + rounds - 1) / rounds);
     }
 
 private:
@@ -241,7 +260,7 @@ private:
                 }
             }
             while (static_cast<int>(a_.size()) < n)
-                a_.push_back(std::make_unique<Arena>(arena_sizes(*ex_.plan_, ex_.plan_->tile)));
+                a_.push_back(std::make_unique<Arena>(arena_sizes(*ex_.plan_)));
         }
         ~Arenas() {
             std::lock_guard<std::mutex> lock(ex_.pool_mu_);
@@ -470,39 +489,45 @@ private:
         });
     }
 
-    // ---- one tile ---------------------------------------------------------------------------
-    void run_tile(const RunArgs& args, int64_t n0, int64_t T, Arena& ar, int gth) const {
+    // ---- one group of tiles ----------------------------------------------------------------
+    // Tg images from n0: the ops before the head run tile by tile (Ts images each), each tile's
+    // activations kept at its offset in the group-sized buffers; the head (ops [head, L)) runs once
+    // on all Tg images, forward and relevance; then each tile runs its relevance pass from the
+    // head's input relevance. Without a head (head == L) a group is one tile.
+    void run_group(const RunArgs& args, int64_t n0, int64_t Tg, int64_t Ts, Arena& ar, int gth) const {
         const Plan& pl = *plan_;
         const size_t L = pl.ops.size();
+        const size_t h = std::min(pl.head, L);
+        auto size_of = [&](size_t i) { return i == 0 ? pl.input.size() : pl.ops[i - 1].out.size(); };
+        // act[i] of the tile at image offset off within the group
+        auto act_at = [&](size_t i, int64_t off) -> float* { return ar.act[i].data() + off * size_of(i); };
         std::vector<const float*> act(L + 1);
-        // forward
-        const float* x = args.x + n0 * pl.input.size();
-        if (pl.input.permuted()) {
-            nchw_to_nhwc(x, ar.act[0].data(), T, pl.input.c, pl.input.h, pl.input.w);
-            act[0] = ar.act[0].data();
-        } else {
-            act[0] = x;
-        }
-        for (size_t i = 0; i < L; ++i) {
-            float* out = ar.act[i + 1].data();
-            const OpKind k = pl.ops[i].kind;
-            if ((k == OpKind::Dense || k == OpKind::Conv2d) && i + 1 < L && pl.ops[i + 1].kind == OpKind::ReLU) {
-                linear_forward(i, act[i], out, T, ar, gth, ar.act[i + 2].data());  // + fused ReLU
-                act[i + 1] = out;
-                act[i + 2] = ar.act[i + 2].data();
-                ++i;
-                continue;
+        const int64_t ntile = (Tg + Ts - 1) / Ts;
+        if (h >= L && ntile > 1) throw std::logic_error("a group of several tiles without a head");
+        // forward: the ops before the head (every op, without a head), tile by tile
+        for (int64_t j = 0; j < ntile; ++j) {
+            const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
+            const float* x = args.x + (n0 + off) * pl.input.size();
+            if (pl.input.permuted()) {
+                nchw_to_nhwc(x, act_at(0, off), nT, pl.input.c, pl.input.h, pl.input.w);
+                act[0] = act_at(0, off);
+            } else {
+                act[0] = x;
             }
-            forward_op(i, act[i], out, T, ar, gth);
-            act[i + 1] = out;
+            forward_range(0, h, act, off, nT, ar, gth);
+        }
+        // the head on the whole group
+        if (h < L) {
+            act[h] = act_at(h, 0);
+            forward_range(h, L, act, 0, Tg, ar, gth);
         }
         // outputs, targets, the starting relevance (or one-hot gradient)
         const int64_t K = pl.num_outputs();
         const float* y = act[L];
-        std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(T * K));
+        std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(Tg * K));
         float* cur = ar.R0.data();
-        std::memset(cur, 0, sizeof(float) * static_cast<size_t>(T * K));
-        for (int64_t n = 0; n < T; ++n) {
+        std::memset(cur, 0, sizeof(float) * static_cast<size_t>(Tg * K));
+        for (int64_t n = 0; n < Tg; ++n) {
             int64_t t = 0;
             if (args.targets) {
                 t = args.targets[n0 + n];
@@ -513,38 +538,81 @@ private:
             cur[n * K + t] = pl.mode == Mode::Rules ? y[n * K + t] : 1.0f;
         }
         const bool want_layers = !args.layers.empty();
-        if (pl.mode == Mode::Rules) {
-            if (want_layers) write_user(cur, pl.ops[L - 1].out, args.layers[L], n0, T);
-            for (size_t ii = L; ii-- > 0;) {
-                float* nxt = cur == ar.R0.data() ? ar.R1.data() : ar.R0.data();
-                cur = relevance_op(ii, act[ii], act[ii + 1], cur, nxt, T, ar, gth);
-                if (want_layers && ii > 0) write_user(cur, pl.ops[ii].in, args.layers[ii], n0, T);
+        const bool rules = pl.mode == Mode::Rules, sens = pl.mode == Mode::Sensitivity;
+        // what a backward step hands out: R itself, or g^2 / g (.) a for the gradient methods
+        auto emit = [&](const float* gr, const float* a, const Shape& s, float* dst, int64_t n, int64_t T) {
+            if (rules) {
+                write_user(gr, s, dst, n, T);
+                return;
             }
-            write_user(cur, pl.input, args.relevance, n0, T);
-            if (want_layers) write_user(cur, pl.input, args.layers[0], n0, T);
-        } else {
-            const bool sens = pl.mode == Mode::Sensitivity;
-            auto emit = [&](const float* gr, const float* a, const Shape& s, float* dst) {
-                // straight into the caller's array when no layout permutation is needed
-                float* v = s.permuted() ? ar.tmp2.data() : dst + n0 * s.size();
-                if (sens)
-                    for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * gr[k];
-                else
-                    for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * a[k];
-                if (s.permuted()) write_user(v, s, dst, n0, T);
-            };
-            if (want_layers) emit(cur, act[L], pl.ops[L - 1].out, args.layers[L]);
-            for (size_t ii = L; ii-- > 0;) {
-                float* nxt = cur == ar.R0.data() ? ar.R1.data() : ar.R0.data();
-                cur = gradient_op(ii, act[ii], act[ii + 1], cur, nxt, T, ar, gth);
-                if (want_layers && ii > 0) emit(cur, act[ii], pl.ops[ii].in, args.layers[ii]);
+            // straight into the caller's array when no layout permutation is needed
+            float* v = s.permuted() ? ar.tmp2.data() : dst + n * s.size();
+            if (sens)
+                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * gr[k];
+            else
+                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * a[k];
+            if (s.permuted()) write_user(v, s, dst, n, T);
+        };
+        auto back = [&](size_t ii, const float* a, const float* yy, float* R, int64_t off, int64_t T) {
+            float* nxt = R == ar.R0.data() ? ar.R1.data() : ar.R0.data();
+            return rules ? relevance_op(ii, a, yy, R, nxt, T, ar, gth, off)
+                         : gradient_op(ii, a, yy, R, nxt, T, ar, gth, off);
+        };
+        // the backward pass of the ops that ran on the whole group: the head, or every op
+        const size_t top = h < L ? h : 0;
+        if (want_layers) emit(cur, act[L], pl.ops[L - 1].out, args.layers[L], n0, Tg);
+        for (size_t ii = L; ii-- > top;) {
+            cur = back(ii, act[ii], act[ii + 1], cur, 0, Tg);
+            if (want_layers && ii > 0) emit(cur, act[ii], pl.ops[ii].in, args.layers[ii], n0, Tg);
+        }
+        if (top == 0) {
+            emit(cur, act[0], pl.input, args.relevance, n0, Tg);
+            if (want_layers) emit(cur, act[0], pl.input, args.layers[0], n0, Tg);
+            return;
+        }
+        // the tiles' backward passes from the head's input relevance
+        const int64_t sh = size_of(h);
+        float* Rh = cur;
+        if (ntile > 1) {  // the tiles' ping-pong buffers would overwrite it
+            std::memcpy(ar.head_rel.data(), cur, sizeof(float) * static_cast<size_t>(Tg * sh));
+            Rh = ar.head_rel.data();
+        }
+        for (int64_t j = 0; j < ntile; ++j) {
+            const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
+            const float* x0 = pl.input.permuted() ? act_at(0, off) : args.x + (n0 + off) * pl.input.size();
+            float* c = Rh + off * sh;
+            for (size_t ii = h; ii-- > 0;) {
+                const float* a = ii == 0 ? x0 : act_at(ii, off);
+                c = back(ii, a, act_at(ii + 1, off), c, off, nT);
+                if (want_layers && ii > 0) emit(c, a, pl.ops[ii].in, args.layers[ii], n0 + off, nT);
             }
-            emit(cur, act[0], pl.input, args.relevance);
-            if (want_layers) emit(cur, act[0], pl.input, args.layers[0]);
+            emit(c, x0, pl.input, args.relevance, n0 + off, nT);
+            if (want_layers) emit(c, x0, pl.input, args.layers[0], n0 + off, nT);
         }
     }
 
-    void forward_op(size_t i, const float* a, float* out, int64_t T, Arena& ar, int gth) const {
+    // Forward ops [i0, i1) on T images; act[i0] is set, act[i0 + 1 .. i1] are pointed at the group
+    // buffers at image offset off. A linear op followed by a ReLU (within the range) writes both.
+    void forward_range(size_t i0, size_t i1, std::vector<const float*>& act, int64_t off, int64_t T,
+                       Arena& ar, int gth) const {
+        const Plan& pl = *plan_;
+        auto out_at = [&](size_t i) { return ar.act[i + 1].data() + off * pl.ops[i].out.size(); };
+        for (size_t i = i0; i < i1; ++i) {
+            float* out = out_at(i);
+            const OpKind k = pl.ops[i].kind;
+            if ((k == OpKind::Dense || k == OpKind::Conv2d) && i + 1 < i1 && pl.ops[i + 1].kind == OpKind::ReLU) {
+                linear_forward(i, act[i], out, T, ar, gth, out_at(i + 1));  // + fused ReLU
+                act[i + 1] = out;
+                act[i + 2] = out_at(i + 1);
+                ++i;
+                continue;
+            }
+            forward_op(i, act[i], out, T, ar, gth, off);
+            act[i + 1] = out;
+        }
+    }
+
+    void forward_op(size_t i, const float* a, float* out, int64_t T, Arena& ar, int gth, int64_t off) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
@@ -557,7 +625,7 @@ private:
                 for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;
                 break;
             case OpKind::MaxPool:
-                maxpool_forward(a, g, T, out, ar.arg[i].data());
+                maxpool_forward(a, g, T, out, ar.arg[i].data() + off * op.out.size());
                 break;
             case OpKind::AvgPool: {
                 window_sum(a, g, T, out);
@@ -606,7 +674,7 @@ private:
     // Relevance through op i: R (output relevance) -> returns the buffer holding the input relevance
     // (nxt, or R itself for ReLU).
     float* relevance_op(size_t i, const float* a, const float* y, float* R, float* nxt, int64_t T, Arena& ar,
-                        int gth) const {
+                        int gth, int64_t off) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
@@ -626,7 +694,7 @@ private:
             case OpKind::ReLU:  // relevance passes unchanged (DTD, Montavon et al. 2017)
                 return R;
             case OpKind::MaxPool:  // winner-take-all
-                maxpool_scatter(R, ar.arg[i].data(), g, T, nxt);
+                maxpool_scatter(R, ar.arg[i].data() + off * op.out.size(), g, T, nxt);
                 return nxt;
             case OpKind::AvgPool:
             case OpKind::SumPool:
@@ -662,7 +730,7 @@ private:
 
     // Gradient through op i (PyTorch conventions: ReLU'(0) = 0, max pooling to the first maximum).
     float* gradient_op(size_t i, const float* a, const float* y, float* G, float* nxt, int64_t T, Arena& ar,
-                       int gth) const {
+                       int gth, int64_t off) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
@@ -675,7 +743,7 @@ private:
                 for (int64_t k = 0; k < nin; ++k) nxt[k] = a[k] > 0.0f ? G[k] : 0.0f;
                 return nxt;
             case OpKind::MaxPool:
-                maxpool_scatter(G, ar.arg[i].data(), g, T, nxt);
+                maxpool_scatter(G, ar.arg[i].data() + off * op.out.size(), g, T, nxt);
                 return nxt;
             case OpKind::AvgPool: {
                 float* t = ar.tmp.data();

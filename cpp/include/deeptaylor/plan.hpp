@@ -87,6 +87,12 @@ struct Plan {
     std::vector<LinearPrep> lin;     // one per op (empty for non-linear ops)
     std::vector<char> nonneg_in;     // op input is >= 0 by construction (after a ReLU)
     int64_t tile = 1;                // images per tile (independent of the thread count)
+    // Head groups: the trailing run of rank-1 ops (the Dense head after the last Flatten / pooling,
+    // ops [head, L)) runs on up to `group` images at once (a multiple of `tile`) fed by several
+    // tiles of the ops before it, so that its weight matrices stream from memory once per group
+    // instead of once per tile. head == L (no head) or group == tile: plain tiles.
+    size_t head = 0;
+    int64_t group = 1;
     int64_t max_size = 1;            // largest per-sample activation (floats)
     int64_t num_outputs() const { return ops.back().out.size(); }
 };
@@ -99,9 +105,13 @@ struct ArenaSizes {
     int64_t col = 0;           // each of the 4 im2col-block buffers (col, col+, col-, combined)
     int64_t den = 0;           // each of denominators and s (block rows x 2 O)
     int64_t ccol = 0;          // transpose-GEMM output block (block rows x 2 Kc)
+    int64_t head_rel = 0;      // head groups: the head's input relevance for the whole group
     int64_t bytes() const;
 };
-ArenaSizes arena_sizes(const Plan& plan, int64_t T);
+// T images per tile for ops [0, head), G (a multiple of T) for the head and for the stored
+// activations of every op (a group's tiles all keep theirs until the head's relevance is back).
+ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G);
+inline ArenaSizes arena_sizes(const Plan& plan) { return arena_sizes(plan, plan.tile, plan.group); }
 
 // Validate the specs, derive every rule matrix/constant map and choose the tile size.
 // Throws std::invalid_argument naming the op on inconsistent specs.
@@ -110,6 +120,12 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
 // Per-thread arena budget used to choose the tile size, and the largest tile.
 constexpr int64_t kArenaBudgetBytes = 16 << 20;
 constexpr int64_t kMaxTile = 64;
+// Head groups: at most this many images, arena at most this budget, and only for heads whose
+// weights exceed kHeadGroupMinWeightBytes (smaller ones stay in cache across tiles anyway).
+constexpr int64_t kMaxGroup = 64;
+constexpr int64_t kGroupBudgetBytes = 48 << 20;
+constexpr int64_t kHeadGroupMinWeightBytes = 1 << 20;
+constexpr int64_t kMaxGroupTile = 4;  // head groups only for tiles of at most this many images
 // Floats of one im2col block (rows x Kc); bounds the conv working set independent of the batch.
 constexpr int64_t kChunkFloats = 1 << 17;
 constexpr int64_t kMinChunkRows = 128;
