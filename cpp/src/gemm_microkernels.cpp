@@ -25,7 +25,6 @@ namespace {
 // Portable kernel: 4 x 8, plain C++ (the compiler vectorises the j loops at the baseline ISA).
 constexpr int kMrS = 4, kNrS = 8;
 
-// Ap (kc, kMrS) packed, Bp (kc, kNrS) packed -> C (m, n), m <= 4, n <= 8
 // F: the B filter (0 as stored, 1 max(b, 0), 2 min(b, 0)), applied to each B value as it is loaded.
 template <int F>
 inline float filt(float b) {
@@ -34,6 +33,8 @@ inline float filt(float b) {
     return b;
 }
 
+// Ap (kc, kMrS) packed (A row-major A[r * ars + k] if R), Bp (kc, kNrS) packed -> C (m, n), m <= 4,
+// n <= 8
 template <int M, int F, bool R>
 void tile_scalar_m(int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp, float* C, int64_t ldc,
                    bool add) {
@@ -74,7 +75,6 @@ void tile_scalar(int m, int n, int64_t kc, const float* Ap, int64_t ars, const f
 // AVX2 + FMA: 6 x 16 (12 ymm accumulators + 2 for B + 1 broadcast of the 16 registers).
 constexpr int kMr2 = 6, kNr2 = 16;
 
-// Ap (kc, 6), Bp (kc, 16) packed, 32-byte aligned -> C (m, n), m <= 6, n <= 16
 template <int F>
 DT_TARGET_AVX2 inline __m256 filt2(__m256 b) {
     if constexpr (F == 1) return _mm256_max_ps(b, _mm256_setzero_ps());
@@ -82,6 +82,8 @@ DT_TARGET_AVX2 inline __m256 filt2(__m256 b) {
     return b;
 }
 
+// Ap (kc, 6), Bp (kc, 16) packed (A row-major A[r * ars + k] if R), 32-byte aligned
+// -> C (m, n), m <= 6, n <= 16
 template <int M, int F, bool R>
 DT_TARGET_AVX2 void tile_avx2_m(int n, int64_t kc, const float* Ap, int64_t ars, const float* Bp,
                                 float* C, int64_t ldc, bool add) {
@@ -151,7 +153,6 @@ DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, int64_t
 // registers (a larger tile: fewer loads per FMA) and masked stores for the right edge.
 constexpr int kMr5 = 12, kNr5 = 32;
 
-// Ap (kc, 12), Bp (kc, 32) packed, 64-byte aligned -> C (m, n), m <= 12, n <= 32
 template <int F>
 DT_TARGET_AVX512 inline __m512 filt5(__m512 b) {
     if constexpr (F == 1) return _mm512_max_ps(b, _mm512_setzero_ps());
@@ -159,6 +160,8 @@ DT_TARGET_AVX512 inline __m512 filt5(__m512 b) {
     return b;
 }
 
+// Ap (kc, 12), Bp (kc, 32) packed (A row-major A[r * ars + k] if R), 64-byte aligned
+// -> C (m, n), m <= 12, n <= 32
 template <int M, int F, bool R>
 DT_TARGET_AVX512 void tile_avx512_m(int n, int64_t kc, const float* Ap, int64_t ars,
                                     const float* Bp, float* C, int64_t ldc, bool add) {
