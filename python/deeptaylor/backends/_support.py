@@ -6,11 +6,11 @@ from collections.abc import Collection
 
 from ..errors import UnsupportedError
 from ..methods import Method
-from ..network import Sequential
+from ..network import Graph
 from ..rules import Rule
 
 
-def refuse_unsupported(backend: str, net: Sequential, assignment: list[Rule | None] | Method,
+def refuse_unsupported(backend: str, net: Graph, assignment: list[Rule | None] | Method,
                        layers: Collection[type], rules: Collection[type], methods: Collection[type]) -> None:
     """Raise :class:`~deeptaylor.errors.UnsupportedError` naming the layer index, the layer type and
     the rule (or the method) unless every layer, rule and method is one of the given types *exactly*.
@@ -28,13 +28,14 @@ def refuse_unsupported(backend: str, net: Sequential, assignment: list[Rule | No
     else:
         per_layer = assignment
     for i, (layer, rule) in enumerate(zip(net, per_layer, strict=True)):
+        where = net._where(i)
         if type(layer) not in layers:
             raise UnsupportedError(
-                f"backend '{backend}' does not support layer {i} ({layer.kind}): it runs the built-in "
+                f"backend '{backend}' does not support {where}: it runs the built-in "
                 f"layers {', '.join(sorted(t.__name__ for t in layers))} (matched by exact type; "
                 "subclasses are not dispatched)")
         if rule is not None and type(rule) not in rules:
             raise UnsupportedError(
-                f"backend '{backend}' does not support rule {rule!r} on layer {i} ({layer.kind}): it runs "
+                f"backend '{backend}' does not support rule {rule!r} on {where}: it runs "
                 f"the built-in rules {', '.join(sorted(t.__name__ for t in rules))} (matched by exact "
                 "type; subclasses are not dispatched)")

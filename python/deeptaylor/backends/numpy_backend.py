@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 
 from .. import reference
-from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalSumPool, LpPool, MaxPool2d, ReLU, SumPool2d
+from ..layers import BUILTIN_LAYERS
 from ..methods import GradientXInput, Method, Sensitivity
-from ..network import Sequential
+from ..network import Graph
 from ..reference.relevance import RULE_FUNCTIONS
 from ..rules import Rule
 from ._support import refuse_unsupported
 
-_LAYERS = (Dense, Conv2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten)
+_LAYERS = BUILTIN_LAYERS
 _METHODS = (Sensitivity, GradientXInput)
 
 
@@ -26,12 +26,12 @@ class NumpyBackend:
     #: the precision it computes in
     dtype = np.dtype(np.float64)
 
-    def check(self, net: Sequential, assignment: list[Rule | None] | Method) -> None:
+    def check(self, net: Graph, assignment: list[Rule | None] | Method) -> None:
         """Raise :class:`~deeptaylor.errors.UnsupportedError` naming the layer index, type and rule for
         a layer, rule or method that is not one of the built-in types."""
         refuse_unsupported(self.name, net, assignment, _LAYERS, tuple(RULE_FUNCTIONS), _METHODS)
 
-    def run(self, net: Sequential, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
+    def run(self, net: Graph, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
             return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
         # overflow (inf) and inf - inf (NaN) are not warned about here: the Explainer checks the
         # output and the relevance once after the pass and raises a clear error instead

@@ -21,12 +21,13 @@ from ..layers import (
     SumPool2d,
 )
 from ..methods import GradientXInput, Method, Sensitivity
-from ..network import Sequential
+from ..network import Graph
 from ..rules import Rule
 from . import ops
 from .relevance import linear_relevance, safe_divide
 
-__all__ = ["forward_layer", "relevance_layer", "gradient_layer", "forward", "run", "Pass"]
+__all__ = ["forward_layer", "relevance_layer", "gradient_layer", "forward_node", "relevance_node",
+           "gradient_node", "forward", "run", "Pass"]
 
 
 def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -118,63 +119,114 @@ def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: 
     raise UnsupportedError(f"no reference gradient for {type(layer).__name__}")
 
 
-def forward(net: Sequential, x: np.ndarray) -> np.ndarray:
-    """The network's output for ``x`` (float64)."""
-    a = x
-    for layer in net:
-        a, _ = forward_layer(layer, a)
-    return a
+def forward_node(layer: Layer, inputs: list[np.ndarray]) -> tuple[np.ndarray, Any]:
+    """Forward one node on its input arrays (one per input). Returns ``(output, cache)``."""
+    if layer.arity == 1:
+        return forward_layer(layer, inputs[0])
+    raise UnsupportedError(f"no reference forward for {type(layer).__name__}")
+
+
+def relevance_node(layer: Layer, rule: Rule | None, inputs: list[np.ndarray], out: np.ndarray, cache: Any,
+                   R: np.ndarray) -> list[np.ndarray]:
+    """Relevance at each input of a node from the relevance ``R`` of its output (one array per input,
+    each of its input's shape)."""
+    if layer.arity == 1:
+        return [relevance_layer(layer, rule, inputs[0], cache, R)]
+    raise UnsupportedError(f"no reference relevance for {type(layer).__name__}")
+
+
+def gradient_node(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, cache: Any,
+                  g: np.ndarray) -> list[np.ndarray]:
+    """The gradient ``g`` of the node's output backpropagated to each of its inputs."""
+    if layer.arity == 1:
+        return [gradient_layer(layer, inputs[0], out, cache, g)]
+    raise UnsupportedError(f"no reference gradient for {type(layer).__name__}")
+
+
+def _forward_all(net: Graph, x: np.ndarray) -> tuple[list[np.ndarray], list[Any]]:
+    """Every value (input, then each node's output) and every node's cache. Values are dropped
+    after their last reader (the reference keeps only what it needs... except that the relevance
+    pass needs them all, so :func:`run` keeps them; :func:`forward` frees them)."""
+    acts: list[np.ndarray] = [x]
+    caches: list[Any] = []
+    for node in net.nodes:
+        out, cache = forward_node(node.layer, [acts[v] for v in node.inputs])
+        acts.append(out)
+        caches.append(cache)
+    return acts, caches
+
+
+def forward(net: Graph, x: np.ndarray) -> np.ndarray:
+    """The network's output for ``x`` (float64), freeing every value after its last reader."""
+    consumers = net.consumers()
+    last = [max(c) if c else -1 for c in consumers]
+    acts: dict[int, np.ndarray] = {0: x}
+    for i, node in enumerate(net.nodes):
+        out, _ = forward_node(node.layer, [acts[v] for v in node.inputs])
+        acts[i + 1] = out
+        for v in set(node.inputs):
+            if last[v] == i:
+                del acts[v]
+    return acts[len(net)]
 
 
 @dataclass
 class Pass:
-    """Everything one reference pass computed."""
+    """Everything one reference pass computed (lists indexed by value id: 0 is the input, ``i + 1``
+    the output of node ``i``)."""
 
     output: np.ndarray            # (N, K) network output
     relevance: np.ndarray         # shape of x
-    layers: list[np.ndarray]      # relevance at the input of every layer, then at the output (len L+1)
-    activations: list[np.ndarray]  # input of every layer, then the output (len L+1)
+    layers: list[np.ndarray]      # relevance at every value (len L+1): input of every layer, then the output
+    activations: list[np.ndarray]  # every value (len L+1)
 
 
-def run(net: Sequential, assignment: list[Rule | None] | Method, x: np.ndarray,
+def _accumulate(buf: list[np.ndarray | None], v: int, r: np.ndarray) -> None:
+    buf[v] = r if buf[v] is None else buf[v] + r
+
+
+def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
         targets: np.ndarray | None) -> Pass:
     """Forward ``x`` (N, ...) through ``net``, then propagate back from the targets' outputs.
 
-    ``assignment`` is the per-layer rule list of a resolved composite, or a gradient method.
+    ``assignment`` is the per-node rule list of a resolved composite, or a gradient method.
     ``targets`` (N,) int: the output explained per sample; None: the largest output (argmax).
     Returns a :class:`Pass`. Relevance starts as ``R_out[n, t_n] = f_{t_n}(x_n)`` (others 0); for a
-    gradient method the backward pass starts from the one-hot ``df_t/df``.
+    gradient method the backward pass starts from the one-hot ``df_t/df``. Nodes are visited in
+    reverse topological order; a value read by several nodes receives the sum of their relevances
+    (gradients). A value that no path from the output reaches gets zeros.
     """
-    acts = [x]
-    caches = []
-    for layer in net:
-        out, cache = forward_layer(layer, acts[-1])
-        acts.append(out)
-        caches.append(cache)
+    acts, caches = _forward_all(net, x)
+    L = len(net)
     output = acts[-1]
     n = output.shape[0]
     t = np.argmax(output, axis=1) if targets is None else np.asarray(targets)
     onehot = np.zeros_like(output)
     onehot[np.arange(n), t] = 1.0
-    layers: list[np.ndarray] = [np.empty(0)] * (len(net) + 1)
-    if isinstance(assignment, Method):
-        g = onehot
-        grads = [g]
-        for i in range(len(net) - 1, -1, -1):
-            g = gradient_layer(net[i], acts[i], acts[i + 1], caches[i], g)
-            grads.append(g)
-        grads.reverse()
-        for i, gi in enumerate(grads):
-            if isinstance(assignment, Sensitivity):
-                layers[i] = gi ** 2
-            elif isinstance(assignment, GradientXInput):
-                layers[i] = gi * acts[i]
-            else:  # pragma: no cover - guarded by the Explainer
-                raise UnsupportedError(f"unknown method {assignment!r}")
-    else:
-        R = output * onehot
-        layers[len(net)] = R
-        for i in range(len(net) - 1, -1, -1):
-            R = relevance_layer(net[i], assignment[i], acts[i], caches[i], R)
-            layers[i] = R
+    method = isinstance(assignment, Method)
+    buf: list[np.ndarray | None] = [None] * (L + 1)
+    buf[L] = onehot if method else output * onehot
+    for i in range(L - 1, -1, -1):
+        node = net.nodes[i]
+        R = buf[i + 1]
+        if R is None:
+            R = np.zeros_like(acts[i + 1])
+            buf[i + 1] = R
+        ins = [acts[v] for v in node.inputs]
+        if method:
+            parts = gradient_node(node.layer, ins, acts[i + 1], caches[i], R)
+        else:
+            parts = relevance_node(node.layer, assignment[i], ins, acts[i + 1], caches[i], R)
+        for v, r in zip(node.inputs, parts, strict=True):
+            _accumulate(buf, v, r)
+    if buf[0] is None:
+        buf[0] = np.zeros_like(x)
+    layers: list[np.ndarray] = [b if b is not None else np.zeros_like(a) for b, a in zip(buf, acts)]
+    if method:
+        if isinstance(assignment, Sensitivity):
+            layers = [g ** 2 for g in layers]
+        elif isinstance(assignment, GradientXInput):
+            layers = [g * a for g, a in zip(layers, acts)]
+        else:  # pragma: no cover - guarded by the Explainer
+            raise UnsupportedError(f"unknown method {assignment!r}")
     return Pass(output=output, relevance=layers[0], layers=layers, activations=acts)
