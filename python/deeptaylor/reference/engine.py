@@ -9,40 +9,125 @@ import numpy as np
 
 from ..errors import UnsupportedError
 from ..layers import (
+    Activation,
+    Add,
+    AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    ChannelShuffle,
+    Concat,
     Conv2d,
+    ConvTranspose2d,
     Dense,
+    Dropout,
     Flatten,
+    GlobalAvgPool,
     GlobalSumPool,
+    Identity,
     Layer,
     LpPool,
     MaxPool2d,
+    Mul,
     ReLU,
+    Slice,
     SumPool2d,
+    Upsample,
 )
 from ..methods import GradientXInput, Method, Sensitivity
 from ..network import Graph
 from ..rules import Rule
 from . import ops
-from .relevance import linear_relevance, safe_divide
+from .relevance import batchnorm_relevance, linear_relevance, norm_split, safe_divide
 
 __all__ = ["forward_layer", "relevance_layer", "gradient_layer", "forward_node", "relevance_node",
            "gradient_node", "forward", "run", "Pass"]
 
+_LINEAR = (Dense, Conv2d, ConvTranspose2d)
+_BATCHNORM = (BatchNorm1d, BatchNorm2d)
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """(C,) float64 -> broadcastable against (N, C) or (N, C, H, W)."""
+    return np.asarray(v, dtype=np.float64).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _avgpool_default(layer: AvgPool2d) -> bool:
+    """No ceil_mode and count_include_pad: every divisor is kh*kw (the historical formula, kept bit
+    for bit)."""
+    return not layer.ceil_mode and layer.count_include_pad
+
+
+def _adaptive_sum(a: np.ndarray, rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> np.ndarray:
+    """Window sums of an adaptive pool: (N, C, H, W) -> (N, C, len(rows), len(cols))."""
+    out = np.zeros(a.shape[:2] + (len(rows), len(cols)), dtype=a.dtype)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, :, i, j] = a[:, :, r0:r1, c0:c1].sum(axis=(2, 3))
+    return out
+
+
+def _adaptive_scatter(y: np.ndarray, rows: list[tuple[int, int]], cols: list[tuple[int, int]],
+                      shape: tuple[int, ...]) -> np.ndarray:
+    """Transpose of :func:`_adaptive_sum`: every input gets the sum of the outputs whose window holds it."""
+    out = np.zeros(shape, dtype=y.dtype)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, :, r0:r1, c0:c1] += y[:, :, i:i + 1, j:j + 1]
+    return out
+
+
+def _adaptive_counts(rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> np.ndarray:
+    """(OH, OW) float64: the number of inputs in every adaptive window."""
+    return np.outer([r1 - r0 for r0, r1 in rows], [c1 - c0 for c0, c1 in cols]).astype(np.float64)
+
+
+def _upsample_sum(R: np.ndarray, scale: tuple[int, int]) -> np.ndarray:
+    """Sum over the copies of nearest upsampling: (N, C, H*sh, W*sw) -> (N, C, H, W)."""
+    n, c, oh, ow = R.shape
+    sh, sw = scale
+    return R.reshape(n, c, oh // sh, sh, ow // sw, sw).sum(axis=(3, 5))
+
+
+def _unshuffle(R: np.ndarray, layer: ChannelShuffle) -> np.ndarray:
+    """Inverse of the channel permutation: output channel k goes back to input channel perm[k]."""
+    out = np.empty_like(R)
+    out[:, layer.permutation(R.shape[1])] = R
+    return out
+
+
+def _unslice(R: np.ndarray, layer: Slice, shape: tuple[int, ...]) -> np.ndarray:
+    """Scatter the slice's relevance (or gradient) into zeros of the input's shape."""
+    out = np.zeros(shape, dtype=R.dtype)
+    out[:, layer.start:layer.stop] = R
+    return out
+
 
 def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
-    """Forward one layer. Returns ``(output, cache)``; the cache holds what the backward passes
-    need beyond the input (max-pool winners)."""
-    if isinstance(layer, (Dense, Conv2d)):
+    """Forward one single-input layer: a (the layer's input shape) -> (output, cache); the cache holds
+    what the backward passes need beyond the input (max-pool winners)."""
+    if isinstance(layer, _LINEAR):
         return ops.linear_forward(layer, a, np.asarray(layer.weight, dtype=np.float64),
                                  np.asarray(layer.bias, dtype=np.float64)), None
     if isinstance(layer, ReLU):
         return np.maximum(a, 0.0), None
+    if isinstance(layer, Activation):
+        return ops.activation_forward(layer.fn, layer.param, a), None
+    if isinstance(layer, _BATCHNORM):
+        return a * _channel(layer.scale, a.ndim) + _channel(layer.shift, a.ndim), None
     if isinstance(layer, MaxPool2d):
-        return ops.maxpool_forward(a, layer.kernel_size, layer.stride, layer.padding)
+        return ops.maxpool_forward(a, layer.kernel_size, layer.stride, layer.resolved_padding(*a.shape[2:]))
     if isinstance(layer, AvgPool2d):
-        k = layer.kernel_size[0] * layer.kernel_size[1]
-        return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding) / k, None
+        if _avgpool_default(layer):
+            k = layer.kernel_size[0] * layer.kernel_size[1]
+            return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding) / k, None
+        pad = layer.resolved_padding(*a.shape[2:])
+        return ops.window_sum(a, layer.kernel_size, layer.stride, pad) * layer.inv_count(*a.shape[2:]), None
+    if isinstance(layer, AdaptiveAvgPool2d):
+        rows, cols = layer.windows(*a.shape[2:])
+        return _adaptive_sum(a, rows, cols) / _adaptive_counts(rows, cols), None
+    if isinstance(layer, GlobalAvgPool):
+        return a.sum(axis=(2, 3)) / (a.shape[2] * a.shape[3]), None
     if isinstance(layer, SumPool2d):
         return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding), None
     if isinstance(layer, GlobalSumPool):
@@ -56,53 +141,99 @@ def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
         return s ** (1.0 / layer.p), None
     if isinstance(layer, Flatten):
         return a.reshape(a.shape[0], -1), None
+    if isinstance(layer, Upsample):
+        sh, sw = layer.scale_factor
+        return np.repeat(np.repeat(a, sh, axis=2), sw, axis=3), None
+    if isinstance(layer, ChannelShuffle):
+        return a[:, layer.permutation(a.shape[1])], None
+    if isinstance(layer, Slice):
+        return a[:, layer.start:layer.stop].copy(), None
+    if isinstance(layer, (Identity, Dropout)):
+        return a, None
     raise UnsupportedError(f"no reference forward for {type(layer).__name__}")
 
 
 def _proportional(layer: Layer, a: np.ndarray, R: np.ndarray) -> np.ndarray:
     """Pooling relevance in proportion to the inputs (z-rule with unit weights):
-    R_i = a_i sum_{j covering i} R_j / (sum_{i' in j} a_i')."""
+    R_i = a_i sum_{j covering i} R_j / (sum_{i' in j} a_i') (0 where a window sums to 0; an average's
+    divisor cancels). a (N, C, H, W) or (N, F); R the pool's output shape; returns a's shape."""
+    if isinstance(layer, AdaptiveAvgPool2d):
+        rows, cols = layer.windows(*a.shape[2:])
+        s = safe_divide(R, _adaptive_sum(a, rows, cols))
+        return a * _adaptive_scatter(s, rows, cols, a.shape)
+    if isinstance(layer, GlobalAvgPool):  # per channel
+        s = safe_divide(R, a.sum(axis=(2, 3)))
+        return a * s[:, :, None, None]
     if getattr(layer, "kernel_size", None) is None:  # global pools
         flat = a.reshape(a.shape[0], -1)
         s = safe_divide(R, flat.sum(axis=1, keepdims=True))
         return (flat * s).reshape(a.shape)
-    z = ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding)
+    pad = layer.resolved_padding(*a.shape[2:]) if isinstance(layer, AvgPool2d) else layer.padding
+    z = ops.window_sum(a, layer.kernel_size, layer.stride, pad)
     s = safe_divide(R, z)
-    return a * ops.window_scatter(s, layer.kernel_size, layer.stride, layer.padding, a.shape)
+    return a * ops.window_scatter(s, layer.kernel_size, layer.stride, pad, a.shape)
 
 
 def relevance_layer(layer: Layer, rule: Rule | None, a: np.ndarray, cache: Any, R: np.ndarray) -> np.ndarray:
-    """Relevance at the input of ``layer`` from the relevance ``R`` of its output.
+    """Relevance at the input of a single-input ``layer`` from the relevance ``R`` of its output.
 
-    Linear layers apply their ``rule``; ReLU passes relevance through (DTD, slide 003: R_j = x_j);
-    sum/avg/p-norm pooling redistribute in proportion to their inputs (training-free relevance model);
-    max pooling is winner-take-all; Flatten reshapes.
+    Linear layers (Dense, Conv2d, ConvTranspose2d) apply their ``rule``; standalone BatchNorm applies
+    its optional rule (None: pass); ReLU and the other activations pass relevance through (DTD, slide
+    003: R_j = x_j; Zennit's Pass); sum/avg/p-norm/adaptive/global pooling redistribute in proportion
+    to their inputs (training-free relevance model); max pooling is winner-take-all; Flatten reshapes;
+    Upsample sums the copies; ChannelShuffle permutes back; Slice scatters into zeros; Identity and
+    Dropout pass. a: the layer's input, R: its output's shape; returns a's shape.
     """
-    if isinstance(layer, (Dense, Conv2d)):
+    if isinstance(layer, _LINEAR):
         assert rule is not None
         return linear_relevance(layer, rule, a, R)
-    if isinstance(layer, ReLU):
+    if isinstance(layer, _BATCHNORM):
+        return batchnorm_relevance(layer, rule, a, R)
+    if isinstance(layer, (ReLU, Activation, Identity, Dropout)):
         return R
     if isinstance(layer, MaxPool2d):
-        return ops.maxpool_scatter(R, cache, layer.kernel_size, layer.stride, layer.padding, a.shape)
-    if isinstance(layer, (AvgPool2d, SumPool2d, GlobalSumPool, LpPool)):
+        return ops.maxpool_scatter(R, cache, layer.kernel_size, layer.stride,
+                                   layer.resolved_padding(*a.shape[2:]), a.shape)
+    if isinstance(layer, (AvgPool2d, SumPool2d, GlobalSumPool, LpPool, AdaptiveAvgPool2d, GlobalAvgPool)):
         return _proportional(layer, a, R)
     if isinstance(layer, Flatten):
         return R.reshape(a.shape)
+    if isinstance(layer, Upsample):
+        return _upsample_sum(R, layer.scale_factor)
+    if isinstance(layer, ChannelShuffle):
+        return _unshuffle(R, layer)
+    if isinstance(layer, Slice):
+        return _unslice(R, layer, a.shape)
     raise UnsupportedError(f"no reference relevance for {type(layer).__name__}")
 
 
 def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: np.ndarray) -> np.ndarray:
     """Backpropagate the gradient ``g`` (shape of the layer's output) to its input (shape of ``a``)."""
-    if isinstance(layer, (Dense, Conv2d)):
+    if isinstance(layer, _LINEAR):
         return ops.linear_transpose(layer, g, np.asarray(layer.weight, dtype=np.float64), a.shape)
     if isinstance(layer, ReLU):
         return g * (a > 0)
+    if isinstance(layer, Activation):
+        return g * ops.activation_derivative(layer.fn, layer.param, a)
+    if isinstance(layer, _BATCHNORM):
+        return g * _channel(layer.scale, a.ndim)
+    if isinstance(layer, (Identity, Dropout)):
+        return g
     if isinstance(layer, MaxPool2d):
-        return ops.maxpool_scatter(g, cache, layer.kernel_size, layer.stride, layer.padding, a.shape)
+        return ops.maxpool_scatter(g, cache, layer.kernel_size, layer.stride,
+                                   layer.resolved_padding(*a.shape[2:]), a.shape)
     if isinstance(layer, AvgPool2d):
-        k = layer.kernel_size[0] * layer.kernel_size[1]
-        return ops.window_scatter(g / k, layer.kernel_size, layer.stride, layer.padding, a.shape)
+        if _avgpool_default(layer):
+            k = layer.kernel_size[0] * layer.kernel_size[1]
+            return ops.window_scatter(g / k, layer.kernel_size, layer.stride, layer.padding, a.shape)
+        pad = layer.resolved_padding(*a.shape[2:])
+        return ops.window_scatter(g * layer.inv_count(*a.shape[2:]), layer.kernel_size, layer.stride, pad,
+                                  a.shape)
+    if isinstance(layer, AdaptiveAvgPool2d):
+        rows, cols = layer.windows(*a.shape[2:])
+        return _adaptive_scatter(g / _adaptive_counts(rows, cols), rows, cols, a.shape)
+    if isinstance(layer, GlobalAvgPool):
+        return np.broadcast_to((g / (a.shape[2] * a.shape[3]))[:, :, None, None], a.shape).copy()
     if isinstance(layer, SumPool2d):
         return ops.window_scatter(g, layer.kernel_size, layer.stride, layer.padding, a.shape)
     if isinstance(layer, GlobalSumPool):
@@ -116,30 +247,68 @@ def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: 
         return local * ops.window_scatter(gy, layer.kernel_size, layer.stride, layer.padding, a.shape)
     if isinstance(layer, Flatten):
         return g.reshape(a.shape)
+    if isinstance(layer, Upsample):
+        return _upsample_sum(g, layer.scale_factor)
+    if isinstance(layer, ChannelShuffle):
+        return _unshuffle(g, layer)
+    if isinstance(layer, Slice):
+        return _unslice(g, layer, a.shape)
     raise UnsupportedError(f"no reference gradient for {type(layer).__name__}")
 
 
 def forward_node(layer: Layer, inputs: list[np.ndarray]) -> tuple[np.ndarray, Any]:
-    """Forward one node on its input arrays (one per input). Returns ``(output, cache)``."""
+    """Forward one node on its input arrays (one per input, in the node's input order). Returns
+    ``(output, cache)``. Add: the sum (left to right); Concat: along axis 1; Mul: signal * gate (the
+    gate (N, C, 1, 1) broadcast over H, W)."""
     if layer.arity == 1:
         return forward_layer(layer, inputs[0])
+    if isinstance(layer, Add):
+        out = inputs[0] + inputs[1]
+        for a in inputs[2:]:
+            out = out + a
+        return out, None
+    if isinstance(layer, Concat):
+        return np.concatenate(inputs, axis=1), None
+    if isinstance(layer, Mul):
+        return inputs[0] * inputs[1], None
     raise UnsupportedError(f"no reference forward for {type(layer).__name__}")
 
 
 def relevance_node(layer: Layer, rule: Rule | None, inputs: list[np.ndarray], out: np.ndarray, cache: Any,
                    R: np.ndarray) -> list[np.ndarray]:
     """Relevance at each input of a node from the relevance ``R`` of its output (one array per input,
-    each of its input's shape)."""
+    each of its input's shape). Add: Zennit's Norm rule (:func:`~.relevance.norm_split`, the layer's
+    ``eps``); Concat: R sliced by position; Mul: all of R to the signal, zeros to the gate (Arras et
+    al. 2017)."""
     if layer.arity == 1:
         return [relevance_layer(layer, rule, inputs[0], cache, R)]
+    if isinstance(layer, Add):
+        return norm_split(inputs, out, R, layer.eps)
+    if isinstance(layer, Concat):
+        bounds = np.cumsum([a.shape[1] for a in inputs])[:-1]
+        return np.split(R, bounds, axis=1)
+    if isinstance(layer, Mul):
+        return [R, np.zeros_like(inputs[1])]
     raise UnsupportedError(f"no reference relevance for {type(layer).__name__}")
 
 
 def gradient_node(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, cache: Any,
                   g: np.ndarray) -> list[np.ndarray]:
-    """The gradient ``g`` of the node's output backpropagated to each of its inputs."""
+    """The gradient ``g`` of the node's output backpropagated to each of its inputs. Mul: the product
+    rule, the gate's part summed over the axes it was broadcast along."""
     if layer.arity == 1:
         return [gradient_layer(layer, inputs[0], out, cache, g)]
+    if isinstance(layer, Add):
+        return [g for _ in inputs]
+    if isinstance(layer, Concat):
+        bounds = np.cumsum([a.shape[1] for a in inputs])[:-1]
+        return np.split(g, bounds, axis=1)
+    if isinstance(layer, Mul):
+        sig, gate = inputs
+        g_gate = g * sig
+        if gate.shape != sig.shape:
+            g_gate = g_gate.sum(axis=(2, 3), keepdims=True)
+        return [g * gate, g_gate]
     raise UnsupportedError(f"no reference gradient for {type(layer).__name__}")
 
 

@@ -2,7 +2,7 @@
 
 One readable function per rule, each written as in its paper with the layer's forward operator
 ``L(a; W, b)`` and its transpose ``L^T(s; W)`` (see :mod:`deeptaylor.reference.ops`), so every
-function serves Dense and Conv2d alike (the trick Zennit's tests use). ``a`` is the layer's input,
+function serves Dense, (grouped) Conv2d and ConvTranspose2d alike (the trick Zennit's tests use). ``a`` is the layer's input,
 ``R`` the relevance of its outputs; every function returns the relevance of its inputs (shape of a).
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedError
-from ..layers import Conv2d, Dense
+from ..layers import BatchNorm1d, BatchNorm2d, Conv2d, ConvTranspose2d, Dense
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 from .ops import linear_forward as L
 from .ops import linear_transpose as LT
 
-__all__ = ["safe_divide", "linear_relevance", "RULE_FUNCTIONS"]
+__all__ = ["safe_divide", "linear_relevance", "RULE_FUNCTIONS", "batchnorm_relevance", "norm_split"]
 
-Linear = Dense | Conv2d
+Linear = Dense | Conv2d | ConvTranspose2d
 
 
 def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -212,3 +212,44 @@ def linear_relevance(layer: Linear, rule: Rule, a: np.ndarray, R: np.ndarray) ->
         raise UnsupportedError(f"the numpy reference has no relevance function for rule {rule!r} on "
                                f"{layer.kind} (built-in rules only, matched by exact type)")
     return fn(layer, rule, a, R)
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """(C,) -> broadcastable against (N, C) or (N, C, H, W)."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batchnorm_relevance(layer: BatchNorm1d | BatchNorm2d, rule: Rule | None, a: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """A standalone BatchNorm ``y = a * scale + shift`` (per channel) as a diagonal linear layer.
+
+    ``rule`` None: relevance passes unchanged (Zennit's ``Pass``), R_in = R. ``Epsilon(eps)``:
+    R_in = a scale R / (y + eps sgn(y)), sgn(0) = +1 (eps = 0: 0 where y = 0). ``Z``: R_in = a scale R / y,
+    0 where y = 0. Any other rule raises :class:`~deeptaylor.errors.UnsupportedError`.
+
+    Shapes: a, R (N, C) for BatchNorm1d or (N, C, H, W) for BatchNorm2d; returns the shape of a.
+    """
+    if rule is None:
+        return R
+    scale = _channel(np.asarray(layer.scale, dtype=np.float64), a.ndim)
+    shift = _channel(np.asarray(layer.shift, dtype=np.float64), a.ndim)
+    contrib = a * scale
+    y = contrib + shift
+    if type(rule) is Epsilon:
+        return contrib * safe_divide(R, y + rule.eps * np.where(y >= 0, 1.0, -1.0))
+    if type(rule) is Z:
+        return contrib * safe_divide(R, y)
+    raise UnsupportedError(f"the numpy reference has no relevance function for rule {rule!r} on "
+                           f"{layer.kind} (None = pass, Epsilon or Z)")
+
+
+def norm_split(inputs: list[np.ndarray], out: np.ndarray, R: np.ndarray, eps: float) -> list[np.ndarray]:
+    """The relevance of an element-wise sum ``out = sum_k inputs[k]`` split in proportion to the
+    summands (Zennit's ``Norm`` rule, as its ResNet canonizer applies it to residual additions):
+    ``R_k = a_k R / (out + eps sgn(out))``, sgn(0) = +1.
+
+    Shapes: every input, out and R have one shape; returns one array of it per input. Conservation
+    holds up to the factor out / (out + eps sgn(out)) where out != 0; where out == 0 the relevance
+    is lost (the split gives sum_k R_k = 0); see docs/theory.md.
+    """
+    s = safe_divide(R, out + eps * np.where(out >= 0, 1.0, -1.0))  # safe only for eps = 0
+    return [a * s for a in inputs]
