@@ -160,7 +160,10 @@ def test_not_a_rule_or_composite(dense_net):
     with pytest.raises(dt.RuleError, match="unknown composite 'nope'; known: deep-taylor"):
         dt.Explainer(dense_net, "nope")
     with pytest.raises(dt.RuleError, match="unknown key"):
-        dt.Composite.from_mapping({"dense": dt.rules.ZPlus()})
+        dt.Composite.from_mapping({3.5: dt.rules.ZPlus()})
+    # a string key is a node name: resolving it on a network without that node names the problem
+    with pytest.raises(dt.RuleError, match="no node named 'dense'"):
+        dt.Explainer(dense_net, dt.Composite.from_mapping({"dense": dt.rules.ZPlus()}))
     with pytest.raises(dt.RuleError, match="by_type keys must be layer classes"):
         dt.Composite(by_type={int: dt.rules.ZPlus()})
     with pytest.raises(dt.RuleError, match="by_index keys must be layer indices"):
@@ -304,7 +307,7 @@ def test_sequential_output_shape_names_failing_layer(rng):
 
 def test_explainer_arguments(dense_net):
     """Bad arguments raise deeptaylor's own errors, which are also the built-ins they used to be."""
-    with pytest.raises(dt.InputTypeError, match="must be a deeptaylor.Sequential"):
+    with pytest.raises(dt.InputTypeError, match="must be a deeptaylor.Graph or Sequential"):
         dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
     with pytest.raises(dt.InputError, match="threads must be a positive int"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0)

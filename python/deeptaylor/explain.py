@@ -11,9 +11,28 @@ import numpy as np
 from .composites import Composite
 from .composites import get as _get_composite
 from .errors import InputError, InputTypeError, RuleError, ShapeError
-from .layers import Conv2d, Dense, Flatten, MaxPool2d, ReLU
+from .layers import (
+    Add,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    ChannelShuffle,
+    Concat,
+    Conv2d,
+    ConvTranspose2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    GlobalSumPool,
+    LpPool,
+    MaxPool2d,
+    ReLU,
+    Slice,
+    SumPool2d,
+    Upsample,
+)
 from .methods import Method
-from .network import Sequential
+from .network import Graph, Sequential
+from .passes import canonicalize
 from .rules import Flat, Rule, WSquare, ZBox, ZPlus
 
 __all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
@@ -33,10 +52,14 @@ class Explanation:
         The explained output index per sample.
     explained : ndarray (N,)
         ``output[n, target[n]]``: the value a conservative method redistributes.
-    layers : list of ndarray or None
-        With ``return_layers=True``: the relevance at the input of every layer (``layers[0]`` is
-        ``relevance``, ``layers[i]`` the input of layer ``i``) and, last, at the output
-        (``layers[len(net)]``), so ``len(layers) == len(net) + 1``.
+    layers : list of ndarray, dict of str -> ndarray, or None
+        With ``return_layers=True``. For a :class:`~deeptaylor.Sequential`: a list, the relevance at
+        the input of every layer (``layers[0]`` is ``relevance``, ``layers[i]`` the input of layer
+        ``i``) and, last, at the output (``layers[len(net)]``), so ``len(layers) == len(net) + 1``.
+        For a :class:`~deeptaylor.Graph`: a dict keyed by node name, the relevance at every node's
+        output, plus ``"input"`` (= ``relevance``). The nodes are those of the canonical graph
+        (:func:`deeptaylor.passes.canonicalize`: a BatchNorm folded into its convolution, Identity and
+        Dropout have no entry of their own).
     method : str
         The composite or method that produced it.
     backend : str
@@ -57,7 +80,7 @@ class Explanation:
     output: np.ndarray
     target: np.ndarray
     explained: np.ndarray
-    layers: list[np.ndarray] | None = None
+    layers: list[np.ndarray] | dict[str, np.ndarray] | None = None
     method: str = ""
     backend: str = ""
     conservative_expected: bool = field(default=False, repr=False)
@@ -70,10 +93,14 @@ class Explanation:
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def validate_input(net: Sequential, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """Check ``x`` against ``net``: a float32/float64 array ``(N, F)`` or ``(N, C, H, W)`` with N >= 1,
     finite values, and a shape every layer accepts. Returns ``(x, shapes)``; raises a
     :class:`~deeptaylor.errors.DeepTaylorError` subclass naming the problem otherwise."""
+    if type(x).__module__.startswith("torch"):
+        from .io.torch import as_array
+
+        x = as_array(x)
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -127,38 +154,79 @@ def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
 
 
 _FIRST_RULES = (ZPlus, WSquare, Flat)
+# nodes through which "the input is non-negative" carries over, and nodes that conserve relevance
+# exactly (by position) or in proportion to non-negative inputs; any other non-linear node (BatchNorm,
+# activations other than ReLU, Mul gates) breaks the theorem's premises
+_NONNEG_KEEP = (Flatten, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, GlobalAvgPool, AdaptiveAvgPool2d,
+                Upsample, ChannelShuffle, Slice, Concat, Add)
+_SHAPE_ONLY = (Flatten,)
 
 
-def _conservation_premises(net: Sequential, assignment: list[Rule | None] | Method) -> tuple[bool, bool]:
+def pixel_values(net: Graph) -> set[int]:
+    """Value ids that hold the input itself, up to reshaping: 0 and Flatten outputs of those. A ZBox
+    on a node that reads one of these sees pixels (its box is checked on the input)."""
+    vals = {0}
+    for i, node in enumerate(net.nodes):
+        if isinstance(node.layer, _SHAPE_ONLY) and node.inputs[0] in vals:
+            vals.add(i + 1)
+    return vals
+
+
+def _conservation_premises(net: Graph, assignment: list[Rule | None] | Method) -> tuple[bool, bool, bool]:
     """The data-independent premises of the conservation theorem (docs/theory.md §3), checked once
-    per Explainer: returns ``(holds, needs_nonnegative_output)``. The second is True when the network
-    ends in a linear layer, whose explained output must be >= 0 (checked per batch)."""
+    per Explainer: returns ``(holds, needs_nonnegative_output, needs_nonnegative_input)``. The second
+    is True when the network ends in a linear layer, whose explained output must be >= 0; the third
+    when an Add reads the input (values), which must then be >= 0 (both checked per batch)."""
     if isinstance(assignment, Method):
-        return False, False
+        return False, False, False
     linear = net.linear_layers()
-    if not linear or any(not isinstance(net[i], Flatten) for i in range(linear[0])):
-        return False, False
-    needs_nonnegative = False
-    for i in linear:
-        layer, rule = net[i], assignment[i]
-        if type(layer) not in (Dense, Conv2d):   # a custom backend's own linear layer: unknown maths
-            return False, False
-        if not np.all(layer.bias <= 0):
-            return False, False                  # b > 0: x_j = b_j with a zero denominator drops R_j
-        if i == linear[0]:
-            box = type(rule) is ZBox and bool(np.all(rule.low <= 0) and np.all(rule.high >= 0))
-            if not (type(rule) in _FIRST_RULES or box):
-                return False, False
-        elif type(rule) is not ZPlus:            # w², flat, zB above: R_j no longer ~ x_j below them
-            return False, False
-        j = i + 1
-        while j < len(net) and isinstance(net[j], (Flatten, MaxPool2d)):
-            j += 1
-        if j == len(net):
-            needs_nonnegative = True
-        elif not isinstance(net[j], ReLU):
-            return False, False                  # a unit that is off must output 0
-    return True, needs_nonnegative
+    if not linear:
+        return False, False, False
+    pixels = pixel_values(net)
+    first = set(net.first_linear())
+    consumers = net.consumers()
+    L = len(net)
+    needs_nonnegative = needs_input = False
+    nonneg = [False] * (L + 1)   # value >= 0 by construction
+    for i, node in enumerate(net.nodes):
+        layer, rule = node.layer, assignment[i]
+        if layer.linear:
+            if type(layer) not in (Dense, Conv2d, ConvTranspose2d):  # a custom backend's own linear layer
+                return False, False, False
+            if not np.all(layer.bias <= 0):
+                return False, False, False       # b > 0: x_j = b_j with a zero denominator drops R_j
+            if i in first:
+                if node.inputs[0] not in pixels:
+                    return False, False, False   # a first layer that sees processed inputs
+                box = type(rule) is ZBox and bool(np.all(rule.low <= 0) and np.all(rule.high >= 0))
+                if not (type(rule) in _FIRST_RULES or box):
+                    return False, False, False
+            elif type(rule) is not ZPlus:        # w², flat, zB above: R_j no longer ~ x_j below them
+                return False, False, False
+            # every path from the output must reach a ReLU through Flatten / MaxPool2d only
+            stack = [i + 1]
+            while stack:
+                v = stack.pop()
+                if v == L:
+                    needs_nonnegative = True
+                for c in consumers[v]:
+                    if isinstance(net[c], (Flatten, MaxPool2d)):
+                        stack.append(c + 1)
+                    elif not isinstance(net[c], ReLU):
+                        return False, False, False   # a unit that is off must output 0
+        elif isinstance(layer, (ReLU, LpPool)):
+            nonneg[i + 1] = True
+        elif isinstance(layer, _NONNEG_KEEP):
+            if isinstance(layer, Add):
+                for v in node.inputs:
+                    if v == 0:
+                        needs_input = True
+                    elif not nonneg[v]:
+                        return False, False, False  # a proportional split of mixed signs
+            nonneg[i + 1] = all(nonneg[v] or v == 0 for v in node.inputs)
+        else:
+            return False, False, False
+    return True, needs_nonnegative, needs_input
 
 
 def _resolve(composite: Any) -> Composite | Method:
@@ -178,7 +246,8 @@ class Explainer:
 
     Parameters
     ----------
-    net : Sequential
+    net : Graph (or Sequential), or a ``torch.nn.Module``
+        A torch module is converted once with :func:`deeptaylor.from_torch` (``input_shape`` needed).
     composite : Composite, Method, Rule, mapping or str
         e.g. ``dt.composites.deep_taylor(0, 1)``, ``dt.methods.Sensitivity()``, ``"epsilon-plus-flat"``,
         a single rule (used for every linear layer) or a mapping accepted by
@@ -187,6 +256,12 @@ class Explainer:
         ``"numpy"``: the float64 reference; ``"cpu"``: the compiled C++ core (float32).
     threads : int, optional
         Threads for the compiled backends (default: OpenMP's default).
+    input_shape : tuple, optional
+        Per-sample input shape ``(C, H, W)`` or ``(F,)``, for a torch module.
+
+    The network is canonicalised once (:func:`deeptaylor.passes.canonicalize`: BatchNorm folded into
+    the convolution before it, Identity/Dropout removed); rules are assigned to the canonical graph's
+    nodes (:attr:`graph`).
 
     Before any work, :meth:`explain` validates the input (dtype, shape, finiteness; for a float32
     backend, values within float32's range) and, for a :class:`~deeptaylor.rules.ZBox` that sees the
@@ -203,21 +278,28 @@ class Explainer:
     True
     """
 
-    def __init__(self, net: Sequential, composite: Any, backend: Any = "numpy", threads: int | None = None) -> None:
+    def __init__(self, net: Any, composite: Any, backend: Any = "numpy", threads: int | None = None,
+                 input_shape: Any = None) -> None:
         from .backends import get_backend
 
-        if not isinstance(net, Sequential):
-            raise InputTypeError(f"net must be a deeptaylor.Sequential, got {type(net).__name__}")
+        if not isinstance(net, Graph) and type(net).__module__.startswith("torch"):
+            from .io.torch import as_network
+
+            net = as_network(net, input_shape)
+        if not isinstance(net, Graph):
+            raise InputTypeError(f"net must be a deeptaylor.Graph or Sequential (or a torch.nn.Module with "
+                                 f"input_shape=...), got {type(net).__name__}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InputError(f"threads must be a positive int, got {threads!r}")
         self.net = net
+        self.graph = canonicalize(net)
         self.composite = _resolve(composite)
         self.assignment: list[Rule | None] | Method = (
-            self.composite if isinstance(self.composite, Method) else self.composite.resolve(net)
+            self.composite if isinstance(self.composite, Method) else self.composite.resolve(self.graph)
         )
         self.backend = get_backend(backend, threads=threads)
-        self.backend.check(net, self.assignment)
-        self._premises = _conservation_premises(net, self.assignment)
+        self.backend.check(self.graph, self.assignment)
+        self._premises = _conservation_premises(self.graph, self.assignment)
 
     @property
     def method_name(self) -> str:
@@ -253,34 +335,33 @@ class Explainer:
             "the weights down" + (" or use backend='numpy' (float64)" if a.dtype == np.float32 else ""))
 
     def _check_domains(self, x: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
-        """Every ZBox's bounds must broadcast to its layer's input shape (RuleError otherwise). ZBox on
-        the layer that sees the input (layer 0, or the first layer after leading Flatten layers, which
-        only reshape) needs the input within its box (InputError otherwise). Both are checked before
-        any work. ZBox deeper in the network sees activations: there the bounds are the user's
-        statement about them."""
+        """Every ZBox's bounds must broadcast to its node's input shape (RuleError otherwise). A ZBox
+        on a node that reads the input (directly or through Flatten nodes, which only reshape) needs
+        the input within its box (InputError otherwise). Both are checked before any work. ZBox
+        deeper in the network sees activations: there the bounds are the user's statement about
+        them."""
         if isinstance(self.assignment, Method):
             return
-        for rule, shape in zip(self.assignment, shapes):
-            if isinstance(rule, ZBox):
-                rule.bounds_for(shape[1:])
-        a = x
-        for i, (layer, rule) in enumerate(zip(self.net, self.assignment)):
-            if isinstance(rule, ZBox):
-                lo, hi = rule.bounds_for(a.shape[1:])
-                tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
-                # reductions over the batch (sample-sized results, no batch-sized temporaries)
-                if rule.low.size == 1 and rule.high.size == 1:
-                    outside = a.min() < lo.flat[0] - tol or a.max() > hi.flat[0] + tol
-                else:
-                    outside = bool(np.any(a.min(axis=0) < lo - tol) or np.any(a.max(axis=0) > hi + tol))
-                if outside:
-                    raise InputError(
-                        f"ZBox on layer {i} ({layer.kind}) needs inputs within [low, high]; got values in "
-                        f"[{a.min():.4g}, {a.max():.4g}] (rescale the input or pass the right low/high)"
-                    )
-            if not isinstance(layer, Flatten):
-                return
-            a = a.reshape(a.shape[0], -1)
+        pixels = pixel_values(self.graph)
+        for i, (node, rule) in enumerate(zip(self.graph.nodes, self.assignment)):
+            if not isinstance(rule, ZBox):
+                continue
+            shape = shapes[node.inputs[0]]
+            lo, hi = rule.bounds_for(shape[1:])
+            if node.inputs[0] not in pixels:
+                continue
+            a = x.reshape(shape)
+            tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
+            # reductions over the batch (sample-sized results, no batch-sized temporaries)
+            if rule.low.size == 1 and rule.high.size == 1:
+                outside = a.min() < lo.flat[0] - tol or a.max() > hi.flat[0] + tol
+            else:
+                outside = bool(np.any(a.min(axis=0) < lo - tol) or np.any(a.max(axis=0) > hi + tol))
+            if outside:
+                raise InputError(
+                    f"ZBox on {self.graph._where(i)} needs inputs within [low, high]; got values in "
+                    f"[{a.min():.4g}, {a.max():.4g}] (rescale the input or pass the right low/high)"
+                )
 
     def explain(self, x: Any, target: Any = None, return_layers: bool = False,
                 batch_size: int | None = None, progress: bool = False) -> Explanation:
@@ -288,7 +369,7 @@ class Explainer:
 
         Parameters
         ----------
-        x : float32/float64 array (N, F) or (N, C, H, W)
+        x : float32/float64 array (N, F) or (N, C, H, W), or a CPU torch tensor
         target : None, int or int array (N,)
             The output to explain: None = the largest output per sample (a single-output network
             explains its output).
@@ -304,7 +385,7 @@ class Explainer:
         Explanation
             ``relevance`` has the shape of x; float64 for the numpy backend, float32 for cpu.
         """
-        x, shapes = validate_input(self.net, x)
+        x, shapes = validate_input(self.graph, x)
         n, k = shapes[-1]
         targets = validate_targets(target, n, k)
         self._check_range(x)
@@ -324,7 +405,7 @@ class Explainer:
         parts = []
         for s in starts:
             t = None if targets is None else targets[s:s + batch_size]
-            parts.append(self.backend.run(self.net, self.assignment, x[s:s + batch_size], t, return_layers))
+            parts.append(self.backend.run(self.graph, self.assignment, x[s:s + batch_size], t, return_layers))
         if len(parts) == 1:
             output, relevance, layers = parts[0]
         else:
@@ -336,11 +417,18 @@ class Explainer:
         self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
-        holds, needs_nonnegative = self._premises
-        conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0)))
+        holds, needs_nonnegative, needs_input = self._premises
+        conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0))) and (
+            not needs_input or float(x.min()) >= 0)
+        if return_layers and layers is not None and not isinstance(self.graph, Sequential):
+            named = {"input": layers[0]}
+            for i, node in enumerate(self.graph.nodes):
+                named[node.name] = layers[i + 1]
+            layers = named
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative)
 
     def __repr__(self) -> str:
-        return f"Explainer({len(self.net)} layers, {self.composite!r}, backend={self.backend.name!r})"
+        what = "layers" if isinstance(self.graph, Sequential) else "nodes"
+        return f"Explainer({len(self.graph)} {what}, {self.composite!r}, backend={self.backend.name!r})"
