@@ -696,3 +696,28 @@ def test_graph_relevance_mul_gate_gets_nothing_and_explainer_agrees_if_ready():
     h_value = next(i + 1 for i, node in enumerate(net.nodes) if isinstance(node.layer, dt.ReLU))
     np.testing.assert_allclose(conv_in.reshape(2, -1).sum(1), p.layers[h_value].reshape(2, -1).sum(1),
                                rtol=1e-6)
+
+
+def test_add_is_zennits_norm_rule_on_its_sum_layer():
+    """Zennit's ResNet canonizer routes residual additions through ``zennit.layer.Sum`` (inputs stacked
+    on a last axis), which its composites explain with ``Norm``: the reference's Add must agree."""
+    from conftest import import_zennit
+
+    import_zennit()
+    from zennit.core import Composite
+    from zennit.layer import Sum
+    from zennit.rules import Norm
+
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=(2, 3, 4, 4)) for _ in range(3)]
+    xs[1][0, 0, 0, 0] = -(xs[0][0, 0, 0, 0] + xs[2][0, 0, 0, 0])     # an exact zero sum
+    xs[1][0, 0, 0, 1] = -(xs[0][0, 0, 0, 1] + xs[2][0, 0, 0, 1]) + 1e-7  # a sum below eps
+    R = rng.normal(size=xs[0].shape)
+    stacked = T(np.stack(xs, axis=-1)).requires_grad_(True)
+    module = Sum(dim=-1)
+    composite = Composite(module_map=lambda ctx, name, mod: Norm() if isinstance(mod, Sum) else None)
+    with composite.context(module) as mod:
+        out = mod(stacked)
+        (rel,) = torch.autograd.grad(out, stacked, T(R))
+    parts, _ = _relevance(dt.Add(), xs, R)
+    np.testing.assert_allclose(np.stack(parts, axis=-1), rel.numpy(), rtol=1e-12, atol=1e-12 * np.abs(R).max())
