@@ -249,7 +249,7 @@ def norm_split(inputs: list[np.ndarray], out: np.ndarray, R: np.ndarray, eps: fl
 
     Shapes: every input, out and R have one shape; returns one array of it per input. Conservation
     holds up to the factor out / (out + eps sgn(out)) where out != 0; where out == 0 the relevance
-    is lost (the split gives sum_k R_k = 0); see docs/theory.md.
+    is lost (the split gives sum_k R_k = 0); see docs/theory.md section 4.
     """
     s = safe_divide(R, out + eps * np.where(out >= 0, 1.0, -1.0))  # safe only for eps = 0
     return [a * s for a in inputs]
