@@ -68,7 +68,31 @@ OpKind op_kind(const std::string& k) {
     if (k == "GlobalSumPool") return OpKind::GlobalSum;
     if (k == "LpPool") return OpKind::LpPool;
     if (k == "Flatten") return OpKind::Flatten;
+    if (k == "ConvTranspose2d") return OpKind::ConvTranspose2d;
+    if (k == "Add") return OpKind::Add;
+    if (k == "Concat") return OpKind::Concat;
+    if (k == "Slice") return OpKind::Slice;
+    if (k == "Mul") return OpKind::Mul;
+    if (k == "BatchNorm" || k == "BatchNorm2d" || k == "BatchNorm1d") return OpKind::BatchNorm;
+    if (k == "Activation") return OpKind::Activation;
+    if (k == "AdaptiveAvgPool2d") return OpKind::AdaptiveAvgPool;
+    if (k == "GlobalAvgPool") return OpKind::GlobalAvgPool;
+    if (k == "Upsample") return OpKind::Upsample;
+    if (k == "ChannelShuffle") return OpKind::ChannelShuffle;
     throw py::value_error("plan: unknown op kind '" + k + "'");
+}
+
+ActFn act_fn(const std::string& f) {
+    if (f == "leaky_relu") return ActFn::LeakyReLU;
+    if (f == "relu6") return ActFn::ReLU6;
+    if (f == "elu") return ActFn::ELU;
+    if (f == "gelu") return ActFn::GELU;
+    if (f == "silu") return ActFn::SiLU;
+    if (f == "hardswish") return ActFn::Hardswish;
+    if (f == "hardsigmoid") return ActFn::Hardsigmoid;
+    if (f == "tanh") return ActFn::Tanh;
+    if (f == "sigmoid") return ActFn::Sigmoid;
+    throw py::value_error("plan: unknown activation '" + f + "'");
 }
 
 RuleKind rule_kind(const std::string& k) {
@@ -86,8 +110,50 @@ RuleKind rule_kind(const std::string& k) {
 OpSpec to_op(const py::dict& d) {
     OpSpec op;
     op.kind = op_kind(d["kind"].cast<std::string>());
+    op.name = get<std::string>(d, "name", "");
     op.in = to_shape(d["in_shape"]);
     op.out = to_shape(d["out_shape"]);
+    if (d.contains("inputs") && !d["inputs"].is_none()) {
+        op.inputs = d["inputs"].cast<std::vector<int64_t>>();
+        if (!d.contains("in_shapes") || d["in_shapes"].is_none())
+            throw py::value_error("plan: an op with \"inputs\" needs \"in_shapes\"");
+        for (const auto& h : d["in_shapes"].cast<py::list>()) op.in_shapes.push_back(to_shape(h));
+    } else if (d.contains("in_shapes") && !d["in_shapes"].is_none()) {
+        for (const auto& h : d["in_shapes"].cast<py::list>()) op.in_shapes.push_back(to_shape(h));
+    }
+    op.groups = get<int64_t>(d, "groups", 1);
+    const auto opad = get<std::vector<int64_t>>(d, "output_padding", {0, 0});
+    if (opad.size() != 2) throw py::value_error("plan: output_padding needs 2 entries");
+    op.oph = opad[0];
+    op.opw = opad[1];
+    if (op.kind == OpKind::BatchNorm) {
+        op.scale = floats(d, "scale");
+        op.shift = floats(d, "shift");
+    }
+    if (op.kind == OpKind::Upsample) {
+        const auto sc = get<std::vector<int64_t>>(d, "scale", {1, 1});
+        if (sc.size() != 2) throw py::value_error("plan: Upsample scale needs 2 entries");
+        op.up_h = sc[0];
+        op.up_w = sc[1];
+    }
+    if (op.kind == OpKind::Activation) {
+        op.act = act_fn(get<std::string>(d, "fn", ""));
+        op.param = get<float>(d, "param", 0.0f);
+    }
+    op.inv_count = floats(d, "inv_count");
+    if (op.kind == OpKind::AdaptiveAvgPool) {
+        for (const char* key : {"rows", "cols"}) {
+            auto& dst = key[0] == 'r' ? op.rows : op.cols;
+            for (const auto& pr : d[key].cast<py::list>()) {
+                const auto v = pr.cast<std::vector<int64_t>>();
+                if (v.size() != 2) throw py::value_error("plan: AdaptiveAvgPool2d windows are [start, end) pairs");
+                dst.push_back(v[0]);
+                dst.push_back(v[1]);
+            }
+        }
+    }
+    op.start = get<int64_t>(d, "start", 0);
+    op.stop = get<int64_t>(d, "stop", 0);
     op.weight = floats(d, "weight");
     op.bias = floats(d, "bias");
     const auto k = get<std::vector<int64_t>>(d, "kernel", {1, 1});
@@ -161,8 +227,14 @@ void register_plan(py::module_& m) {
         .def_property_readonly("tile", [](const PyPlan& p) { return p.plan->tile; },
                                "Images per batch tile (fixed at plan time, independent of threads).")
         .def_property_readonly("arena_bytes",
-                               [](const PyPlan& p) { return arena_sizes(*p.plan).bytes(); },
+                               [](const PyPlan& p) { return p.exec->arena_bytes(); },
                                "Working memory of one thread for a full tile, in bytes.")
+        .def_property_readonly("head", [](const PyPlan& p) { return p.plan->head; },
+                               "First op of the head run on groups (= number of ops when none).")
+        .def_property_readonly("fused", [](const PyPlan& p) {
+                                   std::vector<bool> f(p.plan->fuse_relu.begin(), p.plan->fuse_relu.end());
+                                   return f;
+                               }, "Per op: whether its forward also writes the following ReLU's output.")
         .def_property_readonly("group", [](const PyPlan& p) { return p.plan->group; },
                                "Images per head group (= tile when the plan has no head groups).")
         .def_property_readonly("executor", [](const PyPlan& p) { return std::string(p.exec->name()); })
@@ -198,9 +270,8 @@ void register_plan(py::module_& m) {
                 a.relevance = relevance.mutable_data();
                 a.threads = threads;
                 if (return_layers) {
-                    const size_t L = pl.ops.size();
-                    for (size_t i = 0; i <= L; ++i) {
-                        farray li(full_shape(N, i < L ? pl.ops[i].in : pl.ops[L - 1].out));
+                    for (size_t i = 0; i < pl.values.size(); ++i) {  // by value id
+                        farray li(full_shape(N, pl.values[i]));
                         a.layers.push_back(li.mutable_data());
                         layers.append(li);
                     }

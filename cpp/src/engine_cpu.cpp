@@ -29,6 +29,14 @@
 #include "deeptaylor/ops.hpp"
 #include "deeptaylor/plan.hpp"
 
+// The generic linear module (grouped / transposed convolutions) when it is part of the build.
+#if __has_include("deeptaylor/linear_generic.hpp") && __has_include("linear_generic.cpp")
+#include "deeptaylor/linear_generic.hpp"
+#define DT_HAVE_GENERIC 1
+#else
+#define DT_HAVE_GENERIC 0
+#endif
+
 namespace deeptaylor {
 
 int default_threads() {
@@ -95,22 +103,19 @@ void split(int64_t n, int gth, const F& f) {
     }
 }
 
+// One thread's working memory: the slab that holds every live activation, relevance and max-pool
+// winner buffer at the offsets of the plan's liveness layout, and the per-step scratch buffers.
 struct Arena {
-    std::vector<std::vector<float>> act;
-    std::vector<std::vector<int32_t>> arg;
-    std::vector<float> R0, R1, tmp, tmp2;
-    std::vector<float> col, colP, colN, comb, den, s, ccol, head_rel;
-    explicit Arena(const ArenaSizes& z) {
-        act.resize(z.act.size());
-        for (size_t i = 0; i < z.act.size(); ++i) act[i].resize(static_cast<size_t>(z.act[i]));
-        arg.resize(z.arg.size());
-        for (size_t i = 0; i < z.arg.size(); ++i) arg[i].resize(static_cast<size_t>(z.arg[i]));
-        for (auto* v : {&R0, &R1, &tmp, &tmp2}) v->resize(static_cast<size_t>(z.work));
+    std::vector<float> slab, tmp, tmp2, acc;
+    std::vector<float> col, colP, colN, comb, den, s, ccol, gscr;
+    Arena(const ArenaSizes& z, int64_t gscr_floats) {
+        slab.resize(static_cast<size_t>(z.slab));
+        for (auto* v : {&tmp, &tmp2, &acc}) v->resize(static_cast<size_t>(z.work));
         for (auto* v : {&col, &colP, &colN, &comb}) v->resize(static_cast<size_t>(z.col));
         den.resize(static_cast<size_t>(z.den));
         s.resize(static_cast<size_t>(z.den));
         ccol.resize(static_cast<size_t>(z.ccol));
-        head_rel.resize(static_cast<size_t>(z.head_rel));
+        gscr.resize(static_cast<size_t>(gscr_floats));
     }
 };
 
@@ -122,8 +127,21 @@ public:
     explicit CpuExecutor(std::shared_ptr<Plan> plan) {
         Plan& pl = *plan;
         packs_.resize(pl.ops.size());
+#if DT_HAVE_GENERIC
+        gen_.resize(pl.ops.size());
+#endif
         for (size_t i = 0; i < pl.ops.size(); ++i) {
             const OpSpec& op = pl.ops[i];
+            if (generic_op(op)) {
+#if DT_HAVE_GENERIC
+                gen_[i] = make_generic_linear(op, pl.nonneg_in[i], pl.mode);
+                gscr_ = std::max(gscr_, generic_scratch_floats(*gen_[i], pl.tile));
+                continue;
+#else
+                throw std::invalid_argument(std::string("plan: op ") + std::to_string(i) + " (" + op_name(op.kind) +
+                                            "): grouped and transposed convolutions are not built into this core");
+#endif
+            }
             if (op.kind != OpKind::Dense && op.kind != OpKind::Conv2d) continue;
             auto& Wm = pl.lin[i].Wm;
             const int64_t O = op.g.O, Kc = op.g.Kc();
@@ -187,7 +205,13 @@ public:
             }
             std::vector<float>().swap(Wm);  // packed: the executor owns the weights from here
         }
+        lay_[0] = arena_sizes(pl);
+        if (pl.mode == Mode::GradientXInput) lay_[1] = arena_sizes(pl, pl.tile, pl.group, true);
         plan_ = std::move(plan);
+    }
+
+    int64_t arena_bytes() const override {
+        return lay_[0].bytes() + gscr_ * static_cast<int64_t>(sizeof(float));
     }
 
     const char* name() const override { return "cpu"; }
@@ -200,24 +224,26 @@ public:
         const int64_t Ts = std::min(pl.tile, N);
         const int64_t G = group_rows(N, threads);
         const int64_t ngroups = (N + G - 1) / G;
+        // the larger layout only where it differs: GradientXInput with per-layer outputs
+        const int lk = pl.mode == Mode::GradientXInput && !args.layers.empty() ? 1 : 0;
         if (ngroups >= threads && threads > 1) {
             // Enough groups for every thread: parallelise over them, single-threaded GEMMs.
             // Arenas are taken here, before the parallel region, so a failed allocation raises
             // normally; nothing in the region throws.
-            Arenas arenas(*this, threads);
+            Arenas arenas(*this, threads, lk);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
             for (int64_t k = 0; k < ngroups; ++k) {
                 int tid = 0;
 #ifdef _OPENMP
                 tid = omp_get_thread_num();
 #endif
-                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], 1);
+                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], lay_[lk], 1);
             }
         } else {
             // Few groups: one at a time, the threads work inside each GEMM.
-            Arenas arenas(*this, 1);
+            Arenas arenas(*this, 1, lk);
             for (int64_t k = 0; k < ngroups; ++k)
-                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], threads);
+                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], lay_[lk], threads);
         }
     }
 
@@ -240,6 +266,11 @@ public:
 private:
     std::shared_ptr<const Plan> plan_;
     std::vector<Packs> packs_;
+#if DT_HAVE_GENERIC
+    std::vector<std::unique_ptr<GenericLinear>> gen_;
+#endif
+    int64_t gscr_ = 0;     // generic-linear scratch floats per arena
+    ArenaSizes lay_[2];    // liveness layouts: plain, and GradientXInput with per-layer outputs
 
     // Arenas (one full tile each) are kept for the next call instead of being allocated, page-
     // faulted and zeroed on every call: for a small network that was ~10 % of a 256-image call, for
@@ -247,24 +278,24 @@ private:
     // most (concurrent calls x threads) of them. Every pass writes what it reads (outputs are
     // written or zeroed first), so a reused arena gives the same results as a fresh one (tested).
     mutable std::mutex pool_mu_;
-    mutable std::vector<std::unique_ptr<Arena>> pool_;
+    mutable std::vector<std::unique_ptr<Arena>> pool_[2];
 
     class Arenas {
     public:
-        Arenas(const CpuExecutor& ex, int n) : ex_(ex) {
+        Arenas(const CpuExecutor& ex, int n, int k) : ex_(ex), k_(k) {
+            auto& pool = ex_.pool_[k_];
             {
                 std::lock_guard<std::mutex> lock(ex_.pool_mu_);
-                while (static_cast<int>(a_.size()) < n && !ex_.pool_.empty()) {
-                    a_.push_back(std::move(ex_.pool_.back()));
-                    ex_.pool_.pop_back();
+                while (static_cast<int>(a_.size()) < n && !pool.empty()) {
+                    a_.push_back(std::move(pool.back()));
+                    pool.pop_back();
                 }
             }
-            while (static_cast<int>(a_.size()) < n)
-                a_.push_back(std::make_unique<Arena>(arena_sizes(*ex_.plan_)));
+            while (static_cast<int>(a_.size()) < n) a_.push_back(std::make_unique<Arena>(ex_.lay_[k_], ex_.gscr_));
         }
         ~Arenas() {
             std::lock_guard<std::mutex> lock(ex_.pool_mu_);
-            for (auto& a : a_) ex_.pool_.push_back(std::move(a));
+            for (auto& a : a_) ex_.pool_[k_].push_back(std::move(a));
         }
         Arenas(const Arenas&) = delete;
         Arenas& operator=(const Arenas&) = delete;
@@ -272,6 +303,7 @@ private:
 
     private:
         const CpuExecutor& ex_;
+        int k_;
         std::vector<std::unique_ptr<Arena>> a_;
     };
 
@@ -489,44 +521,58 @@ private:
         });
     }
 
+    // ---- buffers of a call ------------------------------------------------------------------
+    // A group of Tg images from n0; a value's buffers are at the layout's offsets in the slab, each
+    // tile at its image offset `off` when the buffer is sized for the group (else at 0).
+    struct Ctx {
+        const RunArgs& args;
+        int64_t n0;
+        Arena& ar;
+        const ArenaSizes& lay;
+        int gth;
+    };
+
+    int64_t vsize(int64_t v) const { return plan_->values[static_cast<size_t>(v)].size(); }
+
+    float* act(const Ctx& c, int64_t v, int64_t off) const {
+        if (c.lay.act_off[v] < 0)  // the network input, read in place from the caller's array
+            return const_cast<float*>(c.args.x) + (c.n0 + off) * plan_->input.size();
+        return c.ar.slab.data() + c.lay.act_off[v] + (c.lay.act_g[v] ? off : 0) * vsize(v);
+    }
+    float* rel(const Ctx& c, int64_t v, int64_t off) const {
+        return c.ar.slab.data() + c.lay.rel_off[v] + (c.lay.rel_g[v] ? off : 0) * vsize(v);
+    }
+    int32_t* argp(const Ctx& c, size_t i, int64_t off) const {
+        return reinterpret_cast<int32_t*>(c.ar.slab.data() + c.lay.arg_off[i]) +
+               (c.lay.arg_g[i] ? off : 0) * plan_->ops[i].out.size();
+    }
+
     // ---- one group of tiles ----------------------------------------------------------------
     // Tg images from n0: the ops before the head run tile by tile (Ts images each), each tile's
     // activations kept at its offset in the group-sized buffers; the head (ops [head, L)) runs once
-    // on all Tg images, forward and relevance; then each tile runs its relevance pass from the
-    // head's input relevance. Without a head (head == L) a group is one tile.
-    void run_group(const RunArgs& args, int64_t n0, int64_t Tg, int64_t Ts, Arena& ar, int gth) const {
+    // on all Tg images, forward and backward; then each tile runs its backward pass from the head's
+    // input relevance. Without a head (head == L) a group is one tile.
+    void run_group(const RunArgs& args, int64_t n0, int64_t Tg, int64_t Ts, Arena& ar, const ArenaSizes& lay,
+                   int gth) const {
         const Plan& pl = *plan_;
         const size_t L = pl.ops.size();
         const size_t h = std::min(pl.head, L);
-        auto size_of = [&](size_t i) { return i == 0 ? pl.input.size() : pl.ops[i - 1].out.size(); };
-        // act[i] of the tile at image offset off within the group
-        auto act_at = [&](size_t i, int64_t off) -> float* { return ar.act[i].data() + off * size_of(i); };
-        std::vector<const float*> act(L + 1);
+        Ctx c{args, n0, ar, lay, gth};
         const int64_t ntile = (Tg + Ts - 1) / Ts;
         if (h >= L && ntile > 1) throw std::logic_error("a group of several tiles without a head");
-        // forward: the ops before the head (every op, without a head), tile by tile
+        const Shape& in = pl.input;
         for (int64_t j = 0; j < ntile; ++j) {
             const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
-            const float* x = args.x + (n0 + off) * pl.input.size();
-            if (pl.input.permuted()) {
-                nchw_to_nhwc(x, act_at(0, off), nT, pl.input.c, pl.input.h, pl.input.w);
-                act[0] = act_at(0, off);
-            } else {
-                act[0] = x;
-            }
-            forward_range(0, h, act, off, nT, ar, gth);
+            if (lay.act_off[0] >= 0) nchw_to_nhwc(args.x + (n0 + off) * in.size(), act(c, 0, off), nT, in.c, in.h, in.w);
+            forward_range(0, h, off, nT, c);
         }
-        // the head on the whole group
-        if (h < L) {
-            act[h] = act_at(h, 0);
-            forward_range(h, L, act, 0, Tg, ar, gth);
-        }
+        if (h < L) forward_range(h, L, 0, Tg, c);
         // outputs, targets, the starting relevance (or one-hot gradient)
         const int64_t K = pl.num_outputs();
-        const float* y = act[L];
+        const float* y = act(c, static_cast<int64_t>(L), 0);
         std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(Tg * K));
-        float* cur = ar.R0.data();
-        std::memset(cur, 0, sizeof(float) * static_cast<size_t>(Tg * K));
+        float* R = rel(c, static_cast<int64_t>(L), 0);
+        std::memset(R, 0, sizeof(float) * static_cast<size_t>(Tg * K));
         for (int64_t n = 0; n < Tg; ++n) {
             int64_t t = 0;
             if (args.targets) {
@@ -535,102 +581,99 @@ private:
                 for (int64_t k = 1; k < K; ++k)
                     if (y[n * K + k] > y[n * K + t]) t = k;  // first maximum, as np.argmax
             }
-            cur[n * K + t] = pl.mode == Mode::Rules ? y[n * K + t] : 1.0f;
+            R[n * K + t] = pl.mode == Mode::Rules ? y[n * K + t] : 1.0f;
         }
-        const bool want_layers = !args.layers.empty();
-        const bool rules = pl.mode == Mode::Rules, sens = pl.mode == Mode::Sensitivity;
-        // what a backward step hands out: R itself, or g^2 / g (.) a for the gradient methods
-        auto emit = [&](const float* gr, const float* a, const Shape& s, float* dst, int64_t n, int64_t T) {
-            if (rules) {
-                write_user(gr, s, dst, n, T);
-                return;
-            }
-            // straight into the caller's array when no layout permutation is needed
-            float* v = s.permuted() ? ar.tmp2.data() : dst + n * s.size();
-            if (sens)
-                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * gr[k];
-            else
-                for (int64_t k = 0; k < T * s.size(); ++k) v[k] = gr[k] * a[k];
-            if (s.permuted()) write_user(v, s, dst, n, T);
-        };
-        auto back = [&](size_t ii, const float* a, const float* yy, float* R, int64_t off, int64_t T) {
-            float* nxt = R == ar.R0.data() ? ar.R1.data() : ar.R0.data();
-            return rules ? relevance_op(ii, a, yy, R, nxt, T, ar, gth, off)
-                         : gradient_op(ii, a, yy, R, nxt, T, ar, gth, off);
-        };
-        // the backward pass of the ops that ran on the whole group: the head, or every op
+        for (size_t v = 0; v < L; ++v)  // values nothing reads (dead branches) get no relevance
+            if (pl.consumers[v].empty())
+                std::memset(rel(c, static_cast<int64_t>(v), 0), 0, sizeof(float) * static_cast<size_t>(Tg * vsize(v)));
         const size_t top = h < L ? h : 0;
-        if (want_layers) emit(cur, act[L], pl.ops[L - 1].out, args.layers[L], n0, Tg);
-        for (size_t ii = L; ii-- > top;) {
-            cur = back(ii, act[ii], act[ii + 1], cur, 0, Tg);
-            if (want_layers && ii > 0) emit(cur, act[ii], pl.ops[ii].in, args.layers[ii], n0, Tg);
-        }
+        for (size_t i = L; i-- > top;) backward_step(i, 0, Tg, c);
         if (top == 0) {
-            emit(cur, act[0], pl.input, args.relevance, n0, Tg);
-            if (want_layers) emit(cur, act[0], pl.input, args.layers[0], n0, Tg);
+            finish(0, Tg, c);
             return;
-        }
-        // the tiles' backward passes from the head's input relevance
-        const int64_t sh = size_of(h);
-        float* Rh = cur;
-        if (ntile > 1) {  // the tiles' ping-pong buffers would overwrite it
-            std::memcpy(ar.head_rel.data(), cur, sizeof(float) * static_cast<size_t>(Tg * sh));
-            Rh = ar.head_rel.data();
         }
         for (int64_t j = 0; j < ntile; ++j) {
             const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
-            const float* x0 = pl.input.permuted() ? act_at(0, off) : args.x + (n0 + off) * pl.input.size();
-            float* c = Rh + off * sh;
-            for (size_t ii = h; ii-- > 0;) {
-                const float* a = ii == 0 ? x0 : act_at(ii, off);
-                c = back(ii, a, act_at(ii + 1, off), c, off, nT);
-                if (want_layers && ii > 0) emit(c, a, pl.ops[ii].in, args.layers[ii], n0 + off, nT);
-            }
-            emit(c, x0, pl.input, args.relevance, n0 + off, nT);
-            if (want_layers) emit(c, x0, pl.input, args.layers[0], n0 + off, nT);
+            for (size_t i = h; i-- > 0;) backward_step(i, off, nT, c);
+            finish(off, nT, c);
         }
     }
 
-    // Forward ops [i0, i1) on T images; act[i0] is set, act[i0 + 1 .. i1] are pointed at the group
-    // buffers at image offset off. A linear op followed by a ReLU (within the range) writes both.
-    void forward_range(size_t i0, size_t i1, std::vector<const float*>& act, int64_t off, int64_t T,
-                       Arena& ar, int gth) const {
+    // What a backward step hands out for value v: R itself, or g^2 / g (.) a for the gradient methods.
+    void emit(int64_t v, int64_t off, int64_t T, float* dst, const Ctx& c) const {
         const Plan& pl = *plan_;
-        auto out_at = [&](size_t i) { return ar.act[i + 1].data() + off * pl.ops[i].out.size(); };
+        const Shape& s = pl.values[static_cast<size_t>(v)];
+        const float* gr = rel(c, v, off);
+        const int64_t n = c.n0 + off;
+        if (pl.mode == Mode::Rules) {
+            write_user(gr, s, dst, n, T);
+            return;
+        }
+        // straight into the caller's array when no layout permutation is needed
+        float* out = s.permuted() ? c.ar.tmp2.data() : dst + n * s.size();
+        if (pl.mode == Mode::Sensitivity) {
+            for (int64_t k = 0; k < T * s.size(); ++k) out[k] = gr[k] * gr[k];
+        } else {
+            const float* a = act(c, v, off);
+            for (int64_t k = 0; k < T * s.size(); ++k) out[k] = gr[k] * a[k];
+        }
+        if (s.permuted()) write_user(out, s, dst, n, T);
+    }
+
+    void finish(int64_t off, int64_t T, const Ctx& c) const {
+        emit(0, off, T, c.args.relevance, c);
+        if (!c.args.layers.empty()) emit(0, off, T, c.args.layers[0], c);
+    }
+
+    // Forward ops [i0, i1) on T images at image offset off. A linear op (or Add) followed by a ReLU
+    // that alone reads it (within the range) writes both outputs in one sweep.
+    void forward_range(size_t i0, size_t i1, int64_t off, int64_t T, const Ctx& c) const {
+        const Plan& pl = *plan_;
         for (size_t i = i0; i < i1; ++i) {
-            float* out = out_at(i);
-            const OpKind k = pl.ops[i].kind;
-            if ((k == OpKind::Dense || k == OpKind::Conv2d) && i + 1 < i1 && pl.ops[i + 1].kind == OpKind::ReLU) {
-                linear_forward(i, act[i], out, T, ar, gth, out_at(i + 1));  // + fused ReLU
-                act[i + 1] = out;
-                act[i + 2] = out_at(i + 1);
-                ++i;
-                continue;
-            }
-            forward_op(i, act[i], out, T, ar, gth, off);
-            act[i + 1] = out;
+            const bool fuse = pl.fuse_relu[i] && i + 1 < i1;
+            forward_op(i, off, T, c, fuse ? act(c, static_cast<int64_t>(i + 2), off) : nullptr);
+            if (fuse) ++i;
         }
     }
 
-    void forward_op(size_t i, const float* a, float* out, int64_t T, Arena& ar, int gth, int64_t off) const {
+    void forward_op(size_t i, int64_t off, int64_t T, const Ctx& c, float* relu_out) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
+        Arena& ar = c.ar;
+        const int gth = c.gth;
+        float* out = act(c, static_cast<int64_t>(i + 1), off);
+        const float* a = act(c, op.inputs[0], off);
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
         switch (op.kind) {
             case OpKind::Dense:
             case OpKind::Conv2d:
-                linear_forward(i, a, out, T, ar, gth, nullptr);
+            case OpKind::ConvTranspose2d:
+                if (generic_op(op)) {
+#if DT_HAVE_GENERIC
+                    generic_forward(*gen_[i], a, out, T, ar.gscr.data(), gth);
+#endif
+                    break;
+                }
+                linear_forward(i, a, out, T, ar, gth, relu_out);
                 break;
             case OpKind::ReLU:
                 for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;
                 break;
             case OpKind::MaxPool:
-                maxpool_forward(a, g, T, out, ar.arg[i].data() + off * op.out.size());
+                maxpool_forward(a, g, T, out, argp(c, i, off));
                 break;
             case OpKind::AvgPool: {
                 window_sum(a, g, T, out);
-                const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
-                for (int64_t k = 0; k < nout; ++k) out[k] *= inv;
+                if (op.inv_count.empty()) {
+                    const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
+                    for (int64_t k = 0; k < nout; ++k) out[k] *= inv;
+                } else {
+                    const int64_t P = g.P(), C = g.C;
+                    for (int64_t r = 0; r < T * P; ++r) {
+                        const float inv = op.inv_count[static_cast<size_t>(r % P)];
+                        for (int64_t ch = 0; ch < C; ++ch) out[r * C + ch] *= inv;
+                    }
+                }
                 break;
             }
             case OpKind::SumPool:
@@ -665,22 +708,231 @@ private:
             case OpKind::Flatten:
                 if (op.in.permuted())
                     nhwc_to_nchw(a, out, T, op.in.c, op.in.h, op.in.w);
-                else
+                else if (out != a)
                     std::memcpy(out, a, sizeof(float) * static_cast<size_t>(nin));
+                break;
+            case OpKind::Add: {
+                const size_t m = op.inputs.size();
+                const float* b = act(c, op.inputs[1], off);
+                for (int64_t k = 0; k < nout; ++k) out[k] = a[k] + b[k];
+                for (size_t q = 2; q < m; ++q) {
+                    const float* e = act(c, op.inputs[q], off);
+                    for (int64_t k = 0; k < nout; ++k) out[k] += e[k];
+                }
+                if (relu_out)
+                    for (int64_t k = 0; k < nout; ++k) relu_out[k] = out[k] > 0.0f ? out[k] : 0.0f;
+                break;
+            }
+            case OpKind::Concat: {
+                const int64_t P = op.out.pixels(), OC = op.out.c;
+                int64_t c0 = 0;
+                for (size_t q = 0; q < op.inputs.size(); ++q) {
+                    const int64_t C = op.in_shapes[q].c;
+                    channel_copy(act(c, op.inputs[q], off), C, 0, out, OC, c0, C, T * P, false);
+                    c0 += C;
+                }
+                break;
+            }
+            case OpKind::Slice:
+                channel_copy(a, op.in.c, op.start, out, op.out.c, 0, op.out.c, T * op.in.pixels(), false);
+                break;
+            case OpKind::Mul: {
+                const float* gate = act(c, op.inputs[1], off);
+                if (op.in_shapes[1] == op.out) {
+                    for (int64_t k = 0; k < nout; ++k) out[k] = a[k] * gate[k];
+                } else {  // (C, 1, 1) gate broadcast over the pixels
+                    const int64_t C = op.out.c, P = op.out.pixels();
+                    for (int64_t n = 0; n < T; ++n)
+                        for (int64_t p = 0; p < P; ++p)
+                            for (int64_t ch = 0; ch < C; ++ch)
+                                out[(n * P + p) * C + ch] = a[(n * P + p) * C + ch] * gate[n * C + ch];
+                }
+                break;
+            }
+            case OpKind::BatchNorm: {
+                const int64_t C = op.in.c;
+                for (int64_t k = 0; k < nin; ++k) out[k] = bn(op, a[k], k % C);
+                break;
+            }
+            case OpKind::Activation:
+                act_forward(op.act, op.param, a, out, nin);
+                break;
+            case OpKind::AdaptiveAvgPool:
+                adaptive_sum(a, op.in, op.out, op.rows.data(), op.cols.data(), T, out, true);
+                break;
+            case OpKind::GlobalAvgPool:
+                global_sum(a, op.in, T, out, true);
+                break;
+            case OpKind::Upsample:
+                upsample_forward(a, op.in, op.up_h, op.up_w, T, out);
+                break;
+            case OpKind::ChannelShuffle:
+                shuffle_forward(a, op.in.c, op.groups, T * op.in.pixels(), out);
                 break;
         }
     }
 
-    // Relevance through op i: R (output relevance) -> returns the buffer holding the input relevance
-    // (nxt, or R itself for ReLU).
-    float* relevance_op(size_t i, const float* a, const float* y, float* R, float* nxt, int64_t T, Arena& ar,
-                        int gth, int64_t off) const {
+    static inline float bn(const OpSpec& op, float x, int64_t ch) { return x * op.scale[ch] + op.shift[ch]; }
+
+    // (T, H, W, C) -> (T, C): per-channel sums over the pixels (mean: divided by H W)
+    static void global_sum(const float* a, const Shape& in, int64_t T, float* out, bool mean) {
+        const int64_t C = in.c, P = in.pixels();
+        std::vector<double> acc(static_cast<size_t>(C));
+        for (int64_t n = 0; n < T; ++n) {
+            std::fill(acc.begin(), acc.end(), 0.0);
+            for (int64_t p = 0; p < P; ++p)
+                for (int64_t ch = 0; ch < C; ++ch) acc[ch] += a[(n * P + p) * C + ch];
+            for (int64_t ch = 0; ch < C; ++ch)
+                out[n * C + ch] = static_cast<float>(mean ? acc[ch] / static_cast<double>(P) : acc[ch]);
+        }
+    }
+
+    static void add_into(float* dst, const float* src, int64_t n) {
+        for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+    }
+    // dst (=|+=) src: a relevance (or gradient) passed through unchanged
+    static void pass_into(float* dst, const float* src, int64_t n, bool first) {
+        if (!first)
+            add_into(dst, src, n);
+        else if (dst != src)
+            std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+    }
+
+    // Backward of op i on T images at offset off: emits the (now complete) relevance of its output
+    // when asked, then writes (first writer) or adds its inputs' relevances (gradients).
+    void backward_step(size_t i, int64_t off, int64_t T, const Ctx& c) const {
+        const Plan& pl = *plan_;
+        const OpSpec& op = pl.ops[i];
+        if (!c.args.layers.empty()) emit(static_cast<int64_t>(i + 1), off, T, c.args.layers[i + 1], c);
+        const bool rules = pl.mode == Mode::Rules;
+        const float* R = rel(c, static_cast<int64_t>(i + 1), off);
+        const int64_t nout = T * op.out.size();
+        switch (op.kind) {  // multi-input ops write / add per input
+            case OpKind::Add: {
+                const size_t m = op.inputs.size();
+                if (!rules) {  // gradient: passed to every input
+                    for (size_t q = 0; q < m; ++q)
+                        pass_into(rel(c, op.inputs[q], off), R, nout, pl.first_write[i][q]);
+                    return;
+                }
+                // Zennit's Norm rule: s = R / (z + eps sgn z), sgn(0) = +1; R_k = a_k s
+                float* sv = c.ar.tmp.data();
+                const float* a0 = act(c, op.inputs[0], off);
+                const float* a1 = act(c, op.inputs[1], off);
+                for (int64_t k = 0; k < nout; ++k) sv[k] = a0[k] + a1[k];  // z, summed as the forward
+                for (size_t q = 2; q < m; ++q) add_into(sv, act(c, op.inputs[q], off), nout);
+                for (int64_t k = 0; k < nout; ++k) sv[k] = R[k] / (sv[k] + (sv[k] >= 0.0f ? 1e-6f : -1e-6f));
+                for (size_t q = 0; q < m; ++q) {
+                    const float* a = act(c, op.inputs[q], off);
+                    float* d = rel(c, op.inputs[q], off);
+                    if (pl.first_write[i][q])
+                        for (int64_t k = 0; k < nout; ++k) d[k] = a[k] * sv[k];
+                    else
+                        for (int64_t k = 0; k < nout; ++k) d[k] += a[k] * sv[k];
+                }
+                return;
+            }
+            case OpKind::Concat: {
+                const int64_t P = op.out.pixels(), OC = op.out.c;
+                int64_t c0 = 0;
+                for (size_t q = 0; q < op.inputs.size(); ++q) {
+                    const int64_t C = op.in_shapes[q].c;
+                    channel_copy(R, OC, c0, rel(c, op.inputs[q], off), C, 0, C, T * P, !pl.first_write[i][q]);
+                    c0 += C;
+                }
+                return;
+            }
+            case OpKind::Mul: {
+                float* ds = rel(c, op.inputs[0], off);
+                float* dg = rel(c, op.inputs[1], off);
+                const bool fs = pl.first_write[i][0], fg = pl.first_write[i][1];
+                const int64_t ng = T * op.in_shapes[1].size();
+                const bool same = op.in_shapes[1] == op.out;
+                if (rules) {  // the signal takes all of R, the gate none
+                    pass_into(ds, R, nout, fs);
+                    if (fg) std::memset(dg, 0, sizeof(float) * static_cast<size_t>(ng));
+                    return;
+                }
+                const float* s = act(c, op.inputs[0], off);
+                const float* gt = act(c, op.inputs[1], off);
+                // the gate's gradient first: ds may be the buffer of an input the gate's formula reads
+                // only if the values differ, so no aliasing concerns (relevances never alias activations)
+                if (same) {
+                    for (int64_t k = 0; k < nout; ++k) {
+                        if (fg) dg[k] = R[k] * s[k]; else dg[k] += R[k] * s[k];
+                    }
+                    for (int64_t k = 0; k < nout; ++k) {
+                        if (fs) ds[k] = R[k] * gt[k]; else ds[k] += R[k] * gt[k];
+                    }
+                } else {
+                    const int64_t C = op.out.c, P = op.out.pixels();
+                    std::vector<double> acc(static_cast<size_t>(C));
+                    for (int64_t n = 0; n < T; ++n) {
+                        std::fill(acc.begin(), acc.end(), 0.0);
+                        for (int64_t p = 0; p < P; ++p)
+                            for (int64_t ch = 0; ch < C; ++ch) {
+                                const int64_t k = (n * P + p) * C + ch;
+                                acc[ch] += static_cast<double>(R[k]) * s[k];
+                            }
+                        for (int64_t ch = 0; ch < C; ++ch) {
+                            const float v = static_cast<float>(acc[ch]);
+                            if (fg) dg[n * C + ch] = v; else dg[n * C + ch] += v;
+                        }
+                    }
+                    for (int64_t n = 0; n < T; ++n)
+                        for (int64_t p = 0; p < P; ++p)
+                            for (int64_t ch = 0; ch < C; ++ch) {
+                                const int64_t k = (n * P + p) * C + ch;
+                                const float v = R[k] * gt[n * C + ch];
+                                if (fs) ds[k] = v; else ds[k] += v;
+                            }
+                }
+                return;
+            }
+            default:
+                break;
+        }
+        // single-input ops
+        const int64_t v = op.inputs[0];
+        float* dst = rel(c, v, off);
+        const bool first = pl.first_write[i][0];
+        const int64_t nin = T * op.in.size();
+        const bool pass = (rules && (op.kind == OpKind::ReLU || op.kind == OpKind::Activation ||
+                                     (op.kind == OpKind::BatchNorm && op.rule.kind == RuleKind::None))) ||
+                          (op.kind == OpKind::Flatten && !op.in.permuted());
+        if (pass) {  // relevance (or, for Flatten, the gradient) unchanged
+            pass_into(dst, R, nin, first);
+            return;
+        }
+        float* out = first ? dst : c.ar.acc.data();
+        const float* a = act(c, v, off);
+        const float* y = act(c, static_cast<int64_t>(i + 1), off);
+        if (rules)
+            relevance_op(i, a, y, R, out, T, c, off);
+        else
+            gradient_op(i, a, y, R, out, T, c, off);
+        if (!first) add_into(dst, out, nin);
+    }
+
+    // Relevance through single-input op i: R (output relevance) -> out (input relevance, written).
+    // out may be R itself for the element-wise ops.
+    void relevance_op(size_t i, const float* a, const float* y, const float* R, float* out, int64_t T,
+                      const Ctx& c, int64_t off) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
+        Arena& ar = c.ar;
+        const int gth = c.gth;
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
         switch (op.kind) {
             case OpKind::Dense:
-            case OpKind::Conv2d: {
+            case OpKind::Conv2d:
+            case OpKind::ConvTranspose2d: {
+                if (generic_op(op)) {
+#if DT_HAVE_GENERIC
+                    generic_relevance(*gen_[i], a, y, R, out, T, ar.gscr.data(), gth);
+#endif
+                    return;
+                }
                 bool nonneg = plan_->nonneg_in[i];
                 if (!nonneg && packs_[i].dP) {
                     // sign-split rules: when this tile's input happens to be >= 0 the a- terms are
@@ -688,14 +940,12 @@ private:
                     nonneg = true;
                     for (int64_t k = 0; k < nin && nonneg; ++k) nonneg = a[k] >= 0.0f;
                 }
-                linear_relevance(i, a, y, R, nxt, T, nonneg, ar, gth);
-                return nxt;
+                linear_relevance(i, a, y, R, out, T, nonneg, ar, gth);
+                return;
             }
-            case OpKind::ReLU:  // relevance passes unchanged (DTD, Montavon et al. 2017)
-                return R;
             case OpKind::MaxPool:  // winner-take-all
-                maxpool_scatter(R, ar.arg[i].data() + off * op.out.size(), g, T, nxt);
-                return nxt;
+                maxpool_scatter(R, argp(c, i, off), g, T, out);
+                return;
             case OpKind::AvgPool:
             case OpKind::SumPool:
             case OpKind::LpPool:
@@ -707,59 +957,131 @@ private:
                         double acc = 0.0;
                         for (int64_t k = 0; k < F; ++k) acc += a[n * F + k];
                         const float sv = safe_div(R[n], static_cast<float>(acc));
-                        for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = a[n * F + k] * sv;
+                        for (int64_t k = 0; k < F; ++k) out[n * F + k] = a[n * F + k] * sv;
                     }
                 } else {
                     float* z = ar.tmp.data();
                     window_sum(a, g, T, z);
                     for (int64_t k = 0; k < nout; ++k) z[k] = safe_div(R[k], z[k]);
-                    window_scatter(z, g, T, nxt);
-                    for (int64_t k = 0; k < nin; ++k) nxt[k] *= a[k];
+                    window_scatter(z, g, T, out);
+                    for (int64_t k = 0; k < nin; ++k) out[k] *= a[k];
                 }
-                return nxt;
+                return;
             }
-            case OpKind::Flatten:
-                if (op.in.permuted())
-                    nchw_to_nhwc(R, nxt, T, op.in.c, op.in.h, op.in.w);
-                else
-                    return R;
-                return nxt;
+            case OpKind::AdaptiveAvgPool: {
+                float* z = ar.tmp.data();
+                adaptive_sum(a, op.in, op.out, op.rows.data(), op.cols.data(), T, z, false);
+                for (int64_t k = 0; k < nout; ++k) z[k] = safe_div(R[k], z[k]);
+                adaptive_scatter(z, op.in, op.out, op.rows.data(), op.cols.data(), T, out, false);
+                for (int64_t k = 0; k < nin; ++k) out[k] *= a[k];
+                return;
+            }
+            case OpKind::GlobalAvgPool: {
+                const int64_t C = op.in.c, P = op.in.pixels();
+                float* z = ar.tmp.data();
+                global_sum(a, op.in, T, z, false);
+                for (int64_t k = 0; k < T * C; ++k) z[k] = safe_div(R[k], z[k]);
+                for (int64_t n = 0; n < T; ++n)
+                    for (int64_t p = 0; p < P; ++p)
+                        for (int64_t ch = 0; ch < C; ++ch) {
+                            const int64_t k = (n * P + p) * C + ch;
+                            out[k] = a[k] * z[n * C + ch];
+                        }
+                return;
+            }
+            case OpKind::BatchNorm: {  // Epsilon / Z: a diagonal linear layer
+                const int64_t C = op.in.c;
+                const bool eps = op.rule.kind == RuleKind::Epsilon;
+                const float e = op.rule.eps;
+                for (int64_t k = 0; k < nin; ++k) {
+                    const int64_t ch = k % C;
+                    const float yy = bn(op, a[k], ch);
+                    const float sv = eps ? R[k] / (yy + (yy >= 0.0f ? e : -e)) : safe_div(R[k], yy);
+                    out[k] = a[k] * op.scale[ch] * sv;
+                }
+                return;
+            }
+            case OpKind::Flatten:  // permuted (the unpermuted case passes through)
+                nchw_to_nhwc(R, out, T, op.in.c, op.in.h, op.in.w);
+                return;
+            case OpKind::Upsample:  // each input gets the sum of its copies' relevances
+                upsample_sum(R, op.in, op.up_h, op.up_w, T, out, false);
+                return;
+            case OpKind::ChannelShuffle:
+                shuffle_backward(R, op.in.c, op.groups, T * op.in.pixels(), out, false);
+                return;
+            case OpKind::Slice: {  // scattered into zeros
+                std::memset(out, 0, sizeof(float) * static_cast<size_t>(nin));
+                channel_copy(R, op.out.c, 0, out, op.in.c, op.start, op.out.c, T * op.in.pixels(), false);
+                return;
+            }
+            case OpKind::ReLU:
+            case OpKind::Activation:
+            case OpKind::Add:
+            case OpKind::Concat:
+            case OpKind::Mul:
+                throw std::logic_error("relevance_op: handled by backward_step");
         }
-        return nxt;
     }
 
-    // Gradient through op i (PyTorch conventions: ReLU'(0) = 0, max pooling to the first maximum).
-    float* gradient_op(size_t i, const float* a, const float* y, float* G, float* nxt, int64_t T, Arena& ar,
-                       int gth, int64_t off) const {
+    // Gradient through single-input op i (PyTorch conventions: ReLU'(0) = 0, max pooling to the
+    // first maximum). out may be G itself for the element-wise ops.
+    void gradient_op(size_t i, const float* a, const float* y, const float* G, float* out, int64_t T,
+                     const Ctx& c, int64_t off) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
+        Arena& ar = c.ar;
+        const int gth = c.gth;
         const int64_t nin = T * op.in.size(), nout = T * op.out.size();
         switch (op.kind) {
             case OpKind::Dense:
             case OpKind::Conv2d:
-                linear_gradient(i, G, nxt, T, ar, gth);
-                return nxt;
-            case OpKind::ReLU:
-                for (int64_t k = 0; k < nin; ++k) nxt[k] = a[k] > 0.0f ? G[k] : 0.0f;
-                return nxt;
+            case OpKind::ConvTranspose2d:
+                if (generic_op(op)) {
+#if DT_HAVE_GENERIC
+                    generic_gradient(*gen_[i], G, out, T, ar.gscr.data(), gth);
+#endif
+                    return;
+                }
+                linear_gradient(i, G, out, T, ar, gth);
+                return;
+            case OpKind::ReLU:  // y > 0 exactly where a > 0
+                for (int64_t k = 0; k < nin; ++k) out[k] = y[k] > 0.0f ? G[k] : 0.0f;
+                return;
+            case OpKind::Activation:
+                act_gradient(op.act, op.param, a, G, out, nin);
+                return;
+            case OpKind::BatchNorm: {
+                const int64_t C = op.in.c;
+                for (int64_t k = 0; k < nin; ++k) out[k] = G[k] * op.scale[k % C];
+                return;
+            }
             case OpKind::MaxPool:
-                maxpool_scatter(G, ar.arg[i].data() + off * op.out.size(), g, T, nxt);
-                return nxt;
+                maxpool_scatter(G, argp(c, i, off), g, T, out);
+                return;
             case OpKind::AvgPool: {
                 float* t = ar.tmp.data();
-                const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
-                for (int64_t k = 0; k < nout; ++k) t[k] = G[k] * inv;
-                window_scatter(t, g, T, nxt);
-                return nxt;
+                if (op.inv_count.empty()) {
+                    const float inv = 1.0f / static_cast<float>(g.kh * g.kw);
+                    for (int64_t k = 0; k < nout; ++k) t[k] = G[k] * inv;
+                } else {
+                    const int64_t P = g.P(), C = g.C;
+                    for (int64_t r = 0; r < T * P; ++r) {
+                        const float inv = op.inv_count[static_cast<size_t>(r % P)];
+                        for (int64_t ch = 0; ch < C; ++ch) t[r * C + ch] = G[r * C + ch] * inv;
+                    }
+                }
+                window_scatter(t, g, T, out);
+                return;
             }
             case OpKind::SumPool:
-                window_scatter(G, g, T, nxt);
-                return nxt;
+                window_scatter(G, g, T, out);
+                return;
             case OpKind::GlobalSum: {
                 const int64_t F = op.in.size();
                 for (int64_t n = 0; n < T; ++n)
-                    for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = G[n];
-                return nxt;
+                    for (int64_t k = 0; k < F; ++k) out[n * F + k] = G[n];
+                return;
             }
             case OpKind::LpPool: {
                 // d/da_i (sum |a|^p)^(1/p) = sign(a_i) |a_i|^(p-1) / y^(p-1)
@@ -769,25 +1091,46 @@ private:
                 if (op.global) {
                     const int64_t F = op.in.size();
                     for (int64_t n = 0; n < T; ++n)
-                        for (int64_t k = 0; k < F; ++k) nxt[n * F + k] = gy[n];
+                        for (int64_t k = 0; k < F; ++k) out[n * F + k] = gy[n];
                 } else {
-                    window_scatter(gy, g, T, nxt);
+                    window_scatter(gy, g, T, out);
                 }
                 for (int64_t k = 0; k < nin; ++k) {
                     const float v = a[k];
                     const float sg = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
-                    nxt[k] *= sg * std::pow(std::fabs(v), p - 1.0f);
+                    out[k] *= sg * std::pow(std::fabs(v), p - 1.0f);
                 }
-                return nxt;
+                return;
             }
-            case OpKind::Flatten:
-                if (op.in.permuted()) {
-                    nchw_to_nhwc(G, nxt, T, op.in.c, op.in.h, op.in.w);
-                    return nxt;
-                }
-                return G;
+            case OpKind::AdaptiveAvgPool:
+                adaptive_scatter(G, op.in, op.out, op.rows.data(), op.cols.data(), T, out, true);
+                return;
+            case OpKind::GlobalAvgPool: {
+                const int64_t C = op.in.c, P = op.in.pixels();
+                const float inv = 1.0f / static_cast<float>(P);
+                for (int64_t n = 0; n < T; ++n)
+                    for (int64_t p = 0; p < P; ++p)
+                        for (int64_t ch = 0; ch < C; ++ch) out[(n * P + p) * C + ch] = G[n * C + ch] * inv;
+                return;
+            }
+            case OpKind::Flatten:  // permuted
+                nchw_to_nhwc(G, out, T, op.in.c, op.in.h, op.in.w);
+                return;
+            case OpKind::Upsample:
+                upsample_sum(G, op.in, op.up_h, op.up_w, T, out, false);
+                return;
+            case OpKind::ChannelShuffle:
+                shuffle_backward(G, op.in.c, op.groups, T * op.in.pixels(), out, false);
+                return;
+            case OpKind::Slice:
+                std::memset(out, 0, sizeof(float) * static_cast<size_t>(nin));
+                channel_copy(G, op.out.c, 0, out, op.in.c, op.start, op.out.c, T * op.in.pixels(), false);
+                return;
+            case OpKind::Add:
+            case OpKind::Concat:
+            case OpKind::Mul:
+                throw std::logic_error("gradient_op: handled by backward_step");
         }
-        return nxt;
     }
 };
 

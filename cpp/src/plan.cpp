@@ -23,6 +23,32 @@ const char* op_name(OpKind k) {
         case OpKind::GlobalSum: return "GlobalSumPool";
         case OpKind::LpPool: return "LpPool";
         case OpKind::Flatten: return "Flatten";
+        case OpKind::ConvTranspose2d: return "ConvTranspose2d";
+        case OpKind::Add: return "Add";
+        case OpKind::Concat: return "Concat";
+        case OpKind::Slice: return "Slice";
+        case OpKind::Mul: return "Mul";
+        case OpKind::BatchNorm: return "BatchNorm";
+        case OpKind::Activation: return "Activation";
+        case OpKind::AdaptiveAvgPool: return "AdaptiveAvgPool2d";
+        case OpKind::GlobalAvgPool: return "GlobalAvgPool";
+        case OpKind::Upsample: return "Upsample";
+        case OpKind::ChannelShuffle: return "ChannelShuffle";
+    }
+    return "?";
+}
+
+const char* act_name(ActFn f) {
+    switch (f) {
+        case ActFn::LeakyReLU: return "leaky_relu";
+        case ActFn::ReLU6: return "relu6";
+        case ActFn::ELU: return "elu";
+        case ActFn::GELU: return "gelu";
+        case ActFn::SiLU: return "silu";
+        case ActFn::Hardswish: return "hardswish";
+        case ActFn::Hardsigmoid: return "hardsigmoid";
+        case ActFn::Tanh: return "tanh";
+        case ActFn::Sigmoid: return "sigmoid";
     }
     return "?";
 }
@@ -48,7 +74,9 @@ namespace {
 
 [[noreturn]] void fail(size_t i, const OpSpec& op, const std::string& msg) {
     std::ostringstream os;
-    os << "plan: op " << i << " (" << op_name(op.kind) << "): " << msg;
+    os << "plan: op " << i << " (" << op_name(op.kind);
+    if (!op.name.empty()) os << " '" << op.name << "'";
+    os << "): " << msg;
     throw std::invalid_argument(os.str());
 }
 
@@ -155,9 +183,12 @@ void check_geometry(size_t i, const OpSpec& op) {
     if (g.H + g.pt + g.pb - g.dh * (g.kh - 1) - 1 < 0 || g.W + g.pl + g.pr - g.dw * (g.kw - 1) - 1 < 0 ||
         oh != op.out.h || ow != op.out.w || op.out.rank != 3)
         fail(i, op, "output shape does not match the window geometry");
-    if (op.kind != OpKind::Conv2d && (g.dh != 1 || g.dw != 1 || std::max(g.pt, g.pb) > g.kh / 2 ||
-                                      std::max(g.pl, g.pr) > g.kw / 2))
-        fail(i, op, "pooling padding must be at most half the kernel, without dilation");
+    // pooling: every window must hold at least one real input (ceil_mode's resolved padding may
+    // exceed half the kernel at the bottom/right)
+    if (op.kind != OpKind::Conv2d &&
+        (g.dh != 1 || g.dw != 1 || g.pt >= g.kh || g.pl >= g.kw || (oh - 1) * g.sh - g.pt >= g.H ||
+         (ow - 1) * g.sw - g.pl >= g.W))
+        fail(i, op, "pooling windows must each hold a real input, without dilation");
     if (op.kind == OpKind::LpPool && (g.pt || g.pb || g.pl || g.pr)) fail(i, op, "LpPool takes no padding");
     if (op.kind != OpKind::Conv2d && op.out.c != op.in.c) fail(i, op, "pooling keeps the channels");
 }
@@ -165,38 +196,298 @@ void check_geometry(size_t i, const OpSpec& op) {
 }  // namespace
 
 int64_t ArenaSizes::bytes() const {
-    int64_t f = 4 * work + 4 * col + 2 * den + ccol + head_rel;
-    for (auto v : act) f += v;
-    int64_t b = f * static_cast<int64_t>(sizeof(float));
-    for (auto v : arg) b += v * static_cast<int64_t>(sizeof(int32_t));
-    return b;
+    const int64_t f = slab + 3 * work + 4 * col + 2 * den + ccol;
+    return f * static_cast<int64_t>(sizeof(float));
 }
 
-ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G) {
+namespace {
+
+// A buffer to place: floats, live over steps [t0, t1] (inclusive).
+struct Item {
+    int64_t floats = 0;
+    int64_t t0 = 0, t1 = 0;
+    int64_t off = -1;
+};
+
+// First-fit interval colouring: the largest buffers first, each at the lowest offset that does not
+// overlap a placed buffer live at the same time. Returns the slab size (floats).
+int64_t place(std::vector<Item>& items) {
+    std::vector<size_t> order(items.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        if (items[a].floats != items[b].floats) return items[a].floats > items[b].floats;
+        return items[a].t0 < items[b].t0;
+    });
+    std::vector<size_t> placed;
+    std::vector<std::pair<int64_t, int64_t>> busy;
+    int64_t slab = 0;
+    for (size_t k : order) {
+        Item& it = items[k];
+        if (it.floats <= 0) continue;
+        busy.clear();
+        for (size_t q : placed)
+            if (items[q].t0 <= it.t1 && it.t0 <= items[q].t1) busy.emplace_back(items[q].off, items[q].off + items[q].floats);
+        std::sort(busy.begin(), busy.end());
+        int64_t off = 0;
+        for (const auto& b : busy) {
+            if (b.first >= off + it.floats) break;
+            off = std::max(off, b.second);
+        }
+        it.off = off;
+        slab = std::max(slab, off + it.floats);
+        placed.push_back(k);
+    }
+    return slab;
+}
+
+int64_t find(std::vector<int64_t>& p, int64_t v) {
+    while (p[v] != v) v = p[v] = p[p[v]];
+    return v;
+}
+
+inline int64_t round16(int64_t f) { return (f + 15) / 16 * 16; }
+
+bool is_linear(const OpSpec& op) { return op.kind == OpKind::Dense || op.kind == OpKind::Conv2d; }
+
+}  // namespace
+
+// The step timeline of a tile: forward of op i at step i, the targets/seed at L, the backward of op
+// i at 2L - i, the input heatmap at 2L + 1. Every activation lives from the step that writes it to
+// the last step that reads it (a later op's forward, a backward that needs it), every relevance from
+// its first writer (the backward of its last consumer) to its producer's backward.
+ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers) {
     ArenaSizes s;
-    const size_t L = plan.ops.size();
-    s.act.assign(L + 1, 0);
-    s.arg.assign(L, 0);
-    if (plan.input.permuted()) s.act[0] = G * plan.input.size();
+    const int64_t L = static_cast<int64_t>(plan.ops.size());
+    const int64_t END = 2 * L + 1;
+    const int64_t h = std::min<int64_t>(static_cast<int64_t>(plan.head), L);
+    const bool grouped = h < L && G > T;  // body activations persist for the whole group
+    const bool gxi = plan.mode == Mode::GradientXInput;
+    auto vsize = [&](int64_t v) { return plan.values[static_cast<size_t>(v)].size(); };
+    auto rows_of_value = [&](int64_t v) { return v > h ? G : T; };  // images per call of its producer
+    const bool x_buf = plan.input.permuted();
+    // ---- activations
+    std::vector<int64_t> t0(L + 1), t1(L + 1);
+    for (int64_t v = 0; v <= L; ++v) {
+        t0[v] = v == 0 ? 0 : (plan.skip[v - 1] ? v - 2 : v - 1);
+        int64_t e = t0[v];
+        for (const auto& [c, k] : plan.consumers[v]) {
+            e = std::max(e, c);
+            if (plan.need_in[c]) e = std::max(e, 2 * L - c);
+        }
+        if (v >= 1 && plan.need_out[v - 1]) e = std::max(e, 2 * L - (v - 1));
+        if (v == L) e = std::max(e, L);
+        if (gxi && v == 0) e = END;
+        if (keep_for_layers && gxi && v >= 1) e = std::max(e, 2 * L - (v - 1));
+        t1[v] = e;
+    }
+    std::vector<int64_t> ap(L + 1);
+    for (int64_t v = 0; v <= L; ++v) ap[v] = v;
+    for (int64_t c = 0; c < L; ++c) {  // element-wise ops in place when their input is dead after them
+        const OpSpec& op = plan.ops[c];
+        if (op.kind != OpKind::ReLU && op.kind != OpKind::Activation && op.kind != OpKind::BatchNorm) continue;
+        const int64_t v = op.inputs[0];
+        if ((v == 0 && !x_buf) || plan.consumers[v].size() != 1 || t1[v] != c) continue;
+        if (grouped && (v <= h) != (c + 1 <= h)) continue;
+        ap[find(ap, c + 1)] = find(ap, v);
+    }
+    // ---- relevances
+    std::vector<int64_t> r0(L + 1), r1(L + 1), rp(L + 1);
+    for (int64_t v = 0; v <= L; ++v) {
+        r0[v] = plan.consumers[v].empty() ? L : 2 * L - plan.consumers[v].back().first;
+        r1[v] = v >= 1 ? 2 * L - (v - 1) : END;
+        rp[v] = v;
+    }
+    for (int64_t c = 0; c < L; ++c) {  // pass-through / in-place backward
+        const OpSpec& op = plan.ops[c];
+        const bool pass = op.kind == OpKind::ReLU || op.kind == OpKind::Activation || op.kind == OpKind::BatchNorm ||
+                          (op.kind == OpKind::Flatten && !op.in.permuted());
+        if (!pass) continue;
+        const int64_t v = op.inputs[0];
+        if (plan.consumers[v].size() != 1) continue;
+        rp[find(rp, c + 1)] = find(rp, v);
+    }
+    // ---- items: one per buffer class
+    std::vector<Item> items;
+    std::vector<int64_t> act_item(L + 1, -1), rel_item(L + 1, -1), arg_item(L, -1);
+    std::vector<char> act_g(L + 1, 0), rel_g(L + 1, 0);
+    auto add_class = [&](std::vector<int64_t>& parent, std::vector<int64_t>& item_of, std::vector<char>& gsz,
+                         int64_t v, int64_t a, int64_t b, int64_t rows, bool persist) {
+        const int64_t r = find(parent, v);
+        if (item_of[r] < 0) {
+            item_of[r] = static_cast<int64_t>(items.size());
+            Item it;
+            it.t0 = a;
+            it.t1 = b;
+            items.push_back(it);
+        }
+        Item& it = items[static_cast<size_t>(item_of[r])];
+        if (persist) {
+            a = 0;
+            b = END;
+        }
+        it.t0 = std::min(it.t0, a);
+        it.t1 = std::max(it.t1, b);
+        if (rows == G && G != T) gsz[r] = 1;
+        it.floats = std::max(it.floats, round16(rows * vsize(v)));
+    };
+    for (int64_t v = 0; v <= L; ++v) {
+        s.live_sum += T * vsize(v) * 2;
+        if (v == 0 && !x_buf) continue;
+        const bool body = grouped && v <= h;
+        add_class(ap, act_item, act_g, v, t0[v], t1[v], body ? G : rows_of_value(v), body);
+    }
+    for (int64_t v = 0; v <= L; ++v) {
+        const bool hr = grouped && v == h;  // the head's input relevance, read by every tile after it
+        add_class(rp, rel_item, rel_g, v, r0[v], hr ? END : r1[v], hr ? G : rows_of_value(v), false);
+    }
+    for (int64_t i = 0; i < L; ++i) {
+        if (plan.ops[i].kind != OpKind::MaxPool) continue;
+        Item it;
+        it.floats = round16((grouped || i >= h ? G : T) * plan.ops[i].out.size());
+        it.t0 = grouped && i < h ? 0 : i;
+        it.t1 = grouped && i < h ? END : 2 * L - i;
+        arg_item[i] = static_cast<int64_t>(items.size());
+        items.push_back(it);
+    }
+    // the G-sized classes: every member sized for the group
+    for (int64_t v = 0; v <= L; ++v) {
+        if (!(v == 0 && !x_buf)) {
+            const int64_t r = find(ap, v);
+            if (act_g[r]) items[act_item[r]].floats = std::max(items[act_item[r]].floats, round16(G * vsize(v)));
+        }
+        const int64_t r = find(rp, v);
+        if (rel_g[r]) items[rel_item[r]].floats = std::max(items[rel_item[r]].floats, round16(G * vsize(v)));
+    }
+    s.slab = place(items);
+    s.act_off.assign(L + 1, -1);
+    s.rel_off.assign(L + 1, -1);
+    s.arg_off.assign(L, -1);
+    s.act_g.assign(L + 1, 0);
+    s.rel_g.assign(L + 1, 0);
+    s.arg_g.assign(L, 0);
+    for (int64_t v = 0; v <= L; ++v) {
+        if (!(v == 0 && !x_buf)) {
+            const int64_t r = find(ap, v);
+            s.act_off[v] = items[act_item[r]].off;
+            s.act_g[v] = act_g[r];
+        }
+        const int64_t r = find(rp, v);
+        s.rel_off[v] = items[rel_item[r]].off;
+        s.rel_g[v] = rel_g[r];
+    }
+    for (int64_t i = 0; i < L; ++i)
+        if (arg_item[i] >= 0) {
+            s.arg_off[i] = items[arg_item[i]].off;
+            s.arg_g[i] = grouped || i >= h;
+        }
+    // ---- per-step scratch
     int64_t work = 0;
-    for (size_t i = 0; i < L; ++i) {
+    for (int64_t i = 0; i < L; ++i) {
         const OpSpec& op = plan.ops[i];
-        const int64_t rows_i = i < plan.head ? T : G;  // images an op works on at once
-        s.act[i + 1] = G * op.out.size();
-        if (op.kind == OpKind::MaxPool) s.arg[i] = G * op.out.size();
-        work = std::max(work, rows_i * std::max(op.in.size(), op.out.size()));
-        if (op.kind == OpKind::Dense || op.kind == OpKind::Conv2d) {
+        const int64_t rows_i = i < h ? T : G;
+        int64_t mx = op.out.size();
+        for (const auto& sh : op.in_shapes) mx = std::max(mx, sh.size());
+        work = std::max(work, rows_i * mx);
+        if (is_linear(op) && !generic_op(op)) {
             const int64_t rows = std::min(plan.lin[i].chunk_rows, rows_i * op.g.P());
             s.col = std::max(s.col, rows * op.g.Kc());
             s.den = std::max(s.den, rows * 2 * op.g.O);
             s.ccol = std::max(s.ccol, rows * 2 * op.g.Kc());
         }
     }
-    s.work = std::max(work, (plan.head < L ? T : G) * plan.input.size());
-    // the head's input relevance, kept while the group's tiles run their relevance passes
-    s.head_rel = plan.head < L && G > T ? G * plan.ops[plan.head].in.size() : 0;
+    s.work = std::max(work, (h < L ? T : G) * plan.input.size());
     return s;
 }
+
+namespace {
+
+void check_inputs(size_t i, const OpSpec& op, const std::vector<Shape>& values) {
+    size_t arity_min = 1, arity_max = 1;
+    if (op.kind == OpKind::Add || op.kind == OpKind::Concat) arity_min = 2, arity_max = 1 << 30;
+    if (op.kind == OpKind::Mul) arity_min = arity_max = 2;
+    if (op.inputs.size() < arity_min || op.inputs.size() > arity_max)
+        fail(i, op, "wrong number of inputs (" + std::to_string(op.inputs.size()) + ")");
+    if (op.in_shapes.size() != op.inputs.size()) fail(i, op, "in_shapes must give one shape per input");
+    for (size_t k = 0; k < op.inputs.size(); ++k) {
+        const int64_t v = op.inputs[k];
+        if (v < 0 || v > static_cast<int64_t>(i))
+            fail(i, op, "input value " + std::to_string(v) + " is not computed before the op (ids 0.." +
+                            std::to_string(i) + ")");
+        if (op.in_shapes[k] != values[static_cast<size_t>(v)])
+            fail(i, op, "in_shapes[" + std::to_string(k) + "] does not match the shape of value " + std::to_string(v));
+    }
+}
+
+// Shape rules of the graph ops (the linear and window ops are checked as before).
+void check_graph_op(size_t i, const OpSpec& op) {
+    const Shape& in = op.in;
+    const Shape& out = op.out;
+    switch (op.kind) {
+        case OpKind::Add:
+            for (const auto& sh : op.in_shapes)
+                if (sh != out) fail(i, op, "Add needs inputs of the output's shape");
+            break;
+        case OpKind::Concat: {
+            int64_t c = 0;
+            for (const auto& sh : op.in_shapes) {
+                if (sh.rank != out.rank || sh.h != out.h || sh.w != out.w)
+                    fail(i, op, "Concat inputs must agree in everything but the channels");
+                c += sh.c;
+            }
+            if (c != out.c) fail(i, op, "Concat output channels must be the sum of the inputs'");
+            break;
+        }
+        case OpKind::Slice:
+            if (op.start < 0 || op.stop > in.c || op.start >= op.stop) fail(i, op, "Slice range out of bounds");
+            if (out.rank != in.rank || out.h != in.h || out.w != in.w || out.c != op.stop - op.start)
+                fail(i, op, "Slice output shape does not match [start, stop)");
+            break;
+        case OpKind::Mul: {
+            const Shape& g = op.in_shapes[1];
+            if (in != out) fail(i, op, "Mul's signal (input 0) must have the output's shape");
+            const bool bcast = g.rank == 3 && out.rank == 3 && g.c == out.c && g.h == 1 && g.w == 1;
+            if (g != out && !bcast) fail(i, op, "Mul's gate must have the signal's shape or (C, 1, 1)");
+            break;
+        }
+        case OpKind::BatchNorm:
+            if (in != out) fail(i, op, "BatchNorm keeps its input shape");
+            if (static_cast<int64_t>(op.scale.size()) != in.c || static_cast<int64_t>(op.shift.size()) != in.c)
+                fail(i, op, "scale/shift must have one value per channel");
+            if (op.rule.kind != RuleKind::None && op.rule.kind != RuleKind::Epsilon && op.rule.kind != RuleKind::Z)
+                fail(i, op, "BatchNorm takes no rule, Epsilon or Z");
+            break;
+        case OpKind::Activation:
+            if (in != out) fail(i, op, "activations keep their input shape");
+            break;
+        case OpKind::AdaptiveAvgPool: {
+            if (in.rank != 3 || out.rank != 3 || out.c != in.c) fail(i, op, "AdaptiveAvgPool2d needs (C, H, W)");
+            if (static_cast<int64_t>(op.rows.size()) != 2 * out.h || static_cast<int64_t>(op.cols.size()) != 2 * out.w)
+                fail(i, op, "rows/cols must give one [start, end) window per output row/column");
+            for (size_t k = 0; k < op.rows.size(); k += 2)
+                if (op.rows[k] < 0 || op.rows[k] >= op.rows[k + 1] || op.rows[k + 1] > in.h)
+                    fail(i, op, "row window out of bounds");
+            for (size_t k = 0; k < op.cols.size(); k += 2)
+                if (op.cols[k] < 0 || op.cols[k] >= op.cols[k + 1] || op.cols[k + 1] > in.w)
+                    fail(i, op, "column window out of bounds");
+            break;
+        }
+        case OpKind::GlobalAvgPool:
+            if (in.rank != 3 || out.rank != 1 || out.c != in.c) fail(i, op, "GlobalAvgPool gives (C) from (C, H, W)");
+            break;
+        case OpKind::Upsample:
+            if (in.rank != 3 || op.up_h < 1 || op.up_w < 1 || out.rank != 3 || out.c != in.c ||
+                out.h != in.h * op.up_h || out.w != in.w * op.up_w)
+                fail(i, op, "Upsample output must be (C, H*sh, W*sw) for integer scales >= 1");
+            break;
+        case OpKind::ChannelShuffle:
+            if (in != out || op.groups < 1 || in.c % op.groups) fail(i, op, "ChannelShuffle: groups must divide C");
+            break;
+        default:
+            break;
+    }
+}
+
+}  // namespace
 
 std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode) {
     if (ops.empty()) throw std::invalid_argument("plan: the network has no layers");
@@ -208,77 +499,172 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     plan->lin.resize(L);
     plan->nonneg_in.assign(L, 0);
     plan->max_size = input.size();
-    Shape cur = input;
-    bool nonneg = false;  // unknown at the network input (checked per tile at run time)
+    plan->values.assign(1, input);
+    plan->consumers.assign(L + 1, {});
+    std::vector<char> nonneg(L + 1, 0);  // value >= 0 by construction (unknown at the input)
+    const bool rules = mode == Mode::Rules;
+    plan->need_in.assign(L, 0);
+    plan->need_out.assign(L, 0);
     for (size_t i = 0; i < L; ++i) {
         OpSpec& op = plan->ops[i];
-        if (op.in.rank != cur.rank || op.in.size() != cur.size() || op.in.c != cur.c || op.in.h != cur.h)
-            fail(i, op, "input shape does not follow from the previous op");
+        if (op.inputs.empty()) {  // chain spec
+            op.inputs = {static_cast<int64_t>(i)};
+            if (op.in_shapes.empty()) op.in_shapes = {op.in};
+        }
+        if (op.in_shapes.empty()) fail(i, op, "in_shapes missing");
+        op.in = op.in_shapes[0];
+        check_inputs(i, op, plan->values);
+        for (size_t k = 0; k < op.inputs.size(); ++k) {
+            plan->consumers[static_cast<size_t>(op.inputs[k])].emplace_back(static_cast<int64_t>(i), static_cast<int>(k));
+            if (op.inputs[k] != static_cast<int64_t>(i)) plan->chain = false;
+        }
         if (op.out.size() < 1) fail(i, op, "empty output");
-        plan->nonneg_in[i] = nonneg;
+        const int64_t v0 = op.inputs[0];
+        plan->nonneg_in[i] = nonneg[v0];
+        bool nn = false;  // the output is >= 0 by construction
         Geom& g = op.g;
+        auto window = [&]() {
+            g.C = g.O = op.in.c;
+            g.H = op.in.h;
+            g.W = op.in.w;
+            g.OH = op.out.h;
+            g.OW = op.out.w;
+        };
         switch (op.kind) {
             case OpKind::Dense:
             case OpKind::Conv2d:
+            case OpKind::ConvTranspose2d:
                 if (op.kind == OpKind::Dense && op.in.rank != 1) fail(i, op, "Dense needs a rank-1 sample");
-                if (op.kind == OpKind::Conv2d && op.in.rank != 3) fail(i, op, "Conv2d needs (C, H, W)");
+                if (op.kind != OpKind::Dense && (op.in.rank != 3 || op.out.rank != 3)) fail(i, op, "needs (C, H, W)");
                 g.C = op.in.c;
                 g.H = op.in.h;
                 g.W = op.in.w;
                 g.O = op.out.c;
                 g.OH = op.out.h;
                 g.OW = op.out.w;
-                if (op.rule.kind == RuleKind::None && mode == Mode::Rules) fail(i, op, "no rule assigned");
-                prepare_linear(i, op, plan->lin[i]);
-                std::vector<float>().swap(op.weight);  // Wm (channels-last) is the plan's copy now
-                nonneg = false;
+                if (op.rule.kind == RuleKind::None && rules) fail(i, op, "no rule assigned");
+                if (generic_op(op)) {
+                    // the generic module validates and prepares it (make_generic_linear); op.weight stays
+                    plan->need_in[i] = plan->need_out[i] = rules;
+                } else {
+                    prepare_linear(i, op, plan->lin[i]);
+                    std::vector<float>().swap(op.weight);  // Wm (channels-last) is the plan's copy now
+                    const RuleKind rk = op.rule.kind;
+                    plan->need_in[i] = rules && rk != RuleKind::WSquare && rk != RuleKind::Flat;
+                    plan->need_out[i] = rules && (rk == RuleKind::Z || rk == RuleKind::Epsilon ||
+                                                  rk == RuleKind::Gamma || rk == RuleKind::ZBox);
+                }
                 break;
             case OpKind::MaxPool:
+                if (op.in.rank != 3) fail(i, op, "pooling needs (C, H, W)");
+                window();
+                nn = nonneg[v0];
+                break;
             case OpKind::AvgPool:
             case OpKind::SumPool:
                 if (op.in.rank != 3) fail(i, op, "pooling needs (C, H, W)");
-                g.C = g.O = op.in.c;
-                g.H = op.in.h;
-                g.W = op.in.w;
-                g.OH = op.out.h;
-                g.OW = op.out.w;
+                window();
+                if (!op.inv_count.empty() && static_cast<int64_t>(op.inv_count.size()) != op.out.h * op.out.w)
+                    fail(i, op, "inv_count must hold OH * OW values");
+                plan->need_in[i] = rules;
+                nn = nonneg[v0];
                 break;
             case OpKind::LpPool:
                 if (!(op.p >= 1.0f) || !std::isfinite(op.p)) fail(i, op, "p must be finite and >= 1");
                 if (!op.global) {
                     if (op.in.rank != 3) fail(i, op, "LpPool with a kernel needs (C, H, W)");
-                    g.C = g.O = op.in.c;
-                    g.H = op.in.h;
-                    g.W = op.in.w;
-                    g.OH = op.out.h;
-                    g.OW = op.out.w;
+                    window();
                 }
-                nonneg = true;
+                plan->need_in[i] = 1;
+                plan->need_out[i] = !rules;
+                nn = true;
                 break;
             case OpKind::ReLU:
-                nonneg = true;
+                plan->need_out[i] = !rules;  // gradient mask y > 0 (= a > 0)
+                nn = true;
                 break;
             case OpKind::GlobalSum:
+                plan->need_in[i] = rules;
+                nn = nonneg[v0];
+                break;
             case OpKind::Flatten:
+            case OpKind::Upsample:
+            case OpKind::ChannelShuffle:
+            case OpKind::Slice:
+                nn = nonneg[v0];
+                break;
+            case OpKind::Concat:
+            case OpKind::Add:
+                nn = true;
+                for (int64_t v : op.inputs) nn = nn && nonneg[v];
+                plan->need_in[i] = rules && op.kind == OpKind::Add;
+                break;
+            case OpKind::Mul:
+                nn = nonneg[op.inputs[0]] && nonneg[op.inputs[1]];
+                plan->need_in[i] = !rules;
+                break;
+            case OpKind::BatchNorm:
+                plan->need_in[i] = rules && op.rule.kind != RuleKind::None;
+                break;
+            case OpKind::Activation:
+                plan->need_in[i] = !rules;
+                nn = op.act == ActFn::ReLU6 || op.act == ActFn::Sigmoid || op.act == ActFn::Hardsigmoid;
+                break;
+            case OpKind::AdaptiveAvgPool:
+            case OpKind::GlobalAvgPool:
+                plan->need_in[i] = rules;
+                nn = nonneg[v0];
                 break;
         }
-        const bool windowed = op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool ||
+        const bool windowed = (op.kind == OpKind::Conv2d && !generic_op(op)) || op.kind == OpKind::MaxPool ||
                               op.kind == OpKind::AvgPool || op.kind == OpKind::SumPool ||
                               (op.kind == OpKind::LpPool && !op.global);
         if (windowed) check_geometry(i, op);
+        if (op.kind == OpKind::Conv2d && generic_op(op)) {
+            if (op.groups < 1 || op.in.c % op.groups || op.out.c % op.groups)
+                fail(i, op, "groups must divide the input and output channels");
+        }
         if (op.kind == OpKind::Dense && (!g.identity() || g.O != op.out.c || op.out.rank != 1))
             fail(i, op, "Dense geometry must be 1x1");
-        if (op.kind == OpKind::ReLU && (op.out.rank != op.in.rank || op.out.size() != op.in.size()))
-            fail(i, op, "ReLU keeps its input shape");
+        if (op.kind == OpKind::ReLU && op.out != op.in) fail(i, op, "ReLU keeps its input shape");
         if (op.kind == OpKind::Flatten && (op.out.rank != 1 || op.out.size() != op.in.size()))
             fail(i, op, "Flatten gives (C*H*W)");
         if ((op.kind == OpKind::GlobalSum || (op.kind == OpKind::LpPool && op.global)) &&
             (op.out.rank != 1 || op.out.size() != 1))
             fail(i, op, "global pooling gives (1)");
+        check_graph_op(i, op);
         plan->max_size = std::max(plan->max_size, op.out.size());
-        cur = op.out;
+        nonneg[i + 1] = nn;
+        plan->values.push_back(op.out);
     }
-    if (cur.rank != 1) throw std::invalid_argument("plan: the network's output must be (N, K)");
+    if (plan->values.back().rank != 1) throw std::invalid_argument("plan: the network's output must be (N, K)");
+    // relevance writers: the consumer with the highest index (lowest slot) writes, the rest accumulate
+    plan->first_write.assign(L, {});
+    for (size_t i = 0; i < L; ++i) plan->first_write[i].assign(plan->ops[i].inputs.size(), 0);
+    for (size_t v = 0; v <= L; ++v) {
+        const auto& cs = plan->consumers[v];
+        if (cs.empty()) continue;
+        // the last consumer in op order runs first backward; among its slots the lowest writes
+        int64_t c = cs.back().first;
+        int slot = cs.back().second;
+        for (const auto& [cc, k] : cs)
+            if (cc == c) slot = std::min(slot, k);
+        plan->first_write[static_cast<size_t>(c)][static_cast<size_t>(slot)] = 1;
+    }
+    // fusions: a linear op (or Add) whose output only feeds the next op, a ReLU
+    plan->fuse_relu.assign(L, 0);
+    plan->skip.assign(L, 0);
+    for (size_t i = 0; i + 1 < L; ++i) {
+        const OpSpec& op = plan->ops[i];
+        const bool fusable = (is_linear(op) && !generic_op(op)) || op.kind == OpKind::Add;
+        if (!fusable || plan->skip[i]) continue;
+        const OpSpec& nx = plan->ops[i + 1];
+        const auto& cs = plan->consumers[i + 1];
+        if (nx.kind == OpKind::ReLU && cs.size() == 1 && cs[0].first == static_cast<int64_t>(i + 1)) {
+            plan->fuse_relu[i] = 1;
+            plan->skip[i + 1] = 1;
+        }
+    }
     // Largest tile (<= kMaxTile) whose arena fits the budget; never depends on the thread count.
     plan->head = L;  // no head groups while the tile is chosen
     int64_t T = kMaxTile;
@@ -288,8 +674,9 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     if (T < kMaxTile && T > kRowMultiple) T -= T % kRowMultiple;
     plan->tile = T;
     plan->group = T;
-    // Head groups: the trailing rank-1 ops (after the last op with a 3-D input or output), if their
-    // weights are large enough to be worth streaming once per group rather than once per tile.
+    // Head groups (chain plans): the trailing rank-1 ops (after the last op with a 3-D input or
+    // output), if their weights are large enough to be worth streaming once per group rather than
+    // once per tile.
     size_t h = L;
     while (h > 0 && plan->ops[h - 1].out.rank == 1 && plan->ops[h - 1].in.rank == 1) --h;
     int64_t head_weight_bytes = 0;
@@ -300,7 +687,7 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     // measured, groups help cifar_vgg (T = 2: 252 -> 275 img/s at 2 threads, 512 images) but not
     // lenet (T = 12: 2,696 -> 2,646), whose tiles' activations no longer stay in cache from their
     // forward to their relevance pass.
-    if (h > 0 && h < L && T <= kMaxGroupTile && head_weight_bytes >= kHeadGroupMinWeightBytes) {
+    if (plan->chain && h > 0 && h < L && T <= kMaxGroupTile && head_weight_bytes >= kHeadGroupMinWeightBytes) {
         plan->head = h;
         int64_t G = kMaxGroup / T * T;
         while (G > T && arena_sizes(*plan, T, G).bytes() > kGroupBudgetBytes) G -= T;

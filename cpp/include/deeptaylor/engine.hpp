@@ -18,8 +18,8 @@ struct RunArgs {
     const int64_t* targets = nullptr;  // (N) explained output per sample, or null for argmax
     float* output = nullptr;           // (N, K) network output
     float* relevance = nullptr;        // (N, input...) relevance at the input, user layout
-    std::vector<float*> layers;        // empty, or L+1 arrays (N, shape_i): relevance at layer i's
-                                       // input, the last at the network output
+    std::vector<float*> layers;        // empty, or L+1 arrays (N, shape of value v) by value id: the
+                                       // relevance at the input, then at every op's output
     int threads = 0;                   // <= 0: OpenMP's default
 };
 
@@ -27,6 +27,8 @@ class Executor {
 public:
     virtual ~Executor() = default;
     virtual const char* name() const = 0;
+    // Working memory of one thread for a full tile (the liveness layout's slab + scratch), bytes.
+    virtual int64_t arena_bytes() const = 0;
     // Runs without touching Python objects (callers release the GIL).
     virtual void run(const RunArgs& args) const = 0;
 };

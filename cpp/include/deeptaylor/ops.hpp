@@ -32,3 +32,37 @@ void maxpool_forward(const float* a, const Geom& g, int64_t T, float* out, int32
 void maxpool_scatter(const float* y, const int32_t* arg, const Geom& g, int64_t T, float* img);
 
 }  // namespace deeptaylor
+
+namespace deeptaylor {
+
+// ---- graph ops (ops_graph.cpp), channels-last, T samples; "acc": add into dst instead of writing ----
+
+// y = f(a) element-wise (PyTorch's definitions; param: LeakyReLU slope, ELU alpha, GELU 1 = tanh approx).
+void act_forward(ActFn f, float param, const float* a, float* y, int64_t n);
+// gin = g * f'(a), PyTorch's conventions at the kinks (gin may be g itself).
+void act_gradient(ActFn f, float param, const float* a, const float* g, float* gin, int64_t n);
+
+// AdaptiveAvgPool2d windows: sum over window (rows[2 oy], rows[2 oy + 1]) x (cols[2 ox], ...).
+// a (T, H, W, C) -> out (T, OH, OW, C); mean: divided by the window's size.
+void adaptive_sum(const float* a, const Shape& in, const Shape& out, const int64_t* rows, const int64_t* cols,
+                  int64_t T, float* dst, bool mean);
+// Transpose: img (T, H, W, C) = sum of y (or y / window size when mean) over the windows covering it.
+void adaptive_scatter(const float* y, const Shape& in, const Shape& out, const int64_t* rows, const int64_t* cols,
+                      int64_t T, float* img, bool mean);
+
+// Nearest upsampling by integer (sh, sw): a (T, H, W, C) -> out (T, H sh, W sw, C).
+void upsample_forward(const float* a, const Shape& in, int64_t sh, int64_t sw, int64_t T, float* out);
+// Transpose: img (T, H, W, C) (=|+=) sum of its sh x sw copies in y.
+void upsample_sum(const float* y, const Shape& in, int64_t sh, int64_t sw, int64_t T, float* img, bool acc);
+
+// ChannelShuffle (groups g): out channel j g + i = in channel i (C / g) + j, per pixel.
+void shuffle_forward(const float* a, int64_t C, int64_t g, int64_t pixels, float* out);
+// Inverse permutation: img (=|+=) unshuffled y.
+void shuffle_backward(const float* y, int64_t C, int64_t g, int64_t pixels, float* img, bool acc);
+
+// Channel block copy: dst[p, d0 + c] (=|+=) src[p, s0 + c] for c < n, per pixel (pixels rows),
+// src rows of sC channels, dst rows of dC channels (Concat, Slice).
+void channel_copy(const float* src, int64_t sC, int64_t s0, float* dst, int64_t dC, int64_t d0, int64_t n,
+                  int64_t pixels, bool acc);
+
+}  // namespace deeptaylor

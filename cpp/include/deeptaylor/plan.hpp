@@ -14,7 +14,15 @@
 
 namespace deeptaylor {
 
-enum class OpKind { Dense, Conv2d, ReLU, MaxPool, AvgPool, SumPool, GlobalSum, LpPool, Flatten };
+enum class OpKind {
+    Dense, Conv2d, ReLU, MaxPool, AvgPool, SumPool, GlobalSum, LpPool, Flatten,
+    // graph ops (docs/engine.md "The DAG plan")
+    ConvTranspose2d, Add, Concat, Slice, Mul, BatchNorm, Activation, AdaptiveAvgPool, GlobalAvgPool,
+    Upsample, ChannelShuffle
+};
+
+// Element-wise activations (forward and gradient exactly as PyTorch; relevance passes unchanged).
+enum class ActFn { LeakyReLU, ReLU6, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Tanh, Sigmoid };
 
 // Rules of linear layers (python/deeptaylor/rules.py has the maths and the citations).
 enum class RuleKind { None, Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox };
@@ -29,6 +37,9 @@ struct Shape {
     int64_t size() const { return c * h * w; }
     // True when channels-last storage differs from the user's C-order (a layout permutation needed).
     bool permuted() const { return rank == 3 && c > 1 && h * w > 1; }
+    int64_t pixels() const { return h * w; }
+    bool operator==(const Shape& o) const { return rank == o.rank && c == o.c && h == o.h && w == o.w; }
+    bool operator!=(const Shape& o) const { return !(*this == o); }
 };
 
 // Window geometry of a linear op or a pooling on one sample, channels-last. A Dense layer is the
@@ -57,12 +68,25 @@ struct RuleSpec {
 // One layer, as Python describes it (weights in PyTorch layout, float32).
 struct OpSpec {
     OpKind kind = OpKind::ReLU;
+    std::string name;           // node name (error messages)
+    std::vector<int64_t> inputs;  // value ids read (0: network input, j + 1: output of op j)
+    std::vector<Shape> in_shapes; // one per input; in == in_shapes[0]
     Shape in, out;
     Geom g;                     // linear ops and window pools
     std::vector<float> weight;  // Dense (O, I) or Conv2d (O, C, kh, kw); emptied by build_plan (see Wm)
     std::vector<float> bias;    // (O)
     float p = 2.0f;             // LpPool exponent
     bool global = false;        // LpPool without a kernel (pools everything to (N, 1))
+    // grouped Conv2d / ConvTranspose2d (the generic linear module, linear_generic.hpp); ChannelShuffle
+    int64_t groups = 1;
+    int64_t oph = 0, opw = 0;   // ConvTranspose2d output_padding
+    ActFn act = ActFn::LeakyReLU;
+    float param = 0.0f;         // Activation: slope / alpha / 1 for GELU's tanh approximation
+    std::vector<float> scale, shift;  // BatchNorm: y = x * scale[c] + shift[c]
+    std::vector<float> inv_count;     // AvgPool2d: (OH * OW) 1 / divisor per output pixel (empty: 1/(kh kw))
+    std::vector<int64_t> rows, cols;  // AdaptiveAvgPool2d: [start, end) pairs, flattened (2 OH, 2 OW)
+    int64_t start = 0, stop = 0;      // Slice: channels [start, stop)
+    int64_t up_h = 1, up_w = 1;       // Upsample (nearest): integer scale factors
     RuleSpec rule;
 };
 
@@ -84,37 +108,56 @@ struct Plan {
     Mode mode = Mode::Rules;
     Shape input;
     std::vector<OpSpec> ops;
-    std::vector<LinearPrep> lin;     // one per op (empty for non-linear ops)
-    std::vector<char> nonneg_in;     // op input is >= 0 by construction (after a ReLU)
+    std::vector<LinearPrep> lin;     // one per op (empty for non-linear and generic linear ops)
+    std::vector<char> nonneg_in;     // op's (first) input is >= 0 by construction (after a ReLU)
     int64_t tile = 1;                // images per tile (independent of the thread count)
-    // Head groups: the trailing run of rank-1 ops (the Dense head after the last Flatten / pooling,
-    // ops [head, L)) runs on up to `group` images at once (a multiple of `tile`) fed by several
-    // tiles of the ops before it, so that its weight matrices stream from memory once per group
-    // instead of once per tile. head == L (no head) or group == tile: plain tiles.
+    // Head groups (chain plans only): the trailing run of rank-1 ops (the Dense head after the last
+    // Flatten / pooling, ops [head, L)) runs on up to `group` images at once (a multiple of `tile`)
+    // fed by several tiles of the ops before it, so that its weight matrices stream from memory
+    // once per group instead of once per tile. head == L (no head) or group == tile: plain tiles.
     size_t head = 0;
     int64_t group = 1;
     int64_t max_size = 1;            // largest per-sample activation (floats)
     int64_t num_outputs() const { return ops.back().out.size(); }
+
+    // ---- the DAG (build_plan) ----
+    // Value ids: 0 is the network input, i + 1 the output of op i; the network output is value L.
+    std::vector<Shape> values;                      // per-sample shape of every value
+    std::vector<std::vector<std::pair<int64_t, int>>> consumers;  // per value: (op, input slot), ascending
+    bool chain = true;                              // every op reads the previous op's output only
+    std::vector<char> need_in, need_out;            // op's backward reads its inputs' / its output's activation
+    std::vector<char> fuse_relu;                    // op i (linear or Add) also writes op i + 1's ReLU output
+    std::vector<char> skip;                         // op's forward is done by the op before it (fused)
+    // first_write[i][k]: op i's backward is the first to write the relevance of input slot k (the
+    // consumer with the highest index, lowest slot); every later writer accumulates.
+    std::vector<std::vector<char>> first_write;
 };
 
-// Per-thread working memory for a tile of T images (floats unless stated).
+// Per-thread working memory for a tile of T images: where every live buffer sits in the thread's
+// slab (interval colouring over the step timeline, docs/engine.md "Liveness"), and the per-step
+// scratch buffers (floats unless stated; int32 winners take float-sized slots in the slab).
 struct ArenaSizes {
-    std::vector<int64_t> act;  // act[i]: input of op i (i = 0..L); act[0] only if the input is permuted
-    std::vector<int64_t> arg;  // int32 winners per op (max pooling only)
-    int64_t work = 0;          // each of the 4 tile buffers (relevance ping-pong, two temporaries)
+    std::vector<int64_t> act_off, rel_off;  // per value: offset of its activation / relevance (-1: none)
+    std::vector<int64_t> arg_off;           // per op: max pooling winners (-1: none)
+    std::vector<char> act_g, rel_g, arg_g;  // sized for the group's G images (each tile at its offset)
+    int64_t slab = 0;          // floats of the shared slab
+    int64_t work = 0;          // each of the 3 tile buffers (two temporaries, the accumulation buffer)
     int64_t col = 0;           // each of the 4 im2col-block buffers (col, col+, col-, combined)
     int64_t den = 0;           // each of denominators and s (block rows x 2 O)
     int64_t ccol = 0;          // transpose-GEMM output block (block rows x 2 Kc)
-    int64_t head_rel = 0;      // head groups: the head's input relevance for the whole group
+    int64_t live_sum = 0;      // floats of all activations and relevances if nothing were shared (info)
     int64_t bytes() const;
 };
 // T images per tile for ops [0, head), G (a multiple of T) for the head and for the stored
-// activations of every op (a group's tiles all keep theirs until the head's relevance is back).
-ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G);
+// activations of the body (a group's tiles all keep theirs until the head's relevance is back).
+// keep_for_layers: GradientXInput with per-layer outputs needs every activation until its value's
+// gradient is complete (a second, larger layout).
+ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers = false);
 inline ArenaSizes arena_sizes(const Plan& plan) { return arena_sizes(plan, plan.tile, plan.group); }
 
-// Validate the specs, derive every rule matrix/constant map and choose the tile size.
-// Throws std::invalid_argument naming the op on inconsistent specs.
+// Validate the specs (inputs, shapes, geometry; chain specs have inputs = {i}), derive every rule
+// matrix/constant map, analyse the DAG (consumers, what each backward step needs, fusions, in-place
+// buffers) and choose the tile size. Throws std::invalid_argument naming the op on bad specs.
 std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode);
 
 // Per-thread arena budget used to choose the tile size, and the largest tile.
@@ -134,5 +177,10 @@ constexpr int64_t kMinChunkRows = 128;
 constexpr int64_t kRowMultiple = 12;
 
 const char* op_name(OpKind k);
+const char* act_name(ActFn f);
+// True for linear ops run by the generic module (linear_generic.hpp): grouped Conv2d, ConvTranspose2d.
+inline bool generic_op(const OpSpec& op) {
+    return op.kind == OpKind::ConvTranspose2d || (op.kind == OpKind::Conv2d && op.groups != 1);
+}
 
 }  // namespace deeptaylor

@@ -14,22 +14,45 @@ import numpy as np
 
 from ..errors import UnsupportedError
 from ..layers import (
+    ELU,
+    GELU,
+    Activation,
+    AdaptiveAvgPool2d,
+    Add,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    ChannelShuffle,
+    Concat,
     Conv2d,
+    ConvTranspose2d,
     Dense,
     Flatten,
+    GlobalAvgPool,
     GlobalSumPool,
+    Hardsigmoid,
+    Hardswish,
+    LeakyReLU,
     LpPool,
     MaxPool2d,
+    Mul,
     ReLU,
+    ReLU6,
+    Sigmoid,
+    SiLU,
+    Slice,
     SumPool2d,
+    Tanh,
+    Upsample,
 )
 from ..methods import GradientXInput, Method, Sensitivity
-from ..network import Sequential
+from ..network import Graph
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 from ._support import refuse_unsupported
 
-_LAYERS = (Dense, Conv2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten)
+_LAYERS = (Dense, Conv2d, ConvTranspose2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten,
+           BatchNorm2d, BatchNorm1d, LeakyReLU, ReLU6, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Tanh, Sigmoid,
+           AdaptiveAvgPool2d, GlobalAvgPool, Upsample, ChannelShuffle, Add, Concat, Slice, Mul)
 _RULES = (Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox)
 _METHODS = (Sensitivity, GradientXInput)
 
@@ -63,32 +86,63 @@ def _rule_spec(rule: Rule, in_shape: tuple[int, ...]) -> dict[str, Any]:
     return spec
 
 
-def op_specs(net: Sequential, assignment: list[Rule | None] | Method,
+def op_specs(net: Graph, assignment: list[Rule | None] | Method,
              sample_shape: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Describe every layer as a plain dict for the C++ ``Plan``: ``kind``, per-sample ``in_shape`` /
-    ``out_shape``, int window parameters, float32 ``weight``/``bias`` and the rule's kind and
-    parameters (ZBox bounds broadcast to the layer's input shape)."""
-    shapes = [s[1:] for s in net.shapes((1,) + tuple(sample_shape))]
+    """Describe every node of a canonical graph as a plain dict for the C++ ``Plan`` (contract: one
+    dict per node, in node order): ``kind``, ``name``, ``inputs`` (value ids: 0 the network input,
+    ``i + 1`` the output of node ``i``), per-sample ``in_shapes`` / ``in_shape`` (= ``in_shapes[0]``)
+    / ``out_shape``, int window parameters (pools: the resolved padding of ``ceil_mode``), float
+    ``weight``/``bias`` and the rule's kind and parameters (ZBox bounds broadcast to the layer's input
+    shape), and the node kind's own keys (docs/engine.md)."""
+    shapes = [tuple(s[1:]) for s in net.shapes((1,) + tuple(sample_shape))]
     rules = [None] * len(net) if isinstance(assignment, Method) else assignment
     ops = []
-    for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
-        spec: dict[str, Any] = {"kind": layer.kind, "in_shape": shapes[i], "out_shape": shapes[i + 1]}
-        if isinstance(layer, (Dense, Conv2d)):
+    for i, (node, rule) in enumerate(zip(net.nodes, rules, strict=True)):
+        layer = node.layer
+        ins = [shapes[v] for v in node.inputs]
+        kind = layer.kind
+        spec: dict[str, Any] = {"kind": kind, "name": node.name, "inputs": list(node.inputs), "in_shapes": ins,
+                                "in_shape": ins[0], "out_shape": shapes[i + 1]}
+        if isinstance(layer, (Dense, Conv2d, ConvTranspose2d)):
             # the layer's own arrays: the core converts them to float32 one layer at a time (no
             # float32 copy of the whole network alongside the plan while it is built)
             spec["weight"], spec["bias"] = layer.weight, layer.bias
             if isinstance(layer, Conv2d):
                 spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding,
                             dilation=layer.dilation)
+                if layer.groups != 1:
+                    spec["groups"] = layer.groups
+            elif isinstance(layer, ConvTranspose2d):
+                spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                            dilation=layer.dilation, output_padding=layer.output_padding, groups=layer.groups)
             if rule is not None:
-                spec.update(_rule_spec(rule, shapes[i]))
+                spec.update(_rule_spec(rule, ins[0]))
         elif isinstance(layer, (MaxPool2d, AvgPool2d, SumPool2d)):
-            spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+            h, w = ins[0][1], ins[0][2]
+            spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.resolved_padding(h, w))
+            if isinstance(layer, AvgPool2d) and (layer.ceil_mode or not layer.count_include_pad):
+                spec["inv_count"] = np.ascontiguousarray(layer.inv_count(h, w), dtype=np.float64).ravel()
         elif isinstance(layer, LpPool):
             spec["p"] = layer.p
             spec["global"] = layer.kernel_size is None
             if layer.kernel_size is not None:
                 spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, (BatchNorm2d, BatchNorm1d)):
+            spec.update(kind="BatchNorm", scale=np.asarray(layer.scale, dtype=np.float64),
+                        shift=np.asarray(layer.shift, dtype=np.float64))
+            if rule is not None:
+                spec.update(_rule_spec(rule, ins[0]))
+        elif isinstance(layer, Activation):
+            spec.update(kind="Activation", fn=layer.fn, param=float(layer.param))
+        elif isinstance(layer, AdaptiveAvgPool2d):
+            rows, cols = layer.windows(ins[0][1], ins[0][2])
+            spec.update(rows=[list(r) for r in rows], cols=[list(c) for c in cols])
+        elif isinstance(layer, Upsample):
+            spec["scale"] = list(layer.scale_factor)
+        elif isinstance(layer, ChannelShuffle):
+            spec["groups"] = layer.groups
+        elif isinstance(layer, Slice):
+            spec.update(start=layer.start, stop=layer.stop)
         ops.append(spec)
     return ops
 
@@ -128,13 +182,25 @@ class CpuBackend:
         """Number of compiled plans held (one per input sample-shape seen)."""
         return len(self._plans)
 
-    def check(self, net: Sequential, assignment: list[Rule | None] | Method) -> None:
-        """Raise :class:`UnsupportedError` naming the layer index, type and rule for a layer, rule or
-        method this backend cannot run. Types are matched exactly: the plan dispatches on the type's
-        name, so a subclass (of ZPlus, of ReLU...) is refused here rather than in the compiled plan."""
+    def check(self, net: Graph, assignment: list[Rule | None] | Method) -> None:
+        """Raise :class:`UnsupportedError` naming the node (index, name, type) and rule for a layer,
+        rule or method this backend cannot run. Types are matched exactly: the plan dispatches on the
+        type's name, so a subclass (of ZPlus, of ReLU...) is refused here rather than in the compiled
+        plan. A BatchNorm node takes no rule, Epsilon or Z; Concat and Slice only the channel axis."""
         refuse_unsupported(self.name, net, assignment, _LAYERS, _RULES, _METHODS)
+        rules = [None] * len(net) if isinstance(assignment, Method) else assignment
+        for i, (layer, rule) in enumerate(zip(net, rules, strict=True)):
+            if isinstance(layer, (BatchNorm2d, BatchNorm1d)) and rule is not None and type(rule) not in (Epsilon, Z):
+                raise UnsupportedError(f"backend '{self.name}' does not support rule {rule!r} on {net._where(i)}: "
+                                       "a BatchNorm node takes no rule, Epsilon or Z")
+            if isinstance(layer, (Concat, Slice)) and getattr(layer, "axis", 1) != 1:
+                raise UnsupportedError(f"backend '{self.name}' does not support {net._where(i)}: "
+                                       "only the channel axis (1)")
+            if isinstance(layer, Upsample) and getattr(layer, "mode", "nearest") != "nearest":
+                raise UnsupportedError(f"backend '{self.name}' does not support {net._where(i)}: "
+                                       "only nearest upsampling")
 
-    def plan(self, net: Sequential, assignment: list[Rule | None] | Method, sample_shape: tuple[int, ...]) -> Any:
+    def plan(self, net: Graph, assignment: list[Rule | None] | Method, sample_shape: tuple[int, ...]) -> Any:
         """The compiled plan for ``sample_shape`` (the input shape without the batch), cached."""
         if self._owner is None or self._owner[0] is not net or self._owner[1] is not assignment:
             self._plans.clear()
@@ -146,10 +212,11 @@ class CpuBackend:
             self._plans[key] = plan
         return plan
 
-    def run(self, net: Sequential, assignment: list[Rule | None] | Method, x: np.ndarray,
+    def run(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
             targets: np.ndarray | None, return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
         """Forward + relevance for x (N, ...) float32/float64 (copied to C-contiguous float32 if it is
-        not already). Returns ``(output (N, K), relevance (shape of x), layers | None)``, float32."""
+        not already). Returns ``(output (N, K), relevance (shape of x), layers | None)``, float32;
+        ``layers`` holds L + 1 arrays indexed by value id (the input, then every node's output)."""
         plan = self.plan(net, assignment, x.shape[1:])
         xc = np.ascontiguousarray(x, dtype=np.float32)
         t = None if targets is None else np.ascontiguousarray(targets, dtype=np.int64)
