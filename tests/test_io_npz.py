@@ -74,8 +74,9 @@ def test_float32_exact_weights_stored_as_float32(tmp_path, rng):
     net = dt.Sequential([dt.Dense(w32, np.zeros(3)), dt.ReLU(), dt.Dense(rng.normal(size=(2, 3)))])
     dt.save(net, tmp_path / "m.npz")
     with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
-        assert z["layer0.weight"].dtype == np.float32
-        assert z["layer2.weight"].dtype == np.float64  # float64 values that float32 would round
+        assert z["node0.weight"].dtype == np.float32
+        assert z["node2.weight"].dtype == np.float64  # float64 values that float32 would round
+    assert dt.load(tmp_path / "m.npz")[0].weight.dtype == np.float32  # float32 weights stay float32
     np.testing.assert_array_equal(dt.load(tmp_path / "m.npz")[2].weight, net[2].weight)
 
 
@@ -105,7 +106,7 @@ def test_crafted_baseline_loads():
 
 
 @pytest.mark.parametrize(("meta", "arrays", "match"), [
-    (dense_meta(version=2), GOOD, "newer"),
+    (dense_meta(version=3), GOOD, "newer"),
     (dense_meta(version=0), GOOD, "invalid model format version"),
     (dense_meta(version="1"), GOOD, "integer version"),
     (dense_meta(format="other"), GOOD, "format"),

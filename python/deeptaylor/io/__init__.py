@@ -18,9 +18,13 @@ __all__ = ["from_torch", "load", "load_npz", "load_onnx", "save", "save_npz", "t
 
 
 def save(net: Any, path: str | os.PathLike[str], input_shape: Any = None) -> None:
-    """Save ``net`` (a :class:`~deeptaylor.Sequential`) in the native ``.npz`` format.
+    """Save ``net`` (a :class:`~deeptaylor.Graph` or :class:`~deeptaylor.Sequential`) in the native
+    ``.npz`` format (version 2: nodes with names and inputs, every layer's parameters; see
+    :func:`deeptaylor.io.npz.save_npz`). :func:`load` gives back a Sequential for a Sequential, a
+    Graph with its declared input shape for a Graph.
 
-    ``input_shape`` (per sample, e.g. ``(1, 28, 28)``), if given, is stored and checked on load.
+    ``input_shape`` (per sample, e.g. ``(1, 28, 28)``), if given, is stored and checked on load; a
+    Graph stores its declared input shape (``input_shape`` must then agree).
     """
     save_npz(net, path, input_shape=input_shape)
 

@@ -1,22 +1,37 @@
-"""deeptaylor's native model file: a ``.npz`` of arrays plus a versioned JSON layer description.
+"""deeptaylor's native model file: a ``.npz`` of arrays plus a versioned JSON graph description.
 
 Layout of the archive (a plain ``numpy.savez`` zip of ``.npy`` members; see docs/importing.md):
 
-* ``__deeptaylor__.npy``: 1-D uint8 array holding UTF-8 JSON::
+* ``__deeptaylor__.npy``: 1-D uint8 array holding UTF-8 JSON. Version 2 (written since 0.2)::
 
-      {"format": "deeptaylor.model", "version": 1,
-       "input_shape": [1, 28, 28] | null,            # optional, per sample (no batch dimension)
-       "layers": [{"kind": "Conv2d", "params": {"stride": [1, 1], ...}}, ...]}
+      {"format": "deeptaylor.model", "version": 2,
+       "network": "Graph" | "Sequential",
+       "input_shape": [3, 32, 32] | null,      # per sample (no batch dimension); optional
+       "nodes": [{"name": "conv1", "kind": "Conv2d", "inputs": [0],
+                  "params": {"stride": [1, 1], ...}},
+                 {"name": "conv1_again", "inputs": [1], "shares": 0},   # the same layer object
+                 ...]}
 
-* ``layer{i}.weight.npy`` / ``layer{i}.bias.npy``: float32 (or float64 where float32 would not
-  round-trip) arrays of layer ``i`` (Dense, Conv2d).
+  ``inputs`` are value ids (0: the network input, ``i + 1``: the output of node ``i``); the
+  network's output is the last node's. ``shares: j`` marks a node whose layer is node ``j``'s (a
+  layer called twice: one set of arrays). A Sequential's node ``i`` is named ``"i"`` and reads
+  value ``i``.
+
+  Version 1 (0.1) files hold ``"layers": [{"kind": ..., "params": {...}}, ...]`` instead of
+  ``network``/``nodes``, a chain; they still load (as a :class:`~deeptaylor.Sequential`).
+
+* ``node{i}.weight.npy``, ``node{i}.bias.npy`` (Dense, Conv2d, ConvTranspose2d) and
+  ``node{i}.running_mean/running_var/weight/bias.npy`` (BatchNorm): float32 where float32 holds the
+  values exactly, float64 otherwise (version 1: ``layer{i}.weight/bias.npy``).
 
 Reading never unpickles and never trusts a size it has not checked: the zip members are read one by
 one, each ``.npy`` header is parsed with NumPy's literal-only parser, its dtype must be a plain float
 (or uint8 for the description) and ``prod(shape) * itemsize`` must equal the bytes actually present
 before any array is built. Every field of the description is type-checked, arrays are checked against
-the layers that use them, and the layer chain is checked to compose. Any problem raises
-:class:`~deeptaylor.errors.ModelFormatError` naming the file and the problem.
+the layers that use them, the graph's structure is checked (names, input ids that refer only to
+earlier values, so no cycle can be written, the arity of every node, no unused node) and the layers
+are checked to compose. Any problem raises :class:`~deeptaylor.errors.ModelFormatError` naming the
+file, the node and the problem.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from __future__ import annotations
 import io as _io
 import json
 import os
+import re
 import zipfile
 import zlib
 from typing import Any
@@ -31,84 +47,230 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeepTaylorError, ModelFormatError
-from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalSumPool, LpPool, MaxPool2d, ReLU, SumPool2d
-from ..network import Sequential
+from ..layers import (
+    ELU,
+    GELU,
+    Activation,
+    AdaptiveAvgPool2d,
+    Add,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    ChannelShuffle,
+    Concat,
+    Conv2d,
+    ConvTranspose2d,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    GlobalSumPool,
+    Hardsigmoid,
+    Hardswish,
+    Identity,
+    LeakyReLU,
+    LpPool,
+    MaxPool2d,
+    Mul,
+    ReLU,
+    ReLU6,
+    SiLU,
+    Sigmoid,
+    Slice,
+    SumPool2d,
+    Tanh,
+    Upsample,
+)
+from ..network import Graph, Node, Sequential
 
-__all__ = ["FORMAT", "VERSION", "load_npz", "save_npz"]
+__all__ = ["FORMAT", "VERSION", "load_npz", "save_npz", "read_npz"]
 
 FORMAT = "deeptaylor.model"
-VERSION = 1
+#: the version this deeptaylor writes; it reads 1 and 2
+VERSION = 2
 _META = "__deeptaylor__"
-_KINDS = {cls.__name__: cls for cls in (Dense, Conv2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool,
-                                         LpPool, Flatten)}
-#: The parameter names each layer kind's description may hold (version 1).
-_PARAMS = {
+
+_CLASSES: tuple[type, ...] = (
+    Dense, Conv2d, ConvTranspose2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d, GlobalSumPool, LpPool, Flatten,
+    BatchNorm2d, BatchNorm1d, LeakyReLU, ReLU6, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Tanh, Sigmoid,
+    AdaptiveAvgPool2d, GlobalAvgPool, Upsample, ChannelShuffle, Identity, Dropout, Add, Concat, Slice, Mul,
+)
+_KINDS: dict[str, type] = {cls.__name__: cls for cls in _CLASSES}
+_V1_KINDS = ("Dense", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "SumPool2d", "GlobalSumPool", "LpPool",
+             "Flatten")
+_POOL = {"kernel_size", "stride", "padding", "ceil_mode"}
+#: The parameter names each layer kind's description holds (version 2); every one is required.
+_PARAMS: dict[str, set[str]] = {
+    "Dense": set(),
+    "Conv2d": {"stride", "padding", "dilation", "groups"},
+    "ConvTranspose2d": {"stride", "padding", "output_padding", "dilation", "groups"},
+    "MaxPool2d": _POOL,
+    "AvgPool2d": _POOL | {"count_include_pad"},
+    "SumPool2d": _POOL,
+    "LpPool": {"p", "kernel_size", "stride"},
+    "BatchNorm2d": {"eps"},
+    "BatchNorm1d": {"eps"},
+    "LeakyReLU": {"negative_slope"},
+    "ELU": {"alpha"},
+    "GELU": {"approximate"},
+    "AdaptiveAvgPool2d": {"output_size"},
+    "Upsample": {"scale_factor", "mode"},
+    "ChannelShuffle": {"groups"},
+    "Dropout": {"p"},
+    "Concat": {"axis"},
+    "Slice": {"axis", "start", "stop"},
+}
+#: Version 1's parameter sets (0.1 files: no groups, no ceil_mode).
+_PARAMS_V1: dict[str, set[str]] = {
     "Dense": set(),
     "Conv2d": {"stride", "padding", "dilation"},
     "MaxPool2d": {"kernel_size", "stride", "padding"},
     "AvgPool2d": {"kernel_size", "stride", "padding"},
     "SumPool2d": {"kernel_size", "stride", "padding"},
     "LpPool": {"p", "kernel_size", "stride"},
-    "ReLU": set(),
-    "GlobalSumPool": set(),
-    "Flatten": set(),
 }
-_FLOAT_DTYPES = ("f4", "f8")
+#: The arrays each kind stores, in this order.
+_ARRAYS: dict[str, tuple[str, ...]] = {
+    "Dense": ("weight", "bias"),
+    "Conv2d": ("weight", "bias"),
+    "ConvTranspose2d": ("weight", "bias"),
+    "BatchNorm2d": ("running_mean", "running_var", "weight", "bias"),
+    "BatchNorm1d": ("running_mean", "running_var", "weight", "bias"),
+}
+_NODE_FIELDS = {"name", "kind", "inputs", "params"}
+_SHARED_FIELDS = {"name", "inputs", "shares"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,256}$")
 #: Hyper-parameters (strides, paddings, sizes) above this are treated as corrupt.
 _MAX_INT = 1 << 24
+#: Largest per-sample activation accepted (elements): far above any model we can run.
+_MAX_VALUES = 1 << 40
 #: Largest archive member accepted (bytes, uncompressed): 16 GiB, far above any model we can run.
 _MAX_MEMBER = 1 << 34
 
 
-def _describe(layer: Any) -> dict[str, Any]:
-    kind = type(layer).__name__
-    if kind not in _KINDS:
-        raise ModelFormatError(f"cannot save layer of type {kind}")
-    params: dict[str, Any] = {}
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _params(layer: Any) -> dict[str, Any]:
+    """The JSON parameters of ``layer`` (its constructor's keyword arguments)."""
     if isinstance(layer, Conv2d):
-        params = {"stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation)}
-    elif isinstance(layer, (MaxPool2d, AvgPool2d, SumPool2d)):
-        params = {"kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                  "padding": list(layer.padding)}
-    elif isinstance(layer, LpPool):
-        params = {"p": layer.p,
-                  "kernel_size": None if layer.kernel_size is None else list(layer.kernel_size),
-                  "stride": None if layer.stride is None else list(layer.stride)}
-    return {"kind": kind, "params": params}
+        return {"stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation),
+                "groups": layer.groups}
+    if isinstance(layer, ConvTranspose2d):
+        return {"stride": list(layer.stride), "padding": list(layer.padding),
+                "output_padding": list(layer.output_padding), "dilation": list(layer.dilation),
+                "groups": layer.groups}
+    if isinstance(layer, (MaxPool2d, AvgPool2d, SumPool2d)):
+        out = {"kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+               "padding": list(layer.padding), "ceil_mode": layer.ceil_mode}
+        if isinstance(layer, AvgPool2d):
+            out["count_include_pad"] = layer.count_include_pad
+        return out
+    if isinstance(layer, LpPool):
+        return {"p": layer.p,
+                "kernel_size": None if layer.kernel_size is None else list(layer.kernel_size),
+                "stride": None if layer.stride is None else list(layer.stride)}
+    if isinstance(layer, (BatchNorm2d, BatchNorm1d)):
+        return {"eps": layer.eps}
+    if isinstance(layer, LeakyReLU):
+        return {"negative_slope": layer.negative_slope}
+    if isinstance(layer, ELU):
+        return {"alpha": layer.alpha}
+    if isinstance(layer, GELU):
+        return {"approximate": layer.approximate}
+    if isinstance(layer, AdaptiveAvgPool2d):
+        return {"output_size": list(layer.output_size)}
+    if isinstance(layer, Upsample):
+        return {"scale_factor": list(layer.scale_factor), "mode": layer.mode}
+    if isinstance(layer, ChannelShuffle):
+        return {"groups": layer.groups}
+    if isinstance(layer, Dropout):
+        return {"p": layer.p}
+    if isinstance(layer, Concat):
+        return {"axis": layer.axis}
+    if isinstance(layer, Slice):
+        return {"axis": layer.axis, "start": layer.start, "stop": layer.stop}
+    return {}
 
 
-def save_npz(net: Sequential, path: str | os.PathLike[str], input_shape: Any = None) -> None:
-    """Write ``net`` to ``path`` (``.npz``).
+def _store(v: np.ndarray) -> np.ndarray:
+    """float32 when float32 holds ``v`` exactly, else float64."""
+    if v.dtype == np.float32:
+        return v
+    v32 = v.astype(np.float32)
+    return v32 if np.array_equal(v32.astype(np.float64), v) else v
 
-    Weights are stored as float32 unless they need float64 to round-trip exactly (they are always
-    float64 in memory), so ``load_npz(save_npz(net))`` reproduces every parameter bit for bit.
+
+def save_npz(net: Graph, path: Any, input_shape: Any = None) -> None:
+    """Write ``net`` (a :class:`~deeptaylor.Graph` or :class:`~deeptaylor.Sequential`) to ``path`` (``.npz``).
+
+    Arrays are stored as float32 when float32 holds their values exactly, float64 otherwise, so
+    ``load_npz`` reproduces every parameter bit for bit (a float64 weight that float32 holds exactly
+    comes back as float32, with the same values). A layer object used by several nodes is stored
+    once and shared again on load.
 
     Parameters
     ----------
-    net : Sequential
+    net : Graph or Sequential
+        Every layer must be one of deeptaylor's built-in layer classes (exact type).
     path : str, path-like or binary file object
     input_shape : tuple of int, optional
-        The per-sample input shape (``(F,)`` or ``(C, H, W)``, no batch dimension). Stored in the
-        description; :func:`load_npz` then checks that the layers compose for it.
+        The per-sample input shape (``(F,)`` or ``(C, H, W)``, no batch dimension), stored and
+        checked on load. A Graph stores its declared input shape; ``input_shape`` must then be equal
+        (or the graph have none).
+
+    Raises
+    ------
+    InputTypeError (a TypeError)
+        ``net`` is not a Graph.
+    ModelFormatError
+        A layer is not a built-in layer class.
+    ShapeError
+        The layers do not compose for ``input_shape``, or it differs from the Graph's declared one.
     """
-    if not isinstance(net, Sequential):
-        raise TypeError(f"save expects a deeptaylor.Sequential, got {type(net).__name__}")
+    from ..errors import InputTypeError, ShapeError
+
+    if not isinstance(net, Graph):
+        raise InputTypeError(f"save expects a deeptaylor.Graph or Sequential, got {type(net).__name__}")
     shape = None
     if input_shape is not None:
-        shape = [int(s) for s in input_shape]
-        net.shapes((1, *shape))  # raises ShapeError if the layers do not compose
-    arrays: dict[str, np.ndarray] = {}
-    layers = []
-    for i, layer in enumerate(net):
-        layers.append(_describe(layer))
-        if isinstance(layer, (Dense, Conv2d)):
-            for name in ("weight", "bias"):
-                v = getattr(layer, name)
-                v32 = v.astype(np.float32)
-                arrays[f"layer{i}.{name}"] = v32 if np.array_equal(v32.astype(np.float64), v) else v
-    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "layers": layers}
+        try:
+            shape = [int(s) for s in input_shape]
+        except (TypeError, ValueError):
+            raise InputTypeError(f"save: input_shape must be a sequence of ints, got {input_shape!r}") from None
+        if len(shape) not in (1, 3) or min(shape) < 1:
+            raise ShapeError(f"save: input_shape must be (F,) or (C, H, W) of positive sizes, got {tuple(shape)}")
+    declared = list(net.input_shape)
+    if declared:
+        if shape is not None and shape != declared:
+            raise ShapeError(f"save: input_shape {tuple(shape)} differs from the graph's declared input shape "
+                             f"{tuple(declared)}")
+        shape = declared
     if shape is not None:
-        meta["input_shape"] = shape
+        net.shapes((1, *shape))  # raises ShapeError naming the node if the layers do not compose
+    arrays: dict[str, np.ndarray] = {}
+    nodes: list[dict[str, Any]] = []
+    first_use: dict[int, int] = {}
+    for i, node in enumerate(net.nodes):
+        layer = node.layer
+        entry: dict[str, Any] = {"name": node.name, "inputs": [int(v) for v in node.inputs]}
+        if id(layer) in first_use:
+            entry["shares"] = first_use[id(layer)]
+            nodes.append(entry)
+            continue
+        kind = type(layer).__name__
+        if _KINDS.get(kind) is not type(layer):
+            raise ModelFormatError(f"cannot save node {node.name!r}: layer type {type(layer).__module__}."
+                                   f"{type(layer).__qualname__} is not a built-in deeptaylor layer")
+        first_use[id(layer)] = i
+        entry["kind"] = kind
+        entry["params"] = _params(layer)
+        nodes.append(entry)
+        for name in _ARRAYS.get(kind, ()):
+            arrays[f"node{i}.{name}"] = _store(getattr(layer, name))
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                            "network": "Sequential" if isinstance(net, Sequential) else "Graph",
+                            "input_shape": shape, "nodes": nodes}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     if hasattr(path, "write"):  # a binary file object
         np.savez(path, **arrays)
@@ -186,85 +348,277 @@ def _read_archive(source: str | os.PathLike[str] | bytes, where: str) -> dict[st
 
 def _int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_INT:
-        raise ModelFormatError(f"{what} must be an int in [{minimum}, {_MAX_INT}], got {value!r}")
+        raise ModelFormatError(f"{what} must be an int in [{minimum}, {_MAX_INT}], got {value!r:.100}")
     return value
 
 
 def _ints(value: Any, what: str, n: int, minimum: int) -> tuple[int, ...]:
     if not (isinstance(value, list) and len(value) == n):
-        raise ModelFormatError(f"{what} must be a list of {n} ints, got {value!r}")
+        raise ModelFormatError(f"{what} must be a list of {n} ints, got {value!r:.100}")
     return tuple(_int(v, what, minimum) for v in value)
 
 
-def _build(i: int, spec: Any, arrays: dict[str, np.ndarray]) -> Any:
-    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
-        raise ModelFormatError(f"layer {i}: description must be an object with a string 'kind', got {spec!r:.200}")
-    kind = spec["kind"]
-    if kind not in _KINDS:
-        raise ModelFormatError(f"layer {i}: unknown layer kind {kind!r:.100} (known: {', '.join(sorted(_KINDS))})")
-    if set(spec) - {"kind", "params"}:
-        raise ModelFormatError(f"layer {i} ({kind}): unknown fields {sorted(set(spec) - {'kind', 'params'})}")
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelFormatError(f"{what} must be true or false, got {value!r:.100}")
+    return value
+
+
+def _float(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ModelFormatError(f"{what} must be a finite number, got {value!r:.100}")
+    return float(value)
+
+
+def _str(value: Any, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed or not isinstance(value, str):
+        raise ModelFormatError(f"{what} must be one of {list(allowed)}, got {value!r:.100}")
+    return value
+
+
+def _array(arrays: dict[str, np.ndarray], key: str, where: str, ndim: int) -> np.ndarray:
+    a = arrays.get(key)
+    if a is None:
+        raise ModelFormatError(f"{where}: missing array {key}")
+    if a.dtype.kind != "f":
+        raise ModelFormatError(f"{where}: array {key} must be float, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ModelFormatError(f"{where}: array {key} has shape {a.shape}; expected {ndim} dimensions "
+                               "(weight/bias shapes are inconsistent)")
+    return a
+
+
+def _build(kind: str, params: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, where: str) -> Any:
+    """The layer of kind ``kind`` from its (checked) parameter names; every value is type-checked."""
+    p = params
+    if kind in ("Dense", "Conv2d", "ConvTranspose2d"):
+        ndim = 2 if kind == "Dense" else 4
+        w = _array(arrays, f"{prefix}.weight", where, ndim)
+        b = _array(arrays, f"{prefix}.bias", where, 1)
+        if kind == "Dense" or kind == "Conv2d":
+            if b.shape[0] != w.shape[0]:
+                raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} are inconsistent "
+                                       f"(expected a {ndim}-D weight and a bias of its first dimension)")
+        if kind == "Dense":
+            return Dense(w, b)
+        kw: dict[str, Any] = {"stride": _ints(p["stride"], f"{where} stride", 2, 1),
+                              "padding": _ints(p["padding"], f"{where} padding", 4, 0),
+                              "dilation": _ints(p["dilation"], f"{where} dilation", 2, 1)}
+        if "groups" in p:
+            kw["groups"] = _int(p["groups"], f"{where} groups", 1)
+        if kind == "Conv2d":
+            return Conv2d(w, b, **kw)
+        return ConvTranspose2d(w, b, output_padding=_ints(p["output_padding"], f"{where} output_padding", 2, 0), **kw)
+    if kind in ("MaxPool2d", "AvgPool2d", "SumPool2d"):
+        kw = {"stride": _ints(p["stride"], f"{where} stride", 2, 1),
+              "padding": _ints(p["padding"], f"{where} padding", 4, 0)}
+        if "ceil_mode" in p:
+            kw["ceil_mode"] = _bool(p["ceil_mode"], f"{where} ceil_mode")
+        if "count_include_pad" in p:
+            kw["count_include_pad"] = _bool(p["count_include_pad"], f"{where} count_include_pad")
+        return _KINDS[kind](_ints(p["kernel_size"], f"{where} kernel_size", 2, 1), **kw)
+    if kind == "LpPool":
+        pp = p["p"]
+        if isinstance(pp, bool) or not isinstance(pp, (int, float)):
+            raise ModelFormatError(f"{where}: p must be a number, got {pp!r:.100}")
+        k, s = p["kernel_size"], p["stride"]
+        return LpPool(pp, None if k is None else _ints(k, f"{where} kernel_size", 2, 1),
+                      None if s is None else _ints(s, f"{where} stride", 2, 1))
+    if kind in ("BatchNorm2d", "BatchNorm1d"):
+        vals = [_array(arrays, f"{prefix}.{n}", where, 1) for n in _ARRAYS[kind]]
+        eps = _float(p["eps"], f"{where} eps")
+        return _KINDS[kind](*vals, eps=eps)
+    if kind == "LeakyReLU":
+        return LeakyReLU(_float(p["negative_slope"], f"{where} negative_slope"))
+    if kind == "ELU":
+        return ELU(_float(p["alpha"], f"{where} alpha"))
+    if kind == "GELU":
+        return GELU(_str(p["approximate"], f"{where} approximate", ("none", "tanh")))
+    if kind == "AdaptiveAvgPool2d":
+        return AdaptiveAvgPool2d(_ints(p["output_size"], f"{where} output_size", 2, 1))
+    if kind == "Upsample":
+        return Upsample(_ints(p["scale_factor"], f"{where} scale_factor", 2, 1),
+                        mode=_str(p["mode"], f"{where} mode", ("nearest",)))
+    if kind == "ChannelShuffle":
+        return ChannelShuffle(_int(p["groups"], f"{where} groups", 1))
+    if kind == "Dropout":
+        prob = _float(p["p"], f"{where} p")
+        return Dropout(prob)
+    if kind == "Concat":
+        if _int(p["axis"], f"{where} axis", 1) != 1:
+            raise ModelFormatError(f"{where}: axis must be 1, got {p['axis']!r:.100}")
+        return Concat(axis=1)
+    if kind == "Slice":
+        if _int(p["axis"], f"{where} axis", 1) != 1:
+            raise ModelFormatError(f"{where}: axis must be 1, got {p['axis']!r:.100}")
+        start = _int(p["start"], f"{where} start", 0)
+        return Slice(start, _int(p["stop"], f"{where} stop", start + 1))
+    return _KINDS[kind]()
+
+
+def _layer(spec: dict[str, Any], kinds: dict[str, set[str]], arrays: dict[str, np.ndarray], prefix: str,
+           where: str) -> Any:
+    """Check a layer's ``kind`` and ``params`` against ``kinds`` and build it."""
+    kind = spec.get("kind")
+    if not isinstance(kind, str):
+        raise ModelFormatError(f"{where}: 'kind' must be a string, got {kind!r:.100}")
+    if kind not in _KINDS or (kinds is _PARAMS_V1 and kind not in _V1_KINDS):
+        known = _KINDS if kinds is _PARAMS else _V1_KINDS
+        raise ModelFormatError(f"{where}: unknown layer kind {kind!r:.100} (known: {', '.join(sorted(known))})")
+    where = f"{where} ({kind})"
     params = spec.get("params", {})
-    where = f"layer {i} ({kind})"
     if not isinstance(params, dict):
         raise ModelFormatError(f"{where}: params must be an object, got {params!r:.100}")
-    unknown = set(params) - _PARAMS[kind]
+    expected = kinds.get(kind, set())
+    unknown = set(params) - expected
     if unknown:
         raise ModelFormatError(f"{where}: unknown parameters {sorted(unknown)!r:.200}")
-    missing = _PARAMS[kind] - set(params)
+    missing = expected - set(params)
     if missing:
         raise ModelFormatError(f"{where}: missing parameters {sorted(missing)}")
     try:
-        if kind in ("Dense", "Conv2d"):
-            w = arrays.get(f"layer{i}.weight")
-            b = arrays.get(f"layer{i}.bias")
-            if w is None or b is None:
-                raise ModelFormatError(f"{where}: missing array layer{i}.weight or layer{i}.bias")
-            ndim = 2 if kind == "Dense" else 4
-            if w.dtype.kind != "f" or b.dtype.kind != "f":
-                raise ModelFormatError(f"{where}: weight/bias must be float arrays, got {w.dtype}/{b.dtype}")
-            if w.ndim != ndim or b.ndim != 1 or b.shape[0] != w.shape[0]:
-                raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} are inconsistent "
-                                       f"(expected a {ndim}-D weight and a bias of its first dimension)")
-            if kind == "Dense":
-                return Dense(w, b)
-            return Conv2d(w, b, stride=_ints(params["stride"], f"{where} stride", 2, 1),
-                          padding=_ints(params["padding"], f"{where} padding", 4, 0),
-                          dilation=_ints(params["dilation"], f"{where} dilation", 2, 1))
-        if kind in ("MaxPool2d", "AvgPool2d", "SumPool2d"):
-            return _KINDS[kind](_ints(params["kernel_size"], f"{where} kernel_size", 2, 1),
-                                stride=_ints(params["stride"], f"{where} stride", 2, 1),
-                                padding=_ints(params["padding"], f"{where} padding", 4, 0))
-        if kind == "LpPool":
-            p = params["p"]
-            if isinstance(p, bool) or not isinstance(p, (int, float)):
-                raise ModelFormatError(f"{where}: p must be a number, got {p!r:.100}")
-            k, s = params["kernel_size"], params["stride"]
-            return LpPool(p, None if k is None else _ints(k, f"{where} kernel_size", 2, 1),
-                          None if s is None else _ints(s, f"{where} stride", 2, 1))
-        return _KINDS[kind]()
+        return _build(kind, params, arrays, prefix, where)
     except ModelFormatError:
         raise
-    except (DeepTaylorError, TypeError, ValueError, OverflowError) as exc:
+    except (DeepTaylorError, TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
         raise ModelFormatError(f"{where}: {exc}") from None
 
 
-def load_npz(source: str | os.PathLike[str] | bytes) -> Sequential:
-    """Read a network written by :func:`save_npz` (a path or the file's bytes).
+def _input_shape(meta: dict[str, Any]) -> list[int] | None:
+    shape = meta.get("input_shape")
+    if shape is None:
+        return None
+    if not isinstance(shape, list) or len(shape) not in (1, 3):
+        raise ModelFormatError(f"input_shape must be a list of 1 or 3 ints, got {shape!r:.100}")
+    return [_int(s, "input_shape", 1) for s in shape]
 
-    Returns
-    -------
-    Sequential
-        The network, parameters as float64.
 
-    Raises
-    ------
-    ModelFormatError
-        For unreadable, truncated, corrupt or inconsistent files (bad zip, bad ``.npy`` headers,
-        non-float arrays, wrong shapes, missing or extra arrays, bad JSON, wrong field types, unknown
-        layer kinds, future format versions, layers that do not compose). Nothing is ever unpickled
-        or executed.
-    """
+def _check_shapes(net: Graph, shape: list[int]) -> None:
+    try:
+        shapes = net.shapes((1, *shape))
+    except DeepTaylorError as exc:
+        raise ModelFormatError(f"the layers do not compose for input shape {tuple(shape)}: {exc}") from None
+    for i, s in enumerate(shapes[1:]):
+        count = 1
+        for d in s[1:]:
+            count *= int(d)
+        if min(s) < 1 or count > _MAX_VALUES:
+            raise ModelFormatError(f"node {i} {net.nodes[i].name!r} ({net.nodes[i].layer.kind}): implausible output "
+                                   f"shape {s[1:]} for input shape {tuple(shape)}")
+
+
+def _load_v1(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Sequential, list[int] | None]:
+    unknown = set(meta) - {"format", "version", "layers", "input_shape"}
+    if unknown:
+        raise ModelFormatError(f"unknown fields in the model description: {sorted(unknown)!r:.200}")
+    specs = meta.get("layers")
+    if not isinstance(specs, list) or not specs:
+        raise ModelFormatError("model description has no layers")
+    layers = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ModelFormatError(f"layer {i}: description must be an object with a string 'kind', "
+                                   f"got {spec!r:.200}")
+        if set(spec) - {"kind", "params"}:
+            raise ModelFormatError(f"layer {i} ({spec.get('kind')!r:.50}): unknown fields "
+                                   f"{sorted(set(spec) - {'kind', 'params'})!r:.200}")
+        layers.append(_layer(spec, _PARAMS_V1, arrays, f"layer{i}", f"layer {i}"))
+    expected = {f"layer{i}.{p}" for i, layer in enumerate(layers) if layer.linear for p in ("weight", "bias")}
+    extra = set(arrays) - expected
+    if extra:
+        raise ModelFormatError(f"model file has arrays no layer uses: {sorted(extra)!r:.200}")
+    net = Sequential(layers)
+    shape = _input_shape(meta)
+    if shape is None and isinstance(layers[0], Dense):
+        shape = [layers[0].in_features]
+    if shape is not None:
+        _check_shapes(net, shape)
+    return net, shape
+
+
+def _load_v2(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Graph, list[int] | None]:
+    unknown = set(meta) - {"format", "version", "network", "input_shape", "nodes"}
+    if unknown:
+        raise ModelFormatError(f"unknown fields in the model description: {sorted(unknown)!r:.200}")
+    network = meta.get("network")
+    if network not in ("Graph", "Sequential"):
+        raise ModelFormatError(f"'network' must be \"Graph\" or \"Sequential\", got {network!r:.100}")
+    specs = meta.get("nodes")
+    if not isinstance(specs, list) or not specs:
+        raise ModelFormatError("model description has no nodes")
+    shape = _input_shape(meta)
+    nodes: list[Node] = []
+    names: set[str] = set()
+    used_arrays: set[str] = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ModelFormatError(f"node {i}: description must be an object, got {spec!r:.200}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ModelFormatError(f"node {i}: name must be 1-256 letters, digits or '_.:/-[]', got {name!r:.100}")
+        where = f"node {i} {name!r}"
+        if name in names:
+            raise ModelFormatError(f"{where}: two nodes are named {name!r}")
+        names.add(name)
+        fields = _SHARED_FIELDS if "shares" in spec else _NODE_FIELDS
+        extra, missing = set(spec) - fields, fields - set(spec)
+        if extra:
+            raise ModelFormatError(f"{where}: unknown fields {sorted(extra)!r:.200}")
+        if missing:
+            raise ModelFormatError(f"{where}: missing fields {sorted(missing)}")
+        inputs = spec["inputs"]
+        if not isinstance(inputs, list) or not inputs:
+            raise ModelFormatError(f"{where}: inputs must be a non-empty list of value ids, got {inputs!r:.100}")
+        for v in inputs:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= i:
+                raise ModelFormatError(f"{where}: input {v!r:.50} is not the network input (0) or an earlier "
+                                       f"node's output (1..{i}): a forward reference, a cycle or a dangling input")
+        if "shares" in spec:
+            j = spec["shares"]
+            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < i or "shares" in specs[j]:
+                raise ModelFormatError(f"{where}: 'shares' must be the index of an earlier node that holds its own "
+                                       f"layer, got {j!r:.50}")
+            layer = nodes[j].layer
+        else:
+            layer = _layer(spec, _PARAMS, arrays, f"node{i}", where)
+            used_arrays.update(f"node{i}.{a}" for a in _ARRAYS.get(type(layer).__name__, ()))
+        arity = layer.arity
+        if (arity is None and len(inputs) < 2) or (arity is not None and len(inputs) != arity):
+            want = "two or more" if arity is None else str(arity)
+            raise ModelFormatError(f"{where} ({layer.kind}): takes {want} input(s), the file gives {len(inputs)}")
+        nodes.append(Node(name, layer, tuple(inputs)))
+    extra = set(arrays) - used_arrays
+    if extra:
+        raise ModelFormatError(f"model file has arrays no node uses: {sorted(extra)!r:.200}")
+    if network == "Sequential":
+        for i, node in enumerate(nodes):
+            if node.name != str(i) or node.inputs != (i,):
+                raise ModelFormatError(f"node {i} {node.name!r}: a Sequential's node {i} must be named '{i}' and read "
+                                       f"value {i} (got inputs {list(node.inputs)})")
+        try:
+            net: Graph = Sequential([n.layer for n in nodes])
+        except DeepTaylorError as exc:
+            raise ModelFormatError(f"invalid Sequential: {exc}") from None
+        if shape is None and isinstance(nodes[0].layer, Dense):
+            shape = [nodes[0].layer.in_features]
+    else:
+        try:
+            net = Graph.from_nodes(None, nodes)
+        except DeepTaylorError as exc:
+            raise ModelFormatError(f"invalid graph: {exc}") from None
+        if shape is not None:
+            _check_shapes(net, shape)  # raises ModelFormatError naming the node
+            net = Graph.from_nodes(shape, nodes)  # the declared input shape
+        return net, shape
+    if shape is not None:
+        _check_shapes(net, shape)
+    return net, shape
+
+
+def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[Graph, dict[str, Any]]:
+    """Read a model file and its description: ``(net, info)`` with ``info`` holding ``"version"``
+    (int), ``"network"`` (``"Graph"`` or ``"Sequential"``) and ``"input_shape"`` (tuple or None: the
+    stored per-sample shape, or the first Dense layer's features). Raises as :func:`load_npz`."""
     where = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else repr(os.fspath(source))
     arrays = _read_archive(source, where)
     if _META not in arrays:
@@ -286,34 +640,37 @@ def load_npz(source: str | os.PathLike[str] | bytes) -> Sequential:
                                f"understands ({VERSION}); upgrade deeptaylor")
     if version < 1:
         raise ModelFormatError(f"{where}: invalid model format version {version}")
-    unknown = set(meta) - {"format", "version", "layers", "input_shape"}
-    if unknown:
-        raise ModelFormatError(f"{where}: unknown fields in the model description: {sorted(unknown)!r:.200}")
-    specs = meta.get("layers")
-    if not isinstance(specs, list) or not specs:
-        raise ModelFormatError(f"{where}: model description has no layers")
     for name, arr in arrays.items():
         if arr.dtype.kind != "f":
             raise ModelFormatError(f"{where}: array {name!r} has dtype {arr.dtype}, expected float")
     try:
-        layers = [_build(i, spec, arrays) for i, spec in enumerate(specs)]
+        net, shape = (_load_v1 if version == 1 else _load_v2)(meta, arrays)
     except ModelFormatError as exc:
         raise ModelFormatError(f"{where}: {exc}") from None
-    expected = {f"layer{i}.{p}" for i, layer in enumerate(layers) if layer.linear for p in ("weight", "bias")}
-    extra = set(arrays) - expected
-    if extra:
-        raise ModelFormatError(f"{where}: model file has arrays no layer uses: {sorted(extra)!r:.200}")
-    net = Sequential(layers)
-    shape = meta.get("input_shape")
-    if shape is not None:
-        if not isinstance(shape, list) or len(shape) not in (1, 3):
-            raise ModelFormatError(f"{where}: input_shape must be a list of 1 or 3 ints, got {shape!r:.100}")
-        shape = [_int(s, f"{where}: input_shape", 1) for s in shape]
-    elif isinstance(layers[0], Dense):
-        shape = [layers[0].in_features]
-    if shape is not None:
-        try:
-            net.shapes((1, *shape))
-        except DeepTaylorError as exc:
-            raise ModelFormatError(f"{where}: the layers do not compose for input shape {tuple(shape)}: {exc}") from None
-    return net
+    except RecursionError:  # pragma: no cover - the JSON parser refuses deep nesting first
+        raise ModelFormatError(f"{where}: model description nested too deeply") from None
+    info = {"version": version, "network": "Sequential" if isinstance(net, Sequential) else "Graph",
+            "input_shape": None if shape is None else tuple(shape)}
+    return net, info
+
+
+def load_npz(source: str | os.PathLike[str] | bytes) -> Graph:
+    """Read a network written by :func:`save_npz` (a path or the file's bytes), any format version.
+
+    Returns
+    -------
+    Sequential or Graph
+        What was saved: a Sequential comes back as a Sequential (version 1 files always do), a Graph
+        as a Graph with its node names and its declared input shape. Parameters as in the file
+        (float32 where stored as float32 and the layer keeps float32 weights, else float64).
+
+    Raises
+    ------
+    ModelFormatError
+        For unreadable, truncated, corrupt or inconsistent files (bad zip, bad ``.npy`` headers,
+        non-float arrays, wrong shapes, missing or extra arrays, bad JSON, wrong field types, unknown
+        layer kinds, future format versions, bad graph structure -- a duplicate or invalid name, an
+        input that is not an earlier value, a wrong number of inputs, an unused node --, layers that
+        do not compose). The message names the node. Nothing is ever unpickled or executed.
+    """
+    return read_npz(source)[0]
