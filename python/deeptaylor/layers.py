@@ -932,7 +932,7 @@ class Concat(Layer):
     __slots__ = ("axis",)
 
     def __init__(self, axis: int = 1) -> None:
-        if axis not in (1, -3):
+        if axis != 1 or isinstance(axis, bool):
             raise UnsupportedError(f"Concat: only axis=1 (channels / features) is supported, got {axis!r}")
         self._set(axis=1)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import DeepTaylorError, UnsupportedError
 from ..layers import (
     Activation,
     Add,
@@ -382,10 +382,13 @@ def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
             R = np.zeros_like(acts[i + 1])
             buf[i + 1] = R
         ins = [acts[v] for v in node.inputs]
-        if method:
-            parts = gradient_node(node.layer, ins, acts[i + 1], caches[i], R)
-        else:
-            parts = relevance_node(node.layer, assignment[i], ins, acts[i + 1], caches[i], R)
+        try:
+            if method:
+                parts = gradient_node(node.layer, ins, acts[i + 1], caches[i], R)
+            else:
+                parts = relevance_node(node.layer, assignment[i], ins, acts[i + 1], caches[i], R)
+        except DeepTaylorError as exc:
+            raise type(exc)(f"{net._where(i)}: {exc}") from None
         for v, r in zip(node.inputs, parts, strict=True):
             _accumulate(buf, v, r)
     if buf[0] is None:
