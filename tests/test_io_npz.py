@@ -297,3 +297,333 @@ def test_fuzz_crafted_json_mutations(rng):
             assert isinstance(net, dt.Sequential)
         assert rejected >= 0.8 * count, (rejected, count)
         assert len(reasons) >= min_reasons, sorted(reasons)
+
+
+# ------------------------------------------------------------------------------------- graphs (version 2)
+
+
+def every_layer_graph(rng):
+    """A graph with every layer class (non-default hyper-parameters), a residual Add, a Concat, a
+    fan-out of 3, a gated Mul and a layer object used twice (shared weights)."""
+    x = dt.Input((4, 9, 10))
+    h = dt.Conv2d(rng.normal(size=(4, 2, 3, 3)) * 0.3, rng.normal(size=4) * 0.1, stride=1, padding=((1, 1), (1, 1)),
+                  groups=2)(x, name="grouped")
+    h = dt.BatchNorm2d(rng.uniform(-0.1, 0.1, 4), rng.uniform(0.5, 2, 4), rng.uniform(0.5, 1.5, 4),
+                       rng.normal(size=4) * 0.1, eps=1e-3)(h, name="bn")
+    h = dt.LeakyReLU(0.2)(h, name="layer1.0.act")
+    shared = dt.Conv2d(rng.normal(size=(4, 4, 3, 3)) * 0.2, None, padding=1, dilation=1)
+    a = shared(h, name="shared_a")
+    b = dt.ELU(0.7)(shared(dt.ReLU6()(h), name="shared_b"))
+    r = dt.Add()(a, b, h, name="res")                     # h: fan-out of 3 (bn-act, shared_a's and res's)
+    g = dt.Mul()(r, dt.Sigmoid()(dt.AdaptiveAvgPool2d((1, 1))(dt.SiLU()(r))), name="se")  # (C, 1, 1) gate
+    v = dt.Dense(rng.normal(size=(2, 4)))(dt.GELU("tanh")(dt.GlobalAvgPool()(r)))
+    v = dt.Mul()(dt.Hardsigmoid()(v), v)                     # a same-shape gate (ordered by the API)
+    u = dt.Upsample(2)(dt.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)(g))
+    u = dt.ConvTranspose2d(rng.normal(size=(4, 2, 3, 3)) * 0.3, rng.normal(size=4) * 0.1, stride=2, padding=1,
+                           output_padding=1, groups=2)(u, name="up")
+    u = dt.ChannelShuffle(2)(dt.Tanh()(u))
+    c = dt.Concat(axis=1)(dt.Slice(1, 3)(u), dt.Hardswish()(dt.Identity()(u)), name="cat")
+    c = dt.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)(c)
+    c = dt.SumPool2d(2, stride=1)(dt.Dropout(0.3)(c))
+    c = dt.AdaptiveAvgPool2d((3, 2))(dt.LpPool(3.0, kernel_size=2, stride=1)(c))
+    f = dt.Flatten()(c)
+    f = dt.BatchNorm1d(rng.uniform(-0.1, 0.1, 36), rng.uniform(0.5, 2, 36))(f)
+    g2 = dt.Dense(rng.normal(size=(3, 36)).astype(np.float32), rng.normal(size=3))(f, name="head")
+    out = dt.Concat()(dt.GlobalSumPool()(dt.ReLU()(g2)), g2, v)
+    return dt.Graph(x, out)
+
+
+def residual_graph(rng, bias=-0.1):
+    x = dt.Input((3, 8, 8))
+    h = dt.ReLU()(dt.Conv2d(rng.normal(size=(4, 3, 3, 3)) * 0.3, -np.abs(rng.normal(size=4)) * abs(bias),
+                            padding=1)(x, name="conv1"))
+    y = dt.ReLU()(dt.Conv2d(rng.normal(size=(4, 4, 3, 3)) * 0.3, -np.abs(rng.normal(size=4)) * abs(bias),
+                            padding=1)(h, name="conv2"))
+    y = dt.Add()(y, h, name="res")
+    z = dt.Concat()(y, h, name="cat")
+    out = dt.Dense(rng.normal(size=(5, 8 * 16)), -np.abs(rng.normal(size=5)) * abs(bias))(
+        dt.Flatten()(dt.AvgPool2d(2)(z)), name="fc")
+    return dt.Graph(x, out)
+
+
+def test_every_layer_class_is_covered(rng):
+    net = every_layer_graph(rng)
+    assert {type(layer) for layer in net} == set(dt.layers.BUILTIN_LAYERS)
+
+
+def _same_layers(a, b):
+    assert a.names == b.names
+    assert [n.inputs for n in a.nodes] == [n.inputs for n in b.nodes]
+    for la, lb in zip(a, b, strict=True):
+        assert type(la) is type(lb)
+        assert repr(la) == repr(lb)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if hasattr(la, attr):
+                va, vb = getattr(la, attr), getattr(lb, attr)
+                np.testing.assert_array_equal(va, vb)
+                assert va.dtype == vb.dtype or va.dtype == np.float64 and vb.dtype == np.float32
+        for attr in ("eps", "param", "ceil_mode", "count_include_pad", "output_padding", "groups",
+                     "output_size", "scale_factor", "mode", "axis", "start", "stop", "p", "padding", "stride",
+                     "dilation", "kernel_size"):
+            assert getattr(la, attr, None) == getattr(lb, attr, None), attr
+
+
+def test_graph_round_trip_every_layer(tmp_path, rng):
+    net = every_layer_graph(rng)
+    dt.save(net, tmp_path / "g.npz")
+    back = dt.load(tmp_path / "g.npz")
+    assert type(back) is dt.Graph
+    assert back.input_shape == net.input_shape == (4, 9, 10)
+    _same_layers(net, back)
+    assert back.nodes[net.index("shared_a")].layer is back.nodes[net.index("shared_b")].layer  # still shared
+    assert repr(back) == repr(net)
+    x = rng.normal(size=(2, 4, 9, 10))
+    np.testing.assert_array_equal(back.forward(x), net.forward(x))
+    for method in (dt.methods.Sensitivity(), dt.methods.GradientXInput(), "epsilon-plus", "epsilon-alpha2-beta1"):
+        r1 = dt.Explainer(net, method).explain(x, target=1, return_layers=True)
+        r2 = dt.Explainer(back, method).explain(x, target=1, return_layers=True)
+        np.testing.assert_array_equal(r1.relevance, r2.relevance)
+        assert list(r1.layers) == list(r2.layers)
+    assert back.node("head").layer.weight.dtype == np.float32  # float32 weights stay float32
+
+
+@pytest.mark.parametrize("composite", ["deep-taylor", "epsilon-plus-flat", "epsilon-alpha2-beta1",
+                                       "epsilon-gamma-box", "gradient-x-input"])
+def test_residual_concat_graph_same_heatmaps(tmp_path, rng, composite):
+    net = residual_graph(rng)
+    path = tmp_path / "r.npz"
+    dt.save(net, path)
+    back = dt.load(path)
+    assert type(back) is dt.Graph and back.names == net.names
+    x = rng.uniform(0, 1, size=(3, 3, 8, 8))
+    r1 = dt.Explainer(net, composite).explain(x, return_layers=True)
+    r2 = dt.Explainer(back, composite).explain(x, return_layers=True)
+    np.testing.assert_array_equal(r1.output, r2.output)
+    np.testing.assert_array_equal(r1.relevance, r2.relevance)
+    assert list(r1.layers) == list(r2.layers)
+
+
+def test_sequential_stays_sequential_and_graph_without_shape(tmp_path, rng):
+    net = dt.Sequential([dt.Conv2d(rng.normal(size=(2, 2, 3, 3)), groups=2), dt.BatchNorm2d(np.zeros(2), np.ones(2)),
+                         dt.GELU(), dt.GlobalAvgPool(), dt.Dense(rng.normal(size=(3, 2)))])
+    dt.save(net, tmp_path / "s.npz", input_shape=(4, 5, 5))
+    back = dt.load(tmp_path / "s.npz")
+    assert type(back) is dt.Sequential
+    _same_layers(net, back)
+    # a graph built from nodes without a declared input shape round-trips without one
+    g = dt.Graph.from_nodes(None, residual_graph(rng).nodes)
+    dt.save(g, tmp_path / "g.npz")
+    assert dt.load(tmp_path / "g.npz").input_shape == ()
+    dt.save(g, tmp_path / "g2.npz", input_shape=(3, 8, 8))
+    assert dt.load(tmp_path / "g2.npz").input_shape == (3, 8, 8)
+    with pytest.raises(dt.ShapeError, match="declared input shape"):
+        dt.save(residual_graph(rng), tmp_path / "x.npz", input_shape=(3, 9, 9))
+
+
+def test_unsaveable_layer_named(tmp_path, rng):
+    class MyReLU(dt.ReLU):
+        __slots__ = ()
+
+    x = dt.Input((4,))
+    net = dt.Graph(x, dt.Dense(rng.normal(size=(2, 4)))(MyReLU()(x, name="custom")))
+    with pytest.raises(dt.ModelFormatError, match="custom.*not a built-in"):
+        dt.save(net, tmp_path / "x.npz")
+
+
+# ----------------------------------------------------------------------------- version 1 (0.1) files
+
+
+V1_DESC = {"format": "deeptaylor.model", "version": 1, "input_shape": [1, 8, 8], "layers": [
+    {"kind": "Conv2d", "params": {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1]}},
+    {"kind": "ReLU", "params": {}},
+    {"kind": "MaxPool2d", "params": {"kernel_size": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0]}},
+    {"kind": "AvgPool2d", "params": {"kernel_size": [2, 2], "stride": [1, 1], "padding": [1, 1, 1, 1]}},
+    {"kind": "SumPool2d", "params": {"kernel_size": [2, 2], "stride": [1, 1], "padding": [0, 0, 0, 0]}},
+    {"kind": "LpPool", "params": {"p": 2.0, "kernel_size": None, "stride": None}},
+    {"kind": "Flatten", "params": {}},
+    {"kind": "Dense", "params": {}},
+    {"kind": "GlobalSumPool", "params": {}}]}
+
+
+def test_version1_files_still_load(rng):
+    """A file exactly as 0.1 wrote it (version 1, ``layers``, ``layer{i}.*`` arrays) loads as a Sequential."""
+    w = rng.normal(size=(3, 1, 3, 3))
+    arrays = {"layer0.weight": w.astype(np.float32), "layer0.bias": np.zeros(3, np.float32),
+              "layer7.weight": rng.normal(size=(2, 1)), "layer7.bias": np.zeros(2)}
+    net = load_npz(craft(V1_DESC, arrays))
+    assert type(net) is dt.Sequential and len(net) == 9
+    assert net[0].weight.dtype == np.float32 and not net[2].ceil_mode and net[3].count_include_pad
+    np.testing.assert_array_equal(net[0].weight, w.astype(np.float32))
+    # version 1 knows only the 0.1 parameters and kinds
+    bad = json.loads(json.dumps(V1_DESC))
+    bad["layers"][0]["params"]["groups"] = 1
+    with pytest.raises(dt.ModelFormatError, match="unknown parameters"):
+        load_npz(craft(bad, arrays))
+    bad = json.loads(json.dumps(V1_DESC))
+    bad["layers"][1] = {"kind": "Add", "params": {}}
+    with pytest.raises(dt.ModelFormatError, match="unknown layer kind 'Add'"):
+        load_npz(craft(bad, arrays))
+
+
+def test_bundled_version1_model_loads():
+    """The bundled detection model is a checked-in 0.1 (version 1) file."""
+    from importlib.resources import files
+
+    from deeptaylor.io.npz import read_npz
+
+    data = (files("deeptaylor") / "data" / "detection_1568_400_1.npz").read_bytes()
+    net, info = read_npz(data)
+    assert info["version"] == 1 and info["network"] == "Sequential" and type(net) is dt.Sequential
+    assert net.output_shape((2, 1568)) == (2, 1)
+    # saved again it is a version 2 file with the same network
+    back = load_npz(save_bytes(net))
+    _same_layers(net, back)
+
+
+# ---------------------------------------------------------------------------------- bad graph files
+
+
+def graph_desc():
+    """A small valid version-2 graph description and its arrays: conv -> relu -> add(relu, input) ..."""
+    desc = {"format": "deeptaylor.model", "version": 2, "network": "Graph", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "conv", "kind": "Conv2d", "inputs": [0],
+         "params": {"stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1}},
+        {"name": "relu", "kind": "ReLU", "inputs": [1], "params": {}},
+        {"name": "res", "kind": "Add", "inputs": [2, 0], "params": {}},
+        {"name": "cat", "kind": "Concat", "inputs": [3, 2], "params": {"axis": 1}},
+        {"name": "flat", "kind": "Flatten", "inputs": [4], "params": {}},
+        {"name": "fc", "kind": "Dense", "inputs": [5], "params": {}}]}
+    arrays = {"node0.weight": np.full((2, 2, 3, 3), 0.1), "node0.bias": np.zeros(2),
+              "node5.weight": np.full((3, 64), 0.01), "node5.bias": np.zeros(3)}
+    return desc, arrays
+
+
+def _node(desc, name):
+    return next(n for n in desc["nodes"] if n["name"] == name)
+
+
+def test_graph_desc_baseline_loads():
+    desc, arrays = graph_desc()
+    net = load_npz(craft(desc, arrays))
+    assert type(net) is dt.Graph and net.names == ("conv", "relu", "res", "cat", "flat", "fc")
+    assert net.input_shape == (2, 4, 4)
+
+
+def _edit(fn):
+    desc, arrays = graph_desc()
+    fn(desc, arrays)
+    return desc, arrays
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda d, a: _node(d, "res").update(inputs=[2, 4]), r"node 2 'res'.*forward reference"),      # cycle
+    (lambda d, a: _node(d, "res").update(inputs=[3, 0]), r"node 2 'res'.*forward reference"),      # self loop
+    (lambda d, a: _node(d, "relu").update(inputs=[-1]), r"node 1 'relu'.*input -1"),
+    (lambda d, a: _node(d, "relu").update(inputs=[True]), r"node 1 'relu'"),
+    (lambda d, a: _node(d, "relu").update(inputs=[]), r"node 1 'relu'.*inputs must be"),
+    (lambda d, a: _node(d, "relu").update(inputs="1"), r"node 1 'relu'.*inputs must be"),
+    (lambda d, a: _node(d, "res").update(inputs=[2]), r"node 2 'res' \(Add\).*two or more"),      # arity
+    (lambda d, a: _node(d, "relu").update(inputs=[1, 0]), r"node 1 'relu' \(ReLU\).*takes 1"),
+    (lambda d, a: _node(d, "res").update(name="relu"), r"node 2 'relu'.*two nodes are named"),
+    (lambda d, a: _node(d, "res").update(name="a b"), r"node 2: name must be"),
+    (lambda d, a: _node(d, "res").update(name=""), r"node 2: name must be"),
+    (lambda d, a: _node(d, "res").update(name=7), r"node 2: name must be"),
+    (lambda d, a: _node(d, "res").pop("params"), r"node 2 'res'.*missing fields \['params'\]"),
+    (lambda d, a: _node(d, "res").update(extra=1), r"node 2 'res'.*unknown fields"),
+    (lambda d, a: _node(d, "cat").update(inputs=[3, 3]) or _node(d, "res").update(inputs=[1, 0]),
+     r"node 'relu'.*never used"),
+    (lambda d, a: d.update(input_shape=[3, 4, 4]), r"node 0 'conv' \(Conv2d\)"),                  # shapes
+    (lambda d, a: _node(d, "cat").update(inputs=[3, 0]) or d.update(input_shape=[2, 4, 5]),
+     r"do not compose"),
+    (lambda d, a: _node(d, "cat")["params"].update(axis=2), r"node 3 'cat' \(Concat\).*axis"),
+    (lambda d, a: _node(d, "conv")["params"].update(groups=3), r"node 0 'conv' \(Conv2d\).*groups"),
+    (lambda d, a: _node(d, "conv")["params"].pop("groups"), r"node 0 'conv' \(Conv2d\).*missing parameters"),
+    (lambda d, a: a.pop("node5.bias"), r"node 5 'fc' \(Dense\).*missing array node5.bias"),
+    (lambda d, a: a.update({"node1.weight": np.ones(2)}), r"no node uses"),
+    (lambda d, a: a.update({"layer0.weight": np.ones(2)}), r"no node uses"),
+    (lambda d, a: d.update(network="Sequential"), r"node 2 'res'|Sequential"),
+    (lambda d, a: d.update(network="Tree"), r"'network' must be"),
+    (lambda d, a: d.pop("nodes"), r"no nodes"),
+    (lambda d, a: d.update(layers=[]), r"unknown fields"),
+    (lambda d, a: d["nodes"].append({"name": "again", "inputs": [6], "shares": 5}), r"'again'.*"),  # shape
+    (lambda d, a: d["nodes"].insert(1, {"name": "again", "inputs": [1], "shares": 1}), r"'again'.*'shares'"),
+    (lambda d, a: d["nodes"].insert(1, {"name": "again", "inputs": [1], "shares": 0, "kind": "ReLU"}),
+     r"'again'.*unknown fields"),
+    (lambda d, a: d["nodes"].append({"name": "out", "kind": "Upsample", "inputs": [6],
+                                     "params": {"scale_factor": [2, 2], "mode": "bilinear"}}), r"'out'.*mode"),
+    (lambda d, a: _node(d, "relu").update(kind="LeakyReLU", params={"negative_slope": "0.1"}),
+     r"node 1 'relu' \(LeakyReLU\).*negative_slope"),
+    (lambda d, a: _node(d, "relu").update(kind="ELU", params={"alpha": float("inf")}), r"'relu' \(ELU\).*alpha"),
+    (lambda d, a: _node(d, "relu").update(kind="GELU", params={"approximate": "erf"}), r"'relu' \(GELU\)"),
+    (lambda d, a: _node(d, "relu").update(kind="BatchNorm2d", params={"eps": 1e-5}),
+     r"'relu' \(BatchNorm2d\).*missing array node1.running_mean"),
+    (lambda d, a: _node(d, "relu").update(kind="BatchNorm2d", params={"eps": 1e-5}) or a.update(
+        {"node1.running_mean": np.zeros(2), "node1.running_var": -np.ones(2), "node1.weight": np.ones(2),
+         "node1.bias": np.zeros(2)}), r"'relu' \(BatchNorm2d\).*negative"),
+    (lambda d, a: _node(d, "relu").update(kind="MaxPool2d", params={"kernel_size": [3, 3], "stride": [1, 1],
+                                                                    "padding": [1, 1, 1, 1], "ceil_mode": 1}),
+     r"'relu' \(MaxPool2d\).*ceil_mode"),
+    (lambda d, a: _node(d, "relu").update(kind="Slice", params={"axis": 1, "start": 2, "stop": 2}),
+     r"'relu' \(Slice\).*stop"),
+    (lambda d, a: _node(d, "relu").update(kind="Upsample", params={"scale_factor": [2 ** 24, 2 ** 24],
+                                                                   "mode": "nearest"}), r"'relu'|'res'"),
+])
+def test_bad_graph_files_name_the_node(edit, match):
+    desc, arrays = _edit(edit)
+    with pytest.raises(dt.ModelFormatError, match=match):
+        load_npz(craft(desc, arrays))
+
+
+def test_shared_node_loads_shared():
+    desc, arrays = graph_desc()
+    desc["nodes"][1:1] = [{"name": "conv_again", "inputs": [1], "shares": 0}]
+    for n in desc["nodes"][2:]:
+        n["inputs"] = [v + 1 if v >= 1 else v for v in n["inputs"]]
+    arrays = {"node0.weight": np.full((2, 2, 3, 3), 0.1), "node0.bias": np.zeros(2),
+              "node6.weight": np.full((3, 64), 0.01), "node6.bias": np.zeros(3)}
+    net = load_npz(craft(desc, arrays))
+    assert net.nodes[0].layer is net.nodes[1].layer
+
+
+def test_fuzz_crafted_json_mutations_graph(rng):
+    """The crafted-JSON fuzz test on a version-2 graph file: every outcome is a Graph or a ModelFormatError."""
+    net = residual_graph(rng)
+    data = save_bytes(net)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        arrays = {name[:-4]: np.load(io.BytesIO(z.read(name))) for name in z.namelist()}
+    desc = json.loads(arrays.pop("__deeptaylor__").tobytes())
+    assert load_npz(craft(desc, arrays)).names == net.names
+    for mutations, count, min_reasons in ((_mutations(json.dumps(desc).encode(), seed=9, count=150), 150, 3),
+                                          (_json_mutations(desc, seed=10, count=400), 400, 20)):
+        rejected, reasons = 0, set()
+        for mutated in mutations:
+            try:
+                back = load_npz(craft(None, arrays, raw_meta=mutated))
+            except dt.ModelFormatError as exc:
+                rejected += 1
+                reasons.add(re.sub(r"[0-9]+", "#", str(exc))[:60])
+                continue
+            assert isinstance(back, dt.Graph)
+            back.shapes((1,) + (back.input_shape or (3, 8, 8)))  # what loads is a working graph
+        assert rejected >= 0.7 * count, (rejected, count)
+        assert len(reasons) >= min_reasons, sorted(reasons)
+
+
+def test_fuzz_mutated_graph_npz_bytes(rng):
+    data = save_bytes(residual_graph(rng))
+    for mutated in _mutations(data, seed=11, count=200):
+        try:
+            net = load_npz(mutated)
+        except dt.DeepTaylorError:
+            continue
+        assert isinstance(net, dt.Graph)
+
+
+def test_implausible_activation_size_refused():
+    desc = {"format": "deeptaylor.model", "version": 2, "network": "Graph", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "up1", "kind": "Upsample", "inputs": [0], "params": {"scale_factor": [2 ** 24, 2 ** 24],
+                                                                      "mode": "nearest"}},
+        {"name": "up2", "kind": "Upsample", "inputs": [1], "params": {"scale_factor": [2 ** 24, 1], "mode": "nearest"}},
+        {"name": "pool", "kind": "GlobalSumPool", "inputs": [2], "params": {}}]}
+    with pytest.raises(dt.ModelFormatError, match=r"node 0 'up1' \(Upsample\): implausible output shape"):
+        load_npz(craft(desc, {}))
