@@ -60,8 +60,8 @@ import deeptaylor as dt
 torch = pytest.importorskip("torch")
 nn = torch.nn
 zennit = import_zennit()
-from zennit.attribution import Gradient  # noqa: E402
-from zennit.composites import (  # noqa: E402
+from zennit.attribution import Gradient
+from zennit.composites import (
     EpsilonAlpha2Beta1,
     EpsilonAlpha2Beta1Flat,
     EpsilonGammaBox,
@@ -70,9 +70,9 @@ from zennit.composites import (  # noqa: E402
     SpecialFirstLayerMapComposite,
     layer_map_base,
 )
-from zennit.layer import Sum  # noqa: E402
-from zennit.rules import Norm, ZBox, ZPlus  # noqa: E402
-from zennit.types import Linear  # noqa: E402
+from zennit.layer import Sum
+from zennit.rules import Norm, ZBox, ZPlus
+from zennit.types import Linear
 
 TOL = 1e-4
 N_IMAGES = 6
@@ -238,7 +238,7 @@ def _cpu_has_graphs() -> bool:
     """True once the compiled engine runs non-chain graphs (the C++ DAG engine, issue 9)."""
     if "cpu" not in dt.available_backends():
         return False
-    m, net, shape = _models("residual")
+    _, net, _ = _models("residual")
     try:
         dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="cpu")
     except dt.UnsupportedError:
