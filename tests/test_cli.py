@@ -309,3 +309,138 @@ def test_experiment_natural_sampling(tmp_path, sample_mnist, capsys):
     assert summary["positive_fraction"] is None
     assert main(["experiment", "mnist-detection", "--positive-fraction", "2"]) == 2
     assert "natural" in _err_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ graph models
+
+
+def _graph_model(rng, channels=3):
+    """A small residual + concat graph with b <= 0."""
+    x = dt.Input((channels, 8, 8))
+    h = dt.ReLU()(dt.Conv2d(rng.normal(size=(4, channels, 3, 3)) * 0.3, -np.abs(rng.normal(size=4)) * 0.05,
+                            padding=1)(x, name="conv1"), name="relu1")
+    y = dt.ReLU()(dt.Conv2d(rng.normal(size=(4, 4, 3, 3)) * 0.3, -np.abs(rng.normal(size=4)) * 0.05,
+                            padding=1)(h, name="conv2"))
+    y = dt.Add()(y, h, name="layer1.add")
+    z = dt.Concat()(y, dt.BatchNorm2d(np.zeros(4), np.ones(4))(h, name="bn"), name="cat")
+    out = dt.Dense(rng.normal(size=(5, 8 * 16)), -np.abs(rng.normal(size=5)) * 0.05)(
+        dt.Flatten()(dt.AvgPool2d(2)(z)), name="fc")
+    return dt.Graph(x, out)
+
+
+@pytest.mark.parametrize("composite", ["deep-taylor", "epsilon-plus", "epsilon-plus-flat", "epsilon-alpha2-beta1",
+                                       "epsilon_alpha2_beta1_flat", "epsilon-gamma-box", "gradient-x-input"])
+def test_explain_graph_model_end_to_end(tmp_path, rng, capsys, composite):
+    net = _graph_model(rng)
+    model = tmp_path / "g.npz"
+    dt.save(net, model)
+    x = rng.uniform(0, 1, (3, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--out", str(out),
+                 "--composite", composite, "--backend", "numpy", "--scale", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "backend numpy" in text
+    r = np.load(out / "relevance.npy")
+    assert r.shape == x.shape
+    expected = dt.Explainer(net, dt.composites.get(composite.replace("_", "-"))).explain(x).relevance
+    np.testing.assert_allclose(r, expected, rtol=1e-12, atol=1e-12)
+    pngs = sorted(out.glob("heatmap_*.png"))
+    assert len(pngs) == 3
+    assert hm.read_png(pngs[0]).shape[:2] == (16, 16)
+
+
+def test_explain_graph_model_cpu_and_images(tmp_path, rng, capsys):
+    """Default backend (cpu where it can run the graph), an image directory read as RGB by the graph's
+    declared 3-channel input, and flat .npy samples reshaped to the declared (C, H, W)."""
+    net = _graph_model(rng)
+    model = tmp_path / "g.npz"
+    dt.save(net, model)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for k in range(2):
+        hm.save_png(imgs / f"im{k}.png", rng.integers(0, 256, (8, 8, 3)).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), "--input", str(imgs), "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out / "relevance.npy").shape == (2, 3, 8, 8)
+    assert (out / "heatmap_im0.png").is_file() and (out / "heatmap_im1.png").is_file()
+    np.save(tmp_path / "flat.npy", rng.uniform(0, 1, (2, 192)))
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "flat.npy"), "--out",
+                 str(tmp_path / "o2"), "--backend", "numpy"]) == 0
+    assert np.load(tmp_path / "o2" / "relevance.npy").shape == (2, 192)
+    assert len(list((tmp_path / "o2").glob("heatmap_*.png"))) == 2
+    capsys.readouterr()
+
+
+def test_explain_graph_model_errors(tmp_path, rng, capsys):
+    model = tmp_path / "g.npz"
+    dt.save(_graph_model(rng), model)
+    np.save(tmp_path / "x1.npy", np.zeros((2, 1, 8, 8), np.float32))
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x1.npy"), "--out",
+                 str(tmp_path / "o")]) == 2
+    line = _err_line(capsys)
+    assert "1 channel(s)" in line and "(3, 8, 8)" in line
+    np.save(tmp_path / "x2.npy", np.zeros((2, 3, 5, 5), np.float32))
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x2.npy"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "'fc'" in _err_line(capsys)  # the node that cannot take the shape
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x2.npy"), "--out",
+                 str(tmp_path / "o"), "--composite", "epsilon-unknown"]) == 2
+    line = _err_line(capsys)
+    assert "unknown composite" in line and "epsilon-gamma-box" in line
+    bad = tmp_path / "bad.npz"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    bad.write_bytes(bytes(data))
+    assert main(["explain", "--model", str(bad), "--input", str(tmp_path / "x2.npy"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "bad.npz" in _err_line(capsys)
+    assert main(["info", "--model", str(bad)]) == 2
+    assert "bad.npz" in _err_line(capsys)
+
+
+def test_info(tmp_path, rng, small_net, capsys):
+    net = _graph_model(rng)
+    dt.save(net, tmp_path / "g.npz")
+    assert main(["info", "--model", str(tmp_path / "g.npz")]) == 0
+    text = capsys.readouterr().out
+    assert "format version 2" in text
+    assert "Graph: 10 node(s), input (3, 8, 8), output (5,)" in text
+    line = next(line for line in text.splitlines() if line.strip().startswith("layer1.add"))
+    assert "Add()" in line and "<- " in line and "relu1" in line and line.endswith("-> (4, 8, 8)")
+    n_params = sum(getattr(layer, a).size for layer in net for a in ("weight", "bias", "running_mean", "running_var")
+                   if hasattr(layer, a))
+    assert f"{n_params} parameters" in text
+    # a Sequential: the stored input shape gives the shapes; --input-shape overrides it
+    dt.save(small_net, tmp_path / "s.npz")
+    assert main(["info", "--model", str(tmp_path / "s.npz")]) == 0
+    text = capsys.readouterr().out
+    assert "Sequential: 3 node(s), input (1568,), output (1,)" in text
+    assert main(["info", "--model", str(tmp_path / "g.npz"), "--input-shape", "3,16,16"]) == 2
+    assert "'fc'" in _err_line(capsys)
+    assert main(["info", "--model", str(tmp_path / "g.npz"), "--input-shape", "3,x"]) == 2
+    assert "--input-shape" in _err_line(capsys)
+    assert main(["info", "--model", str(tmp_path / "missing.npz")]) == 2
+    assert "not found" in _err_line(capsys)
+    # the bundled 0.1 (version 1) model
+    from deeptaylor import datasets
+
+    path = Path(datasets.__file__).parent / "data" / "detection_1568_400_1.npz"
+    assert main(["info", "--model", str(path)]) == 0
+    assert "format version 1" in capsys.readouterr().out
+
+
+def test_internal_errors_are_one_line(tmp_path, small_net, capsys, monkeypatch):
+    """An unexpected exception (a bug) is still one line and exit 2, with a pointer to --debug."""
+    import deeptaylor.cli as cli
+
+    def boom(args):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setitem(cli._cmd_info.__globals__, "_cmd_info", boom)
+    dt.save(small_net, tmp_path / "s.npz")
+    assert main(["info", "--model", str(tmp_path / "s.npz")]) == 2
+    line = _err_line(capsys)
+    assert "internal error" in line and "kaboom" in line and "--debug" in line
+    with pytest.raises(RuntimeError):
+        main(["--debug", "info", "--model", str(tmp_path / "s.npz")])

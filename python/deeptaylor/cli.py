@@ -5,6 +5,7 @@
     deeptaylor demo [--out DIR] [--cmap NAME]         # bundled model + digits -> heatmap PNGs, checks
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
                        [--target INT|pred] [--backend cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
+    deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
                           [--positive-fraction P|natural]
 
@@ -25,7 +26,7 @@ import numpy as np
 from .errors import DeepTaylorError, InputError, InputTypeError, ShapeError
 from .heatmap import CMAPS
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "describe", "main"]
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 def _int_list(text: str) -> list[int]:
@@ -81,18 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy array (N,F) / (N,H,W) / (N,C,H,W), float or uint8 (scaled by 1/255), "
                         "or a directory of images")
     e.add_argument("--composite", default="deep-taylor",
-                   help="deep-taylor, deep-taylor-unbounded, epsilon-plus-flat, sensitivity, ... (default deep-taylor)")
+                   help="deep-taylor, deep-taylor-unbounded, epsilon-plus, epsilon-plus-flat, epsilon-alpha2-beta1, "
+                        "epsilon-alpha2-beta1-flat, epsilon-gamma-box, sensitivity, gradient-x-input (default "
+                        "deep-taylor; --low/--high give the box of deep-taylor and epsilon-gamma-box)")
     e.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backend", default="cpu", choices=["cpu", "numpy"])
     e.add_argument("--batch-size", type=_positive, default=None, help="explain in chunks of this size")
-    e.add_argument("--low", type=float, default=0.0, help="lower input bound for deep-taylor's zB (default 0)")
-    e.add_argument("--high", type=float, default=1.0, help="upper input bound for deep-taylor's zB (default 1)")
+    e.add_argument("--low", type=float, default=0.0, help="lower input bound of the zB rule (default 0)")
+    e.add_argument("--high", type=float, default=1.0, help="upper input bound of the zB rule (default 1)")
     e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
     e.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
     e.add_argument("--scale", type=_positive, default=4, metavar="K",
                    help="enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="describe a saved model: its nodes, their inputs and output shapes")
+    i.add_argument("--model", required=True, help="model file (deeptaylor .npz, or .onnx with the onnx extra)")
+    i.add_argument("--input-shape", default=None, metavar="C,H,W|F",
+                   help="per-sample input shape for the output shapes (default: the one stored in the model)")
 
     x = sub.add_parser("experiment", help="run a paper experiment")
     x.add_argument("name", choices=["mnist-detection"], help="the experiment")
@@ -170,29 +178,50 @@ def _load_images(directory: Path, rgb: bool) -> tuple[np.ndarray, list[Path]]:
     return np.ascontiguousarray(arr), files
 
 
+def _input_channels(net: Any) -> int | None:
+    """Channels the network's input has: a Graph's declared (C, H, W), or a Sequential's first layer's."""
+    from .layers import Conv2d, ConvTranspose2d
+
+    shape = getattr(net, "input_shape", ())
+    if len(shape) == 3:
+        return int(shape[0])
+    first = net[0]
+    if isinstance(first, (Conv2d, ConvTranspose2d)):
+        return first.in_channels
+    return None
+
+
 def _fit_input(net: Any, x: np.ndarray, image_shape: tuple[int, int] | None) -> tuple[np.ndarray, tuple | None]:
-    """Reshape ``x`` to what the network's first layer takes; return it and the (H, W) to draw heatmaps."""
-    from .layers import Conv2d, Dense
+    """Reshape ``x`` to what the network takes (a Graph's declared input shape, else the first
+    layer's); return it and the (H, W) to draw heatmaps."""
+    from .layers import Dense
 
     if x.ndim < 2 or x.shape[0] == 0:
         raise ShapeError(f"input must hold a batch (N, ...) with N >= 1, got shape {x.shape}")
+    declared = tuple(getattr(net, "input_shape", ()))
     first = net[0]
     draw = None
     if x.ndim == 3:
         draw = x.shape[1:]
     elif x.ndim == 4:
         draw = x.shape[2:]
-    if isinstance(first, Dense):
-        feats = int(np.prod(x.shape[1:]))
-        if feats != first.in_features:
-            raise ShapeError(f"input has {feats} values per sample (shape {x.shape[1:]}), but the model's first "
-                             f"layer (Dense) expects {first.in_features}")
+    feats = int(np.prod(x.shape[1:]))
+    if len(declared) == 1 or (not declared and isinstance(first, Dense)):
+        want = declared[0] if declared else first.in_features
+        if feats != want:
+            what = "model's input" if declared else "model's first layer (Dense)"
+            raise ShapeError(f"input has {feats} values per sample (shape {x.shape[1:]}), but the {what} expects "
+                             f"{want}")
         x = x.reshape(x.shape[0], feats)
     elif x.ndim == 3:
         x = x[:, None]
-    if isinstance(first, Conv2d) and x.ndim == 4 and x.shape[1] != first.in_channels:
-        raise ShapeError(f"input has {x.shape[1]} channel(s), but the model's first layer (Conv2d) expects "
-                         f"{first.in_channels}")
+    channels = _input_channels(net)
+    if channels is not None and x.ndim == 4 and x.shape[1] != channels:
+        what = f"model's input {declared}" if declared else f"model's first layer ({first.kind})"
+        raise ShapeError(f"input has {x.shape[1]} channel(s), but the {what} expects {channels}")
+    if len(declared) == 3 and x.ndim == 2 and feats == int(np.prod(declared)):
+        x = x.reshape((x.shape[0], *declared))  # flat samples of the declared (C, H, W)
+        draw = declared[1:] if draw is None else draw
     if image_shape is not None:
         draw = image_shape
     elif draw is None and x.ndim == 2:
@@ -217,8 +246,8 @@ def _composite(name: str, low: float, high: float) -> Any:
     from . import composites
 
     key = name.replace("_", "-")
-    if key == "deep-taylor":
-        return composites.deep_taylor(low, high)
+    if key in ("deep-taylor", "epsilon-gamma-box"):
+        return composites.get(key, low=low, high=high)
     return composites.get(key)
 
 
@@ -260,9 +289,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     net = load(model)
     names: list[str] | None = None
     if src.is_dir():
-        from .layers import Conv2d
-
-        rgb = isinstance(net[0], Conv2d) and net[0].in_channels == 3
+        rgb = _input_channels(net) == 3
         x, files = _load_images(src, rgb)
         names = [f.stem for f in files]
     elif src.suffix.lower() == ".npy":
@@ -298,6 +325,71 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'relevance.npy'} {relevance.shape}, {out / 'output.npy'}"
           + (f" and {pngs} heatmap PNG(s) heatmap_*.png{size}" if pngs else
              " (no PNGs: pass --image-shape H,W to draw flat inputs)"))
+    return 0
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape must be C,H,W or F (integers), got {text!r}") from None
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise InputError(f"--input-shape must be C,H,W or F (positive integers), got {text!r}")
+    return shape
+
+
+def describe(net: Any, input_shape: tuple[int, ...] | None = None) -> str:
+    """A listing of ``net``: one line per node with its name, layer, the values it reads and its
+    per-sample output shape (when the input shape is known), then the parameter count."""
+    names = ["input"] + list(net.names)
+    shapes = None
+    if input_shape:
+        shapes = net.shapes((1, *input_shape))  # ShapeError naming the node when they do not compose
+    kind = "Sequential" if type(net).__name__ == "Sequential" else "Graph"
+    head = f"{kind}: {len(net)} node(s), input {tuple(input_shape) if input_shape else '(any)'}"
+    if shapes is not None:
+        head += f", output {shapes[-1][1:]}"
+    w = max(len(n) for n in names)
+    lines = [head]
+    if shapes is not None:
+        lines.append(f"  {'input':<{w}}  -> {shapes[0][1:]}")
+    for i, node in enumerate(net.nodes):
+        ins = ", ".join(names[v] for v in node.inputs)
+        shp = f" -> {shapes[i + 1][1:]}" if shapes is not None else ""
+        lines.append(f"  {node.name:<{w}}  {node.layer!r}  <- {ins}{shp}")
+    seen: set[int] = set()
+    count = 0
+    for layer in net:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            a = getattr(layer, attr, None)
+            if isinstance(a, np.ndarray):
+                count += a.size
+    lines.append(f"{count} parameters")
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import load
+    from .io.npz import read_npz
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise InputError(f"model file {str(model)!r} not found")
+    with open(model, "rb") as fh:
+        native = fh.read(2) == b"PK"
+    stored = None
+    if native:
+        net, meta = read_npz(model)
+        stored = meta["input_shape"]
+        print(f"{model}: deeptaylor model, format version {meta['version']}")
+    else:
+        net = load(model)
+        print(f"{model}")
+    shape = _shape_arg(args.input_shape) if args.input_shape else (tuple(net.input_shape) or stored)
+    print(describe(net, shape))
     return 0
 
 
@@ -369,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return int(exc.code or 0)
-    commands = {"demo": _cmd_demo, "explain": _cmd_explain, "experiment": _cmd_experiment}
+    commands = {"demo": _cmd_demo, "explain": _cmd_explain, "info": _cmd_info, "experiment": _cmd_experiment}
     try:
         return commands[args.command](args)
     except (DeepTaylorError, OSError, ValueError, TypeError, NotImplementedError) as exc:
@@ -382,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deeptaylor: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: still one line (the traceback with --debug)
+        if args.debug:
+            raise
+        print(f"deeptaylor: error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the "
+              "traceback", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
