@@ -59,7 +59,9 @@ def test_clean_cuts_of_residual_and_branches(rng):
     net = branch_net(rng)
     names = ["input", *net.names]
     cuts = ["+".join(names[v] for v in cut) for cut in clean_cuts(net)]
-    assert "ra+rb" in cuts and cuts[0] == "input" and cuts[-1] == "sum"
+    assert "ra+rb" in cuts
+    assert cuts[0] == "input"
+    assert cuts[-1] == "sum"
 
 
 @pytest.mark.parametrize("backend", dt.available_backends())
@@ -69,13 +71,15 @@ def test_deep_taylor_conserves_on_every_clean_cut(rng, backend, make):
     x = rng.uniform(0, 1, size=(4,) + net.input_shape)
     ex = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend=backend)
     res = ex.explain(x, return_layers=True)
-    assert isinstance(res.layers, dict) and list(res.layers)[0] == "input"
+    assert isinstance(res.layers, dict)
+    assert next(iter(res.layers)) == "input"
     assert res.conservative_expected
     # the Add's proportional split is stabilised by eps = 1e-6 in the denominator (Zennit's Norm rule):
     # it absorbs eps / (z + eps) of each element's relevance, so a residual net conserves to ~1e-6 only
     tol = 1e-4 if backend != "numpy" else 1e-5 if make is residual_relu_net else 1e-9
     rep = checks.conservation(res, graph=net)
-    assert rep.layer_names is not None and rep.layer_names[0] == "input"
+    assert rep.layer_names is not None
+    assert rep.layer_names[0] == "input"
     assert rep.layer_totals.shape == (4, len(rep.layer_names))
     assert rep.ok(rtol=tol), str(rep)
     np.testing.assert_allclose(rep.layer_totals, np.repeat(res.explained[:, None], len(rep.layer_names), 1),
@@ -86,10 +90,12 @@ def test_deep_taylor_conserves_on_every_clean_cut(rng, backend, make):
     # the canonical graph works the same; without a graph, input and output are checked
     assert checks.conservation(res, graph=ex.graph).layer_names == rep.layer_names
     bare = checks.conservation(res)
-    assert bare.layer_names == ["input", net.names[-1]] and bare.ok(rtol=tol)
+    assert bare.layer_names == ["input", net.names[-1]]
+    assert bare.ok(rtol=tol)
     pos = checks.positivity(res)
     assert pos.ok(tol=1e-6 * float(np.abs(res.relevance).max()))
-    assert pos.layer_names == list(res.layers) and len(pos.layer_negative_fraction) == len(net) + 1
+    assert pos.layer_names == list(res.layers)
+    assert len(pos.layer_negative_fraction) == len(net) + 1
     assert "stem" in str(pos) or "conv1" in str(pos)
 
 
@@ -123,7 +129,8 @@ def test_sequential_reports_unchanged(rng):
     res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(rng.uniform(0.2, 1, (3, 4)),
                                                                       return_layers=True)
     rep = checks.conservation(res)
-    assert isinstance(res.layers, list) and rep.layer_names is None
+    assert isinstance(res.layers, list)
+    assert rep.layer_names is None
     assert rep.layer_totals.shape == (3, 4)
     assert "per layer (input of 0..L-1, output)" in str(rep)
     assert checks.positivity(res).layer_names is None

@@ -363,7 +363,8 @@ def test_explain_graph_model_cpu_and_images(tmp_path, rng, capsys):
     out = tmp_path / "out"
     assert main(["explain", "--model", str(model), "--input", str(imgs), "--out", str(out), "--no-progress"]) == 0
     assert np.load(out / "relevance.npy").shape == (2, 3, 8, 8)
-    assert (out / "heatmap_im0.png").is_file() and (out / "heatmap_im1.png").is_file()
+    assert (out / "heatmap_im0.png").is_file()
+    assert (out / "heatmap_im1.png").is_file()
     np.save(tmp_path / "flat.npy", rng.uniform(0, 1, (2, 192)))
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "flat.npy"), "--out",
                  str(tmp_path / "o2"), "--backend", "numpy"]) == 0
@@ -379,7 +380,8 @@ def test_explain_graph_model_errors(tmp_path, rng, capsys):
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x1.npy"), "--out",
                  str(tmp_path / "o")]) == 2
     line = _err_line(capsys)
-    assert "1 channel(s)" in line and "(3, 8, 8)" in line
+    assert "1 channel(s)" in line
+    assert "(3, 8, 8)" in line
     np.save(tmp_path / "x2.npy", np.zeros((2, 3, 5, 5), np.float32))
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x2.npy"), "--out",
                  str(tmp_path / "o")]) == 2
@@ -387,7 +389,8 @@ def test_explain_graph_model_errors(tmp_path, rng, capsys):
     assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x2.npy"), "--out",
                  str(tmp_path / "o"), "--composite", "epsilon-unknown"]) == 2
     line = _err_line(capsys)
-    assert "unknown composite" in line and "epsilon-gamma-box" in line
+    assert "unknown composite" in line
+    assert "epsilon-gamma-box" in line
     bad = tmp_path / "bad.npz"
     data = bytearray(model.read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
@@ -407,7 +410,10 @@ def test_info(tmp_path, rng, small_net, capsys):
     assert "format version 2" in text
     assert "Graph: 10 node(s), input (3, 8, 8), output (5,)" in text
     line = next(line for line in text.splitlines() if line.strip().startswith("layer1.add"))
-    assert "Add()" in line and "<- " in line and "relu1" in line and line.endswith("-> (4, 8, 8)")
+    assert "Add()" in line
+    assert "<- " in line
+    assert "relu1" in line
+    assert line.endswith("-> (4, 8, 8)")
     n_params = sum(getattr(layer, a).size for layer in net for a in ("weight", "bias", "running_mean", "running_var")
                    if hasattr(layer, a))
     assert f"{n_params} parameters" in text
@@ -432,7 +438,7 @@ def test_info(tmp_path, rng, small_net, capsys):
 
 def test_internal_errors_are_one_line(tmp_path, small_net, capsys, monkeypatch):
     """An unexpected exception (a bug) is still one line and exit 2, with a pointer to --debug."""
-    import deeptaylor.cli as cli
+    from deeptaylor import cli
 
     def boom(args):
         raise RuntimeError("kaboom")
@@ -441,6 +447,8 @@ def test_internal_errors_are_one_line(tmp_path, small_net, capsys, monkeypatch):
     dt.save(small_net, tmp_path / "s.npz")
     assert main(["info", "--model", str(tmp_path / "s.npz")]) == 2
     line = _err_line(capsys)
-    assert "internal error" in line and "kaboom" in line and "--debug" in line
+    assert "internal error" in line
+    assert "kaboom" in line
+    assert "--debug" in line
     with pytest.raises(RuntimeError):
         main(["--debug", "info", "--model", str(tmp_path / "s.npz")])

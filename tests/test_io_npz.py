@@ -394,7 +394,8 @@ def test_residual_concat_graph_same_heatmaps(tmp_path, rng, composite):
     path = tmp_path / "r.npz"
     dt.save(net, path)
     back = dt.load(path)
-    assert type(back) is dt.Graph and back.names == net.names
+    assert type(back) is dt.Graph
+    assert back.names == net.names
     x = rng.uniform(0, 1, size=(3, 3, 8, 8))
     r1 = dt.Explainer(net, composite).explain(x, return_layers=True)
     r2 = dt.Explainer(back, composite).explain(x, return_layers=True)
@@ -451,8 +452,11 @@ def test_version1_files_still_load(rng):
     arrays = {"layer0.weight": w.astype(np.float32), "layer0.bias": np.zeros(3, np.float32),
               "layer7.weight": rng.normal(size=(2, 1)), "layer7.bias": np.zeros(2)}
     net = load_npz(craft(V1_DESC, arrays))
-    assert type(net) is dt.Sequential and len(net) == 9
-    assert net[0].weight.dtype == np.float32 and not net[2].ceil_mode and net[3].count_include_pad
+    assert type(net) is dt.Sequential
+    assert len(net) == 9
+    assert net[0].weight.dtype == np.float32
+    assert not net[2].ceil_mode
+    assert net[3].count_include_pad
     np.testing.assert_array_equal(net[0].weight, w.astype(np.float32))
     # version 1 knows only the 0.1 parameters and kinds
     bad = json.loads(json.dumps(V1_DESC))
@@ -473,7 +477,9 @@ def test_bundled_version1_model_loads():
 
     data = (files("deeptaylor") / "data" / "detection_1568_400_1.npz").read_bytes()
     net, info = read_npz(data)
-    assert info["version"] == 1 and info["network"] == "Sequential" and type(net) is dt.Sequential
+    assert info["version"] == 1
+    assert info["network"] == "Sequential"
+    assert type(net) is dt.Sequential
     assert net.output_shape((2, 1568)) == (2, 1)
     # saved again it is a version 2 file with the same network
     back = load_npz(save_bytes(net))
@@ -505,7 +511,8 @@ def _node(desc, name):
 def test_graph_desc_baseline_loads():
     desc, arrays = graph_desc()
     net = load_npz(craft(desc, arrays))
-    assert type(net) is dt.Graph and net.names == ("conv", "relu", "res", "cat", "flat", "fc")
+    assert type(net) is dt.Graph
+    assert net.names == ("conv", "relu", "res", "cat", "flat", "fc")
     assert net.input_shape == (2, 4, 4)
 
 

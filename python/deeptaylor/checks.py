@@ -29,7 +29,7 @@ import numpy as np
 
 from .explain import Explanation
 
-__all__ = ["conservation", "positivity", "clean_cuts", "ConservationReport", "PositivityReport"]
+__all__ = ["ConservationReport", "PositivityReport", "clean_cuts", "conservation", "positivity"]
 
 
 def _sums(r: np.ndarray) -> np.ndarray:

@@ -50,7 +50,6 @@ from ..errors import DeepTaylorError, ModelFormatError
 from ..layers import (
     ELU,
     GELU,
-    Activation,
     AdaptiveAvgPool2d,
     Add,
     AvgPool2d,
@@ -74,8 +73,8 @@ from ..layers import (
     Mul,
     ReLU,
     ReLU6,
-    SiLU,
     Sigmoid,
+    SiLU,
     Slice,
     SumPool2d,
     Tanh,
@@ -83,7 +82,7 @@ from ..layers import (
 )
 from ..network import Graph, Node, Sequential
 
-__all__ = ["FORMAT", "VERSION", "load_npz", "save_npz", "read_npz"]
+__all__ = ["FORMAT", "VERSION", "load_npz", "read_npz", "save_npz"]
 
 FORMAT = "deeptaylor.model"
 #: the version this deeptaylor writes; it reads 1 and 2
@@ -395,10 +394,9 @@ def _build(kind: str, params: dict[str, Any], arrays: dict[str, np.ndarray], pre
         ndim = 2 if kind == "Dense" else 4
         w = _array(arrays, f"{prefix}.weight", where, ndim)
         b = _array(arrays, f"{prefix}.bias", where, 1)
-        if kind == "Dense" or kind == "Conv2d":
-            if b.shape[0] != w.shape[0]:
-                raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} are inconsistent "
-                                       f"(expected a {ndim}-D weight and a bias of its first dimension)")
+        if (kind == "Dense" or kind == "Conv2d") and b.shape[0] != w.shape[0]:
+            raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} are inconsistent "
+                                   f"(expected a {ndim}-D weight and a bias of its first dimension)")
         if kind == "Dense":
             return Dense(w, b)
         kw: dict[str, Any] = {"stride": _ints(p["stride"], f"{where} stride", 2, 1),
