@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import deeptaylor as dt
+from deeptaylor.passes import canonicalize
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -47,7 +48,18 @@ def bn_model():
 
 
 CASES = {"lenet": (lenet, (1, 28, 28)), "mlp": (mlp, (1, 28, 28)), "bn": (bn_model, (3, 16, 16))}
-KINDS = {  # Dropout/Identity dropped, BatchNorm folded into the layer before it
+# The importer translates every module into a node (BatchNorm, Dropout, Identity, AdaptiveAvgPool2d
+# included); the shared pass deeptaylor.passes.canonicalize then drops Dropout/Identity, folds each
+# BatchNorm into the layer before it and resolves the divisible adaptive pool (CANONICAL: what the
+# importer itself produced before the graph work).
+KINDS = {
+    "lenet": ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Dense", "ReLU", "Dropout",
+              "Dense"],
+    "mlp": ["Flatten", "Dense", "ReLU", "Identity", "Dense", "ReLU", "Dense"],
+    "bn": ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "AvgPool2d", "AdaptiveAvgPool2d",
+           "Flatten", "Dense", "Dropout", "BatchNorm1d", "ReLU", "Dense"],
+}
+CANONICAL = {
     "lenet": ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Dense", "ReLU", "Dense"],
     "mlp": ["Flatten", "Dense", "ReLU", "Dense", "ReLU", "Dense"],
     "bn": ["Conv2d", "ReLU", "Conv2d", "ReLU", "AvgPool2d", "AvgPool2d", "Flatten", "Dense", "ReLU", "Dense"],
@@ -65,9 +77,14 @@ def test_forward_matches_torch(name):
         y32 = model(torch.from_numpy(x)).numpy()
         y64 = model.double()(torch.from_numpy(x).double()).numpy()
     ours = net.forward(x)
-    np.testing.assert_allclose(ours, y64, rtol=1e-9, atol=1e-9 * np.abs(y64).max())  # folding is exact maths
+    np.testing.assert_allclose(ours, y64, rtol=1e-9, atol=1e-9 * np.abs(y64).max())
     np.testing.assert_allclose(ours, y32, rtol=1e-5, atol=1e-5 * np.abs(y32).max())
+    assert isinstance(net, dt.Sequential)  # an nn.Sequential chain stays a Sequential
     assert [layer.kind for layer in net] == KINDS[name]
+    canon = canonicalize(net, shape)
+    assert [layer.kind for layer in canon] == CANONICAL[name]
+    # the fold keeps float32 weights float32: float32 rounding
+    np.testing.assert_allclose(canon.forward(x), y32, rtol=1e-5, atol=1e-5 * np.abs(y32).max())
 
 
 def test_conv_options():
@@ -90,52 +107,84 @@ def test_input_shape_forms_and_default():
         assert dt.from_torch(model, shape).output_shape((1, 5)) == (1, 2)
     with pytest.raises(dt.ShapeError, match="input_shape"):
         dt.from_torch(nn.Sequential(nn.Conv2d(1, 2, 3)))
-    with pytest.raises(dt.ShapeError, match="module '0' \\(Linear\\)"):
+    with pytest.raises(dt.ShapeError, match="module '0' of type Linear"):
         dt.from_torch(model, (6,))
 
 
 @pytest.mark.parametrize(("model", "match"), [
-    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), r"'0'.*Conv2d.*groups=2"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "padding_mode"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sequential(nn.ReLU(), nn.Tanh())), r"'1\.1' of type Tanh.*supported: "),
-    (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(2)), "BatchNorm must directly follow"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm1d(4)), "BatchNorm1d follows a Conv2d"),
-    (nn.Sequential(nn.AdaptiveAvgPool2d(3)), "not a fixed pooling"),
-    (nn.Sequential(nn.MaxPool2d(3, ceil_mode=True)), "ceil_mode"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), r"'0' of type Conv2d.*padding_mode"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sequential(nn.ReLU(), nn.GroupNorm(2, 4))),
+     r"module '1\.1' of type GroupNorm.*not supported.*supported modules: "),
     (nn.Sequential(nn.MaxPool2d(2, dilation=2)), "dilation"),
-    (nn.Sequential(nn.AvgPool2d(3, padding=1, count_include_pad=False)), "count_include_pad"),
+    (nn.Sequential(nn.AvgPool2d(2, divisor_override=3)), "divisor_override"),
     (nn.Sequential(nn.Flatten(2)), "start_dim"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), "running"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), "running statistics"),
+    (nn.Sequential(nn.ReLU(), nn.ZeroPad2d(1), nn.ReLU()), r"'1'.*padding is supported only right before"),
+    (nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(3)), r"'0'.*padding is supported only right before"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Softmax(1)), r"'1' of type Softmax.*logits"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Upsample(scale_factor=2, mode="bilinear")), "nearest"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LayerNorm(6)), "out of scope"),
 ])
 def test_unsupported_modules_name_path_and_type(model, match):
     with pytest.raises(dt.UnsupportedError, match=match):
         dt.from_torch(model, (2, 8, 8))
 
 
-@pytest.mark.parametrize(("in_hw", "out_size", "kernel", "stride"), [
-    ((7, 7), 3, (3, 3), (2, 2)),            # windows [0,3) [2,5) [4,7)
-    ((10, 10), 3, (4, 4), (3, 3)),          # windows [0,4) [3,7) [6,10)
-    ((7, 10), (3, 3), (3, 4), (2, 3)),
-    ((8, 6), (2, None), (4, 1), (4, 1)),    # None keeps the size: kernel 1
-    ((9, 5), (4, 1), (3, 5), (2, 5)),       # windows [0,3) [2,5) [4,7) [6,9); a single window across W
-    ((6, 6), 6, (1, 1), (1, 1)),
-])
-def test_adaptive_avg_pool_fixed_windows_match_torch(in_hw, out_size, kernel, stride):
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size), nn.Flatten()).double()
-    net = dt.from_torch(model, (2, *in_hw))
-    assert (net[0].kernel_size, net[0].stride, net[0].padding) == (kernel, stride, (0, 0, 0, 0))
-    x = np.random.default_rng(6).normal(size=(3, 2, *in_hw))
+def test_batchnorm_of_the_wrong_rank_is_a_shape_error_naming_the_module():
+    with pytest.raises(dt.ShapeError, match=r"module '1' of type BatchNorm1d.*expected 2D or 3D input"):
+        dt.from_torch(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm1d(4)), (2, 8, 8))
+
+
+def _check_forward(model, shape, n=3, rtol=1e-10, seed=0):
+    """from_torch(model) in float64 against torch in float64; returns the net."""
+    model = model.double().eval()
+    net = dt.from_torch(model, shape)
+    x = np.random.default_rng(seed).normal(size=(n, *shape))
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(net.forward(x), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+    return net
 
 
-@pytest.mark.parametrize(("in_hw", "out_size"), [((5, 5), 3), ((8, 8), (2, 3)), ((2, 2), 3), ((4, 4), 8)])
-def test_adaptive_avg_pool_uneven_windows_are_refused(in_hw, out_size):
-    # 5 -> 3: windows [0,2) [1,4) [3,5) of sizes 2, 3, 2; 8 -> 3: sizes 3, 4, 3; 2 -> 3 / 4 -> 8: strides 0 and 1
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size))
-    with pytest.raises(dt.UnsupportedError, match=r"'0' of type AdaptiveAvgPool2d.*different sizes or strides"):
-        dt.from_torch(model, (1, *in_hw))
+@pytest.mark.parametrize(("model", "kinds"), [
+    # grouped / depthwise convolutions, a standalone BatchNorm (after a ReLU: not foldable), ceil_mode
+    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=4),
+                   nn.MaxPool2d(3, ceil_mode=True), nn.Flatten()),
+     ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "MaxPool2d", "Flatten"]),
+    (nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+                   nn.AdaptiveAvgPool2d(3)), ["AvgPool2d", "AdaptiveAvgPool2d"]),
+    (nn.Sequential(nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1), nn.LeakyReLU(0.2),
+                   nn.Upsample(scale_factor=2), nn.ELU(0.5), nn.ChannelShuffle(2), nn.GELU(approximate="tanh"),
+                   nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.Tanh(), nn.Sigmoid(), nn.ReLU6()),
+     ["ConvTranspose2d", "LeakyReLU", "Upsample", "ELU", "ChannelShuffle", "GELU", "SiLU", "Hardswish",
+      "Hardsigmoid", "Tanh", "Sigmoid", "ReLU6"]),
+    # padding modules fold into the layer that reads them; -inf before a max pool
+    (nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(2, 3, 3), nn.ConstantPad2d((0, 1, 1, 0), float("-inf")),
+                   nn.MaxPool2d(2, stride=1), nn.ZeroPad2d(1), nn.AvgPool2d(3, stride=1)),
+     ["Conv2d", "MaxPool2d", "AvgPool2d"]),
+])
+def test_more_modules_match_torch(model, kinds):
+    torch.manual_seed(3)
+    net = _check_forward(_bn_stats(model), (2, 8, 8))
+    assert [layer.kind for layer in net] == kinds
+
+
+@pytest.mark.parametrize(("in_hw", "out_size"), [
+    ((7, 7), 3), ((10, 10), 3), ((7, 10), (3, 3)), ((8, 6), (2, None)), ((9, 5), (4, 1)), ((6, 6), 6),
+    ((5, 5), 3), ((8, 8), (2, 3)), ((2, 2), 3), ((4, 4), 8),   # uneven / overlapping / repeating windows
+])
+def test_adaptive_avg_pool_matches_torch(in_hw, out_size):
+    """AdaptiveAvgPool2d is a node of its own (any windows); canonicalize turns the divisible ones into an
+    AvgPool2d."""
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(out_size), nn.Flatten())
+    net = _check_forward(model, (2, *in_hw), rtol=1e-12)
+    assert net[0].kind == "AdaptiveAvgPool2d"
+    osz = out_size if isinstance(out_size, tuple) else (out_size, out_size)
+    osz = tuple(in_hw[d] if osz[d] is None else osz[d] for d in range(2))
+    assert net[0].output_size == osz
+    canon = canonicalize(net, (2, *in_hw))
+    divisible = in_hw[0] % osz[0] == 0 and in_hw[1] % osz[1] == 0
+    assert canon[0].kind == ("AvgPool2d" if divisible else "AdaptiveAvgPool2d")
 
 
 class _TwiceLinear(nn.Linear):
@@ -175,22 +224,29 @@ class _Called(nn.ReLU):
         return -super().__call__(x)
 
 
+@pytest.mark.parametrize(("model", "shape", "kinds"), [
+    (nn.Sequential(nn.Linear(4, 4), _LeakyReLU()), (4,), ["Dense", "LeakyReLU"]),
+    (nn.Sequential(nn.Linear(4, 4), _Reversed(nn.Linear(4, 3), nn.ReLU())), (4,), ["Dense", "ReLU", "Dense"]),
+    (nn.Sequential(nn.Sequential(nn.Linear(4, 4), _Residual(nn.ReLU(), nn.Linear(4, 4)))), (4,),
+     ["Dense", "ReLU", "Dense", "Add"]),
+    (nn.Sequential(_ScaledConv(1, 2, 3), nn.ReLU()), (1, 6, 6), ["Conv2d", "ReLU"]),
+])
+def test_subclasses_overriding_forward_are_traced(model, shape, kinds):
+    """torch.fx traces a subclass's own forward (only torch's own classes are leaves), so a subclass that
+    computes something else imports as what it computes (before the graph work these were refused)."""
+    torch.manual_seed(4)
+    net = _check_forward(model, shape)
+    assert [layer.kind for layer in net] == kinds
+
+
 @pytest.mark.parametrize(("model", "shape", "match"), [
     (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TwiceLinear(4, 2)), (4,),
-     r"'2' of type _TwiceLinear.*nn\.Linear.*forward"),
-    (nn.Sequential(nn.Linear(4, 4), _LeakyReLU()), (4,), r"'1' of type _LeakyReLU.*nn\.ReLU"),
-    (nn.Sequential(nn.Linear(4, 4), _McDropout(0.5)), (4,), r"'1' of type _McDropout.*nn\.Dropout"),
-    (nn.Sequential(nn.Linear(4, 4), _Reversed(nn.Linear(4, 3), nn.ReLU())), (4,), r"'1' of type _Reversed.*Sequential"),
-    (nn.Sequential(nn.Sequential(nn.Linear(4, 4), _Residual(nn.ReLU(), nn.Linear(4, 4)))), (4,),
-     r"'0\.1' of type _Residual"),
-    (nn.Sequential(_ScaledConv(1, 2, 3), nn.ReLU()), (1, 6, 6), r"'0' of type _ScaledConv.*_conv_forward"),
-    (nn.Sequential(nn.Linear(4, 4), _Called()), (4,), r"'1' of type _Called.*__call__"),
-    (_TwiceLinear(4, 2), (4,), r"'_TwiceLinear' of type _TwiceLinear"),
-    (_Residual(nn.Linear(4, 4)), (4,), r"_Residual is a custom module"),
+     r"fx node 'mul' \(call_function operator\.mul\) in module '2' \(_TwiceLinear\).*constant \(2\)"),
+    (nn.Sequential(nn.Linear(4, 4), _McDropout(0.5)), (4,), r"in module '1' \(_McDropout\).*training=True"),
+    (nn.Sequential(nn.Linear(4, 4), _Called()), (4,), r"fx node 'neg' \(call_function operator\.neg\)"),
+    (_TwiceLinear(4, 2), (4,), r"operator\.mul\) in _TwiceLinear\.forward"),
 ])
-def test_subclasses_overriding_forward_are_refused(model, shape, match):
-    """A subclass of a supported class with its own forward computes something else: refuse it rather
-    than import the stock layer (which would give silently wrong outputs)."""
+def test_subclasses_computing_unsupported_ops_are_refused(model, shape, match):
     with pytest.raises(dt.UnsupportedError, match=match):
         dt.from_torch(model, shape)
 
@@ -216,8 +272,8 @@ def test_batchnorm_bad_running_var_names_the_module(bad):
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Sequential(nn.BatchNorm2d(3)), nn.ReLU())
     with torch.no_grad():
         model[1][0].running_var.copy_(torch.tensor([1.0, -0.5 if bad == "negative" else float("nan"), 1.0]))
-    match = r"module '1\.0' \(BatchNorm2d\): running_var" + (r" \+ eps must be positive.*channel 1" if bad == "negative"
-                                                           else " contains NaN")
+    match = r"module '1\.0' of type BatchNorm2d.*: running_var" + (
+        r" \+ eps must be positive.*channel 1" if bad == "negative" else " contains NaN")
     with pytest.raises(dt.InputError, match=match):  # and no RuntimeWarning (warnings are errors in the tests)
         dt.from_torch(model, (1, 6, 6))
 
@@ -226,15 +282,14 @@ def test_nan_weights_name_the_module():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
-    with pytest.raises(dt.InputError, match=r"module '2' \(Linear\): Dense: weight contains NaN or Inf"):
+    with pytest.raises(dt.InputError, match=r"module '2' of type Linear.*Dense: weight contains NaN or Inf"):
         dt.from_torch(model)
 
 
-def test_ceil_mode_accepted_when_size_unchanged():
-    model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()).double()
-    net = dt.from_torch(model, (1, 8, 8))
-    x = np.random.default_rng(0).normal(size=(1, 1, 8, 8))
-    np.testing.assert_array_equal(net.forward(x), model(torch.from_numpy(x)).numpy())
+def test_ceil_mode_matches_torch():
+    for size in (8, 9):  # 9: ceil_mode adds a last, partial window
+        net = _check_forward(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()), (1, size, size))
+        assert net.output_shape((1, 1, size, size)) == (1, ((size + 1) // 2) ** 2)
 
 
 def test_custom_module_and_non_module_errors():
@@ -246,7 +301,7 @@ def test_custom_module_and_non_module_errors():
         def forward(self, x):
             return self.fc(x) * 2
 
-    with pytest.raises(dt.UnsupportedError, match="Net is a custom module"):
+    with pytest.raises(dt.UnsupportedError, match=r"fx node 'mul'.* in Net\.forward.*constant \(2\)"):
         dt.from_torch(Net(), (3,))
     with pytest.raises(TypeError):
         dt.from_torch("model", (3,))
@@ -289,16 +344,22 @@ def test_import_deeptaylor_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_float32_weights_stay_float32_folded_ones_are_float64():
-    # A large float32 model is not doubled in memory on import; a BatchNorm fold is computed in float64.
+def test_float32_weights_stay_float32():
+    # A large float32 model is not doubled in memory on import. BatchNorm is a node of its own (float64
+    # statistics); the shared fold (deeptaylor.passes) computes in float64 and keeps float32 weights float32.
     m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
                             torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)).eval()
+    _bn_stats(m)
     net = dt.from_torch(m, (1, 6, 6))
     assert [(layer.kind, layer.weight.dtype) for layer in net if hasattr(layer, "weight")] == [
-        ("Conv2d", np.float64), ("Dense", np.float32)]
+        ("Conv2d", np.float32), ("BatchNorm2d", np.float64), ("Dense", np.float32)]
     assert all(layer.bias.dtype == np.float64 for layer in net if hasattr(layer, "bias"))
     np.testing.assert_array_equal(net[-1].weight, m[-1].weight.detach().numpy())
+    np.testing.assert_array_equal(net[0].weight, m[0].weight.detach().numpy())
     x = np.random.default_rng(0).uniform(size=(3, 1, 6, 6)).astype(np.float32)
     with torch.no_grad():
         want = m(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(net.forward(x.astype(np.float64)), want, rtol=1e-5, atol=1e-6)
+    canon = canonicalize(net)
+    assert [layer.kind for layer in canon] == ["Conv2d", "ReLU", "Flatten", "Dense"]
+    np.testing.assert_allclose(canon.forward(x.astype(np.float64)), want, rtol=1e-5, atol=1e-6)

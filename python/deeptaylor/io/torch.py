@@ -1,42 +1,55 @@
-"""PyTorch interop (extra ``torch``): :func:`from_torch` and its inverse :func:`to_torch`.
+"""PyTorch interop (extra ``torch``): :func:`from_torch`, its inverse :func:`to_torch`, and the helpers
+:func:`as_network` / :func:`as_array` through which :class:`~deeptaylor.Explainer` takes torch objects.
 
-``from_torch`` reads the modules of a ``torch.nn.Sequential`` (nested ones flattened) and builds the
-equivalent :class:`~deeptaylor.Sequential` (float32 weights stay float32, biases and everything else
-become float64). BatchNorm layers are folded into the preceding
-Linear/Conv2d (docs/importing.md gives the maths); Dropout and Identity are dropped (evaluation mode).
+``from_torch`` traces the module with ``torch.fx`` (``symbolic_trace``), runs the traced graph once on
+a zero input of ``input_shape`` to learn every intermediate shape, and translates the fx nodes into a
+:class:`~deeptaylor.Graph` (``dt.Input`` then one symbolic layer call per node): modules become layers
+named by their module path (``"layer3.1.downsample.0"``); functional ops get the path of the module
+whose ``forward`` called them plus the op (``"layer1.0.add"``). BatchNorm, Dropout and Identity
+become nodes of their own: folding and removing them is the job of :func:`deeptaylor.passes.canonicalize`,
+which runs before any backend. docs/importing.md lists every op and what it maps to.
+
 Torch is imported only when these functions are called.
 """
 
 from __future__ import annotations
 
-import itertools
+import inspect
+import math
+import operator
+import re
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import DeepTaylorError, InputError, ShapeError, UnsupportedError
-from ..layers import (
-    AvgPool2d,
-    Conv2d,
-    Dense,
-    Flatten,
-    GlobalSumPool,
-    Layer,
-    LpPool,
-    MaxPool2d,
-    ReLU,
-    SumPool2d,
-)
-from ..network import Sequential
+from .. import layers as L
+from ..errors import DeepTaylorError, InputError, InputTypeError, ShapeError, UnsupportedError
+from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalSumPool, LpPool, MaxPool2d, ReLU, SumPool2d
+from ..network import Graph, Input, Sequential, Tensor
 
-__all__ = ["SUPPORTED_MODULES", "from_torch", "to_torch"]
+__all__ = ["SUPPORTED_FUNCTIONS", "SUPPORTED_MODULES", "as_array", "as_network", "from_torch", "to_torch"]
 
-SUPPORTED_MODULES = ("Sequential (nested ones are flattened)", "Linear",
-                     "Conv2d (groups=1, padding_mode='zeros')", "ReLU", "MaxPool2d", "AvgPool2d",
-                     "AdaptiveAvgPool2d (when its windows are of one size and stride for the input shape)",
-                     "Flatten (start_dim=1, end_dim=-1)", "Dropout (dropped)", "Identity (dropped)",
-                     "ZeroPad2d/ConstantPad2d (folded into the following Conv2d/AvgPool2d, or MaxPool2d for -inf)",
-                     "BatchNorm1d/BatchNorm2d (folded into the preceding Linear/Conv2d)")
+SUPPORTED_MODULES = (
+    "Linear", "Conv2d (padding_mode='zeros')", "ConvTranspose2d (padding_mode='zeros')",
+    "BatchNorm1d/2d (with running statistics)", "ReLU", "ReLU6", "Hardtanh(0, 6)", "LeakyReLU", "ELU", "GELU",
+    "SiLU", "Hardswish", "Hardsigmoid", "Tanh", "Sigmoid", "MaxPool2d (dilation 1)",
+    "AvgPool2d (no divisor_override)", "AdaptiveAvgPool2d", "Flatten (start_dim=1)",
+    "Dropout/Dropout1d/Dropout2d/AlphaDropout", "Identity", "Upsample/UpsamplingNearest2d (nearest, integer scale)",
+    "ChannelShuffle", "ZeroPad2d/ConstantPad2d (folded into the following Conv2d/AvgPool2d, or MaxPool2d for -inf)",
+    "containers and custom modules (traced through)")
+SUPPORTED_FUNCTIONS = (
+    "+ / += / torch.add (two tensors of one shape)", "torch.cat(dim=1)", "x * gate / torch.mul (gates)",
+    "torch.flatten(x, 1) / x.flatten(1) / x.view(n, -1) / x.reshape(n, -1)", "x.mean((2, 3))",
+    "F.relu and the other activations (and in-place variants), torch.clamp(x, 0[, 6])",
+    "F.adaptive_avg_pool2d", "F.max_pool2d", "F.avg_pool2d", ("F.conv2d / F.conv_transpose2d / F.linear / "
+    "F.batch_norm with constant weights"), "F.dropout (training=False)", "F.interpolate (nearest, integer scale)",
+    "F.pad (constant, folded)", "x.chunk / x.split / x[:, a:b] (channels)", "view-transpose-view (channel shuffle)",
+    "torchvision.ops.stochastic_depth (eval)", "x.size() / x.shape / x.dim() / torch._assert (shape arithmetic)")
+
+#: the batch size of the shape-recording run (2, so that the batch axis is told apart from size-1 axes)
+_B = 2
 
 
 def _torch() -> Any:
@@ -47,55 +60,14 @@ def _torch() -> Any:
     return torch
 
 
-def _unsupported(path: str, module: Any, why: str = "") -> UnsupportedError:
-    reason = f" ({why})" if why else ""
-    return UnsupportedError(f"from_torch: module {path!r} of type {type(module).__name__} is not supported{reason}; "
-                            f"supported: {', '.join(SUPPORTED_MODULES)}")
-
-
-# The torch classes from_torch reads, most specific first. A module is read only when its class runs
-# the stock forward of the class it derives from: a subclass overriding forward() computes something
-# else, which deeptaylor cannot see.
-_STOCK = ("Sequential", "Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten",
-          "Dropout", "Identity", "ZeroPad2d", "ConstantPad2d", "BatchNorm1d", "BatchNorm2d")
-# Methods that the stock forward of a class calls and a subclass could override instead of forward().
-_HELPERS = {"Conv2d": ("_conv_forward",)}
-
-
-def _check_stock(path: str, module: Any, nn: Any) -> None:
-    """Raise (naming ``path`` and the type) unless ``module``'s class computes its supported base class's forward."""
-    for name in _STOCK:
-        cls = getattr(nn, name)
-        if not isinstance(module, cls):
-            continue
-        typ = type(module)
-        overridden = [m for m in ("forward", *_HELPERS.get(name, ())) if getattr(typ, m) is not getattr(cls, m)]
-        if typ.__call__ is not nn.Module.__call__:
-            overridden.append("__call__")
-        if overridden:
-            raise _unsupported(path, module, f"a subclass of nn.{name} that overrides {', '.join(overridden)}(): "
-                                             "deeptaylor reads only the stock computation of the supported classes")
-        return
-
-
-def _walk(module: Any, prefix: str, nn: Any) -> list[tuple[str, Any]]:
-    """(path, module) of every leaf, nested nn.Sequential flattened in forward order."""
-    out = []
-    for name, child in module.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        _check_stock(path, child, nn)
-        if isinstance(child, nn.Sequential):
-            out.extend(_walk(child, path, nn))
-        else:
-            out.append((path, child))
-    return out
-
-
 def _array(t: Any) -> np.ndarray:
     """A NumPy copy of a parameter: float32 stays float32 (the layers keep float32 weights, half the
     memory of a float64 copy for a large model), every other dtype becomes float64."""
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        return np.array(t, dtype=np.float64)
     t = t.detach().to(device="cpu")
-    return (t if t.dtype == _torch().float32 else t.double()).numpy().copy()
+    return (t if t.dtype == torch.float32 else t.double()).numpy().copy()
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -106,262 +78,1069 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v))
 
 
-def _pool_out(size: int, k: int, s: int, p: int, ceil: bool) -> int:
-    num = size + 2 * p - k
-    out = (-(-num // s) if ceil else num // s) + 1
-    if ceil and (out - 1) * s >= size + p:  # torch: the last window must start inside the input or left pad
-        out -= 1
-    return out
-
-
-def _adaptive_window(size: int, out: int) -> tuple[int, int] | None:
-    """(kernel, stride) of the fixed pooling that equals torch's adaptive average pooling ``size -> out``
-    along one axis, or None. Torch's window ``i`` is ``[floor(i size / out), ceil((i + 1) size / out))``;
-    it is a fixed pooling when all windows have one size and consecutive starts one stride apart
-    (e.g. 7 -> 3: kernel 3, stride 2; 10 -> 3: kernel 4, stride 3; 8 -> 2: kernel 4, stride 4)."""
-    if out < 1 or size < 1:
-        return None
-    starts = [i * size // out for i in range(out)]
-    ends = [-(-(i + 1) * size // out) for i in range(out)]
-    kernels = {e - b for b, e in zip(starts, ends, strict=True)}
-    strides = {b1 - b0 for b0, b1 in itertools.pairwise(starts)}
-    if len(kernels) != 1 or len(strides) > 1:
-        return None
-    k = kernels.pop()
-    s = strides.pop() if strides else k  # a single window: any stride, the kernel's by convention
-    if s < 1 or (size - k) // s + 1 != out:  # pragma: no cover - implied by the windows above
-        return None
-    return k, s
-
-
 def _input_shape(input_shape: Any) -> tuple[int, ...]:
+    """The per-sample shape ``(F,)`` or ``(C, H, W)`` from a per-sample or batched shape."""
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
         raise ShapeError(f"from_torch: input_shape must be a tuple of ints, got {input_shape!r}") from None
-    if len(shape) in (1, 3):  # per sample
-        shape = (1, *shape)
-    if len(shape) not in (2, 4) or min(shape) < 1:
+    if len(shape) in (2, 4):  # with the batch
+        shape = shape[1:]
+    if len(shape) not in (1, 3) or min(shape) < 1:
         raise ShapeError(f"from_torch: input_shape must be (F,), (C, H, W), (N, F) or (N, C, H, W) with positive "
                          f"sizes, got {input_shape!r}")
     return shape
 
 
-def _fold_bn(prev: Layer, bn: Any, path: str) -> Layer:
-    """Fold an eval-mode BatchNorm ``y = gamma (z - mean) / sqrt(var + eps) + beta`` into ``prev``:
-    ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per channel."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise _unsupported(path, bn, "track_running_stats=False: no running statistics to fold")
-    f64 = np.float64  # the fold is computed in float64 (the folded layer's weights are float64)
-    mean, var = _array(bn.running_mean).astype(f64), _array(bn.running_var).astype(f64)
-    gamma = _array(bn.weight).astype(f64) if bn.weight is not None else np.ones_like(mean)
-    beta = _array(bn.bias).astype(f64) if bn.bias is not None else np.zeros_like(mean)
-    eps = float(bn.eps)
-    where = f"from_torch: module {path!r} ({type(bn).__name__})"
-    for what, v in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
-        if not np.all(np.isfinite(v)):
-            raise InputError(f"{where}: {what} contains NaN or Inf")
-    if not np.all(var + eps > 0):
-        bad = np.flatnonzero(~(var + eps > 0))
-        raise InputError(f"{where}: running_var + eps must be positive to fold the BatchNorm, but it is "
-                         f"{(var + eps)[bad[0]]:.6g} for channel {int(bad[0])} ({len(bad)} channel(s) in all)")
-    scale = gamma / np.sqrt(var + eps)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the layer, with the path
-        w = prev.weight.astype(f64) * scale.reshape((-1,) + (1,) * (prev.weight.ndim - 1))  # type: ignore[attr-defined]
-        b = (prev.bias - mean) * scale + beta  # type: ignore[attr-defined]
-    if isinstance(prev, Dense):
-        return _build(path, bn, Dense, w, b)
-    assert isinstance(prev, Conv2d)
-    return _build(path, bn, Conv2d, w, b, stride=prev.stride, padding=prev.padding, dilation=prev.dilation)
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.:/\-\[\]]")
 
 
-def _build(path: str, module: Any, cls: type, *args: Any, **kwargs: Any) -> Layer:
-    """``cls(*args, **kwargs)``; a bad parameter (NaN/Inf weights, ...) is reported with the module's path."""
+@dataclass
+class _Pad:
+    """A pending ZeroPad2d / ConstantPad2d / F.pad: folded into the Conv2d / pool that reads it."""
+
+    tensor: Tensor
+    pad: tuple[int, int, int, int]  # top, bottom, left, right
+    value: float
+    where: str
+
+
+@dataclass
+class _Grouped:
+    """ShuffleNet's ``x.view(N, g, C // g, H, W)`` (``transposed`` after ``transpose(1, 2)``): becomes a
+    ChannelShuffle when viewed back to ``(N, C, H, W)``."""
+
+    tensor: Tensor
+    groups: int
+    transposed: bool
+    where: str
+
+
+class _Passthrough:
+    """Marker: the node is the identity on its (first) input."""
+
+
+_PASS = _Passthrough()
+
+
+_OUT_OF_SCOPE_TYPES = ("LayerNorm", "LayerNorm2d", "MultiheadAttention", "TransformerEncoderLayer",
+                       "TransformerDecoderLayer", "Transformer", "TransformerEncoder", "VisionTransformer",
+                       "SwinTransformer", "MaxVit", "ConvNeXt", "CNBlock", "ShiftedWindowAttention",
+                       "ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention")
+
+
+def _check_scope(module: Any) -> None:
+    """Transformers and ConvNeXt (LayerNorm, attention, permutes) are out of scope: say so up front,
+    before tracing (which may fail on them for unrelated reasons)."""
+    for path, m in module.named_modules():
+        if type(m).__name__ in _OUT_OF_SCOPE_TYPES or any(
+                c.__name__ in ("LayerNorm", "MultiheadAttention") and c.__module__.startswith("torch.nn")
+                for c in type(m).__mro__):
+            where = f"module {path!r} of type {type(m).__name__}" if path else f"{type(m).__name__}"
+            raise UnsupportedError(
+                f"from_torch: {where}: LayerNorm and attention, hence transformers (ViT, Swin, MaxViT) and ConvNeXt, are "
+                "out of scope for now; deeptaylor imports convolutional networks (the torchvision classification "
+                "CNNs: ResNet, VGG, DenseNet, MobileNet, EfficientNet, RegNet, ...)")
+
+
+def _sig_defaults(fn: Any) -> dict[str, Any] | None:
     try:
-        return cls(*args, **kwargs)
-    except ShapeError:
-        raise
-    except DeepTaylorError as exc:
-        raise type(exc)(f"from_torch: module {path!r} ({type(module).__name__}): {exc}") from None
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    return {p.name: p.default for p in params}
 
 
-def from_torch(module: Any, input_shape: Any = None) -> Sequential:
-    """Convert a PyTorch ``nn.Sequential`` into a :class:`~deeptaylor.Sequential` (copies; float32
-    weights stay float32, BatchNorm-folded weights and biases are float64).
+_REQ = object()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch appends the fx graph and a traceback)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+class _Converter:
+    """One conversion: the traced module, the shapes/values of its nodes, the symbolic tensors."""
+
+    def __init__(self, torch: Any, module: Any, shape: tuple[int, ...]) -> None:
+        self.torch = torch
+        self.nn = torch.nn
+        self.F = torch.nn.functional
+        self.module = module
+        self.shape = shape
+        self.used: set[str] = set()
+
+    # -- tracing and the shape-recording run ----------------------------------------------------
+    def trace(self) -> None:
+        torch, fx = self.torch, self.torch.fx
+        concrete = {}
+        try:
+            params = list(inspect.signature(self.module.forward).parameters.values())
+        except (TypeError, ValueError):  # pragma: no cover
+            params = []
+        params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        for p in params[1:]:
+            if p.default is inspect.Parameter.empty:
+                raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward takes several inputs "
+                                       f"({', '.join(q.name for q in params)}); deeptaylor explains one input tensor")
+            concrete[p.name] = p.default
+        try:
+            self.gm = fx.symbolic_trace(self.module, concrete_args=concrete or None)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
+            raise UnsupportedError(
+                f"from_torch: torch.fx cannot trace {type(self.module).__name__}.forward ({type(exc).__name__}: "
+                f"{exc}); deeptaylor reads a model through torch.fx.symbolic_trace: control flow must not depend "
+                "on tensor values (make it depend on constructor flags), or export the model to ONNX and use "
+                "deeptaylor.load") from None
+        self.graph = self.gm.graph
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:  # pragma: no cover - forward's extra parameters were made concrete
+            raise UnsupportedError(f"from_torch: the traced forward has {len(placeholders)} inputs; expected one")
+        # dynamic: depends on the input
+        self.dynamic: dict[Any, bool] = {}
+        for n in self.graph.nodes:
+            self.dynamic[n] = n.op == "placeholder" or any(self.dynamic[a] for a in n.all_input_nodes)
+        dtype = next((p.dtype for p in list(self.module.parameters()) + list(self.module.buffers())
+                      if p.is_floating_point()), torch.float32)
+        self.info: dict[Any, Any] = {}
+        conv = self
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n: Any) -> Any:
+                try:
+                    result = super().run_node(n)
+                except DeepTaylorError:  # pragma: no cover
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise ShapeError(f"from_torch: {conv.where(n)} cannot take its input for input_shape "
+                                     f"{conv.shape}: {type(exc).__name__}: {_first_line(exc)}") from None
+                conv.info[n] = conv._summary(n, result)
+                return result
+
+        x = torch.zeros((_B, *self.shape), dtype=dtype)
+        with torch.no_grad():
+            Recorder(self.gm).run(x)
+
+    def _summary(self, n: Any, result: Any) -> Any:
+        torch = self.torch
+        if not self.dynamic[n]:
+            return result
+        if isinstance(result, torch.Tensor):
+            return ("tensor", tuple(result.shape))
+        if isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
+            return ("tensors", [tuple(r.shape) for r in result])
+        if isinstance(result, torch.Size):
+            return ("value", torch.Size(result))
+        if isinstance(result, (int, float, bool, str, type(None), tuple, list, torch.dtype, torch.device)):
+            return ("value", result)
+        return ("other", type(result).__name__)
+
+    # -- names and messages ---------------------------------------------------------------------
+    def enclosing(self, n: Any) -> tuple[str, str]:
+        """(path, type name) of the module whose forward created node ``n`` ("" at the top)."""
+        stack = n.meta.get("nn_module_stack") or {}
+        if n.op == "call_module":
+            return str(n.target), type(self.gm.get_submodule(n.target)).__name__
+        if stack:
+            path, cls = list(stack.values())[-1]
+            return str(path), getattr(cls, "__name__", str(cls))
+        return "", type(self.module).__name__
+
+    def target_name(self, n: Any) -> str:
+        t = n.target
+        if n.op == "call_method":
+            return f"Tensor.{t}"
+        if n.op == "call_module":
+            return type(self.gm.get_submodule(t)).__name__
+        mod = getattr(t, "__module__", None) or ""
+        name = getattr(t, "__name__", str(t))
+        if name == "fn" and t is getattr(self.F, "max_pool2d", None):
+            name = "max_pool2d"
+        if mod in ("_operator", "operator"):
+            mod = "operator"
+        elif mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
+            mod = "F"
+        elif not mod or mod.startswith("torch"):
+            mod = "torch"
+        return f"{mod}.{name}"
+
+    def where(self, n: Any) -> str:
+        path, cls = self.enclosing(n)
+        if n.op == "call_module":
+            return f"module {path!r} of type {cls} (fx node {n.name!r})"
+        inside = f" in module {path!r} ({cls})" if path else f" in {cls}.forward"
+        return f"fx node {n.name!r} ({n.op} {self.target_name(n)}){inside}"
+
+    def name_for(self, n: Any, label: str | None = None) -> str:
+        path, _ = self.enclosing(n)
+        if n.op == "call_module":
+            base = path
+        else:
+            if label is None:
+                label = n.target if n.op == "call_method" else self.target_name(n).split(".")[-1]
+            base = f"{path}.{label}" if path else str(label)
+        base = _NAME_BAD.sub("_", base) or "node"
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}:{k}"
+        self.used.add(name)
+        return name
+
+    def unsupported(self, n: Any, why: str, todo: str = "") -> UnsupportedError:
+        if not todo:
+            if n.op == "call_module":
+                todo = f"supported modules: {', '.join(SUPPORTED_MODULES)}"
+            else:
+                todo = f"supported functions: {'; '.join(SUPPORTED_FUNCTIONS)}"
+        return UnsupportedError(f"from_torch: {self.where(n)} is not supported ({why}); {todo} (docs/importing.md)")
+
+    # -- values -------------------------------------------------------------------------------
+    def tensor(self, n: Any, v: Any, what: str = "input") -> Tensor:
+        """``v`` as a symbolic tensor, or an error naming node ``n``."""
+        if isinstance(v, Tensor):
+            return v
+        if isinstance(v, _Pad):
+            raise UnsupportedError(
+                f"from_torch: {v.where} (padding by {v.pad} (top, bottom, left, right) with value {v.value}) is "
+                f"read by {self.where(n)}: padding is supported only right before a Conv2d/AvgPool2d (value 0) "
+                "or a MaxPool2d (value -inf), where it is folded into the layer's padding")
+        if isinstance(v, _Grouped):
+            raise UnsupportedError(
+                f"from_torch: {v.where} reshapes to 5 dimensions (N, {v.groups}, C/{v.groups}, H, W) and "
+                f"{self.where(n)} reads it: only the channel shuffle x.view(N, g, C/g, H, W).transpose(1, 2)"
+                ".view(N, C, H, W) is supported")
+        raise self.unsupported(n, f"its {what} is a constant ({type(v).__name__}), not computed from the model's "
+                                  "input", "deeptaylor explains layers applied to the input; fold constants into "
+                                  "the weights")
+
+    def rec_shape(self, n: Any) -> tuple[int, ...]:
+        kind, shape = self.info[n]
+        assert kind == "tensor", (n, kind)
+        return shape
+
+    def call(self, n: Any, layer: L.Layer, inputs: list[Any], name: str | None = None) -> Tensor:
+        ts = [self.tensor(n, v) for v in inputs]
+        name = self.name_for(n) if name is None else name
+        try:
+            return layer(*ts, name=name)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"from_torch: {self.where(n)}: {exc}") from None
+        except ShapeError as exc:
+            raise UnsupportedError(f"from_torch: {self.where(n)} cannot be represented: {exc}") from None
+
+    def build(self, n: Any, cls: Any, *args: Any, **kwargs: Any) -> L.Layer:
+        """``cls(*args, **kwargs)``; a bad parameter is reported with the node / module path."""
+        try:
+            return cls(*args, **kwargs)
+        except InputError as exc:
+            raise type(exc)(f"from_torch: {self.where(n)}: {exc}") from None
+        except DeepTaylorError as exc:
+            raise UnsupportedError(f"from_torch: {self.where(n)}: {exc}") from None
+
+    # -- the walk -------------------------------------------------------------------------------
+    def convert(self) -> Graph:
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        needed: set[Any] = set()
+        stack = [out_node]
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+        env: dict[Any, Any] = {}
+        x = Input(self.shape)
+        fx = self.torch.fx
+        for n in self.graph.nodes:
+            if n not in needed:
+                continue
+            if n.op == "placeholder":
+                env[n] = x
+                continue
+            if n.op == "output":
+                break
+            if not self.dynamic[n]:
+                env[n] = self.info[n]
+                continue
+            kind, rec = self.info[n]
+            if kind == "value":  # shape arithmetic on the input: its value at the recording run
+                env[n] = rec
+                continue
+            if kind == "other":
+                raise self.unsupported(n, f"it gives a {rec}")
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            v = self.node(n, args, kwargs)
+            if v is _PASS:
+                v = args[0] if args else next(iter(kwargs.values()))
+            env[n] = v
+            self.check(n, v)
+        result = out_node.args[0]
+        if not isinstance(result, fx.Node):
+            raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns "
+                                   f"{type(result).__name__}, not one tensor; deeptaylor explains one output tensor")
+        out = env[result]
+        if out is x:
+            raise UnsupportedError(f"from_torch: {type(self.module).__name__} computes nothing (its output is its "
+                                   "input)")
+        if not isinstance(out, Tensor):
+            if isinstance(out, tuple) and not isinstance(out, (_Pad, _Grouped)):
+                raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns several tensors; "
+                                       "deeptaylor explains one output tensor")
+            self.tensor(result, out, "output")
+        return Graph(x, out)
+
+    def check(self, n: Any, v: Any) -> None:
+        """The symbolic shape must equal the recorded one (catches any mistranslation early)."""
+        kind, rec = self.info[n]
+        if isinstance(v, Tensor):
+            got = [(_B, *v.shape)]
+            want = [rec] if kind == "tensor" else None
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+            got = [(_B, *t.shape) for t in v]
+            want = rec if kind == "tensors" else None
+        else:
+            return
+        if want is None or [tuple(s) for s in want] != got:
+            raise ShapeError(f"from_torch: {self.where(n)}: the translated shape {got} differs from torch's "
+                             f"{want} (batch {_B}); please report this model")
+
+    # -- node translation -----------------------------------------------------------------------
+    def node(self, n: Any, args: tuple, kwargs: dict) -> Any:
+        if n.op == "call_module":
+            return self.module_node(n, self.gm.get_submodule(n.target), args, kwargs)
+        if n.op == "get_attr":  # pragma: no cover - get_attr never depends on the input
+            raise self.unsupported(n, "attribute")
+        if n.op == "call_method":
+            handler = _METHODS.get(n.target)
+        else:
+            handler = self.functions().get(n.target)
+            if handler is None and getattr(n.target, "__name__", "") == "stochastic_depth" and \
+                    str(getattr(n.target, "__module__", "")).startswith("torchvision"):
+                handler = _stochastic_depth
+        if handler is None:
+            raise self.unsupported(n, "no deeptaylor equivalent")
+        return handler(self, n, args, kwargs)
+
+    _FUNCS: dict[Any, Any] | None = None
+
+    def functions(self) -> dict[Any, Any]:
+        if _Converter._FUNCS is None:
+            _Converter._FUNCS = _function_table(self.torch)
+        return _Converter._FUNCS
+
+    def bind(self, n: Any, args: tuple, kwargs: dict, spec: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Arguments by name as in ``spec`` ((name, default) pairs; ``_REQ`` for required)."""
+        names = [s[0] for s in spec]
+        if len(args) > len(spec):
+            raise self.unsupported(n, f"{len(args)} positional arguments")
+        out = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in names or k in out:
+                raise self.unsupported(n, f"argument {k}={v!r}")
+            out[k] = v
+        for name, default in spec:
+            if name not in out:
+                if default is _REQ:
+                    raise self.unsupported(n, f"missing argument {name}")
+                out[name] = default
+        return out
+
+    # -- layers shared by modules and functions ------------------------------------------------
+    def pad(self, n: Any, x: Any, pad: tuple[int, int, int, int], value: float) -> _Pad:
+        if min(pad) < 0:
+            raise self.unsupported(n, f"negative padding {pad} (cropping)")
+        if isinstance(x, _Pad) and x.value == value:
+            return _Pad(x.tensor, tuple(a + b for a, b in zip(x.pad, pad, strict=True)), value,  # type: ignore[arg-type]
+                        f"{x.where} and {self.where(n)}")
+        xt = self.tensor(n, x)
+        if len(xt.shape) != 3:
+            raise self.unsupported(n, f"padding of a rank-{len(xt.shape) + 1} tensor (only H and W of (N, C, H, W))")
+        return _Pad(xt, pad, value, self.where(n))
+
+    def unpad(self, n: Any, x: Any, value: float, ok: bool = True) -> tuple[Tensor, tuple[int, int, int, int]]:
+        """The tensor under a pending padding of ``value`` (folded into the reader) and the padding."""
+        if isinstance(x, _Pad):
+            if x.value != value or not ok:
+                self.tensor(n, x)  # raises, naming the padding
+            return x.tensor, x.pad
+        return self.tensor(n, x), (0, 0, 0, 0)
+
+    def conv(self, n: Any, x: Any, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any, groups: Any,
+             padding_mode: str = "zeros") -> Tensor:
+        if padding_mode != "zeros":
+            raise self.unsupported(n, f"padding_mode={padding_mode!r}", "only zero padding is supported")
+        for what, v in (("weight", weight), ("bias", bias)):
+            if isinstance(v, (Tensor, _Pad, _Grouped)):
+                raise self.unsupported(n, f"its {what} is computed from the input", "weights must be constants")
+        xt, extra = self.unpad(n, x, 0.0)
+        w = _array(weight)
+        if w.ndim != 4:
+            raise self.unsupported(n, f"a weight of shape {w.shape} (only 2-D convolutions)")
+        kh, kw = w.shape[2:]
+        dh, dw = _pair(dilation)
+        if isinstance(padding, str):
+            if padding == "same":
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            elif padding == "valid":
+                pad = (0, 0, 0, 0)
+            else:
+                raise self.unsupported(n, f"padding={padding!r}")
+        else:
+            ph, pw = _pair(padding)
+            pad = (ph, ph, pw, pw)
+        pad = tuple(a + b for a, b in zip(pad, extra, strict=True))
+        layer = self.build(n, L.Conv2d, w, None if bias is None else _array(bias), stride=_pair(stride),
+                           padding=pad, dilation=(dh, dw), groups=int(groups))
+        return self.call(n, layer, [xt])
+
+    def conv_transpose(self, n: Any, x: Any, weight: Any, bias: Any, stride: Any, padding: Any,
+                       output_padding: Any, groups: Any, dilation: Any, padding_mode: str = "zeros") -> Tensor:
+        if padding_mode != "zeros":
+            raise self.unsupported(n, f"padding_mode={padding_mode!r}", "only zero padding is supported")
+        if isinstance(weight, (Tensor, _Pad, _Grouped)) or isinstance(bias, (Tensor, _Pad, _Grouped)):
+            raise self.unsupported(n, "its weight is computed from the input", "weights must be constants")
+        w = _array(weight)
+        if w.ndim != 4:
+            raise self.unsupported(n, f"a weight of shape {w.shape} (only 2-D transposed convolutions)")
+        ph, pw = _pair(padding)
+        layer = self.build(n, L.ConvTranspose2d, w, None if bias is None else _array(bias), stride=_pair(stride),
+                           padding=(ph, ph, pw, pw), output_padding=_pair(output_padding), dilation=_pair(dilation),
+                           groups=int(groups))
+        return self.call(n, layer, [x])
+
+    def linear(self, n: Any, x: Any, weight: Any, bias: Any) -> Tensor:
+        if isinstance(weight, (Tensor, _Pad, _Grouped)) or isinstance(bias, (Tensor, _Pad, _Grouped)):
+            raise self.unsupported(n, "its weight is computed from the input", "weights must be constants")
+        xt = self.tensor(n, x)
+        if len(xt.shape) != 1:
+            raise self.unsupported(n, f"a Linear on a rank-{len(xt.shape) + 1} input {(_B, *xt.shape)}",
+                                   "flatten to (N, features) before it")
+        layer = self.build(n, L.Dense, _array(weight), None if bias is None else _array(bias))
+        return self.call(n, layer, [xt])
+
+    def batchnorm(self, n: Any, x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float) -> Tensor:
+        if mean is None or var is None:
+            raise self.unsupported(n, "no running statistics (track_running_stats=False): it normalises with the "
+                                      "statistics of each batch even in eval mode",
+                                   "use a BatchNorm with running statistics")
+        xt = self.tensor(n, x)
+        f64 = np.float64
+        mean, var = _array(mean).astype(f64), _array(var).astype(f64)
+        gamma = _array(weight).astype(f64) if weight is not None else np.ones_like(mean)
+        beta = _array(bias).astype(f64) if bias is not None else np.zeros_like(mean)
+        for what, v in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
+            if not np.all(np.isfinite(v)):
+                raise InputError(f"from_torch: {self.where(n)}: {what} contains NaN or Inf")
+        if not np.all(var + eps > 0):
+            bad = np.flatnonzero(~(var + eps > 0))
+            raise InputError(f"from_torch: {self.where(n)}: running_var + eps must be positive, but it is "
+                             f"{(var + eps)[bad[0]]:.6g} for channel {int(bad[0])} ({len(bad)} channel(s) in all)")
+        cls = {4: L.BatchNorm2d, 2: L.BatchNorm1d}.get(len(xt.shape) + 1)
+        if cls is None:
+            raise self.unsupported(n, f"a BatchNorm on a rank-{len(xt.shape) + 1} input")
+        return self.call(n, self.build(n, cls, mean, var, gamma, beta, float(eps)), [xt])
+
+    def pool(self, n: Any, x: Any, kind: str, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+             dilation: Any = 1, return_indices: bool = False, count_include_pad: bool = True,
+             divisor_override: Any = None) -> Tensor:
+        if kind == "max":
+            if _pair(dilation) != (1, 1):
+                raise self.unsupported(n, f"dilation={dilation}", "only dilation 1 is supported")
+            if return_indices:
+                raise self.unsupported(n, "return_indices=True")
+        elif divisor_override is not None:
+            raise self.unsupported(n, f"divisor_override={divisor_override}")
+        k = _pair(kernel)
+        s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _pair(stride)
+        p = _pair(padding)
+        pads = (p[0], p[0], p[1], p[1])
+        folded = isinstance(x, _Pad)
+        if kind == "max":
+            xt, extra = self.unpad(n, x, float("-inf"), ok=not ceil_mode)
+        else:
+            xt, extra = self.unpad(n, x, 0.0, ok=not ceil_mode and (count_include_pad or max(p) == 0))
+            if folded:
+                count_include_pad = True  # the padded zeros are real inputs for torch; the pool pads nothing
+        pads = tuple(a + b for a, b in zip(pads, extra, strict=True))
+        if kind == "max":
+            layer = self.build(n, L.MaxPool2d, k, stride=s, padding=pads, ceil_mode=bool(ceil_mode))
+        else:
+            layer = self.build(n, L.AvgPool2d, k, stride=s, padding=pads, ceil_mode=bool(ceil_mode),
+                               count_include_pad=bool(count_include_pad))
+        return self.call(n, layer, [xt])
+
+    def adaptive(self, n: Any, x: Any, output_size: Any) -> Tensor:
+        xt = self.tensor(n, x)
+        if len(xt.shape) != 3:
+            raise self.unsupported(n, f"needs an (N, C, H, W) input, got {(_B, *xt.shape)}")
+        osz = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+        size = tuple(xt.shape[1 + d] if osz[d] is None else int(osz[d]) for d in range(2))
+        return self.call(n, self.build(n, L.AdaptiveAvgPool2d, size), [xt])
+
+    def flatten(self, n: Any, x: Any, start: int, end: int) -> Tensor:
+        xt = self.tensor(n, x)
+        r = len(xt.shape) + 1
+        if start % r != 1 or end % r != r - 1:
+            raise self.unsupported(n, f"flatten(start_dim={start}, end_dim={end}) of a rank-{r} tensor",
+                                   "only flattening to (N, features), start_dim=1, end_dim=-1, is supported")
+        return self.call(n, L.Flatten(), [xt])
+
+    def upsample(self, n: Any, x: Any, mode: str) -> Tensor:
+        if mode not in ("nearest", "nearest-exact"):
+            raise self.unsupported(n, f"mode={mode!r}", "only nearest-neighbour upsampling by integer factors")
+        xt = self.tensor(n, x)
+        out = self.rec_shape(n)
+        if len(out) != 4 or len(xt.shape) != 3 or out[2] % xt.shape[1] or out[3] % xt.shape[2]:
+            raise self.unsupported(n, f"a resize from {(_B, *xt.shape)} to {out}",
+                                   "only nearest-neighbour upsampling by integer factors")
+        return self.call(n, L.Upsample((out[2] // xt.shape[1], out[3] // xt.shape[2])), [xt])
+
+    def dropout(self, n: Any, x: Any, p: float, training: bool) -> Tensor:
+        if training:
+            raise self.unsupported(n, "dropout active in eval mode (training=True: Monte-Carlo dropout)",
+                                   "pass training=self.training so that eval mode is the identity")
+        return self.call(n, self.build(n, L.Dropout, float(p)), [x])
+
+    # -- modules ----------------------------------------------------------------------------------
+    def module_node(self, n: Any, m: Any, args: tuple, kwargs: dict) -> Any:
+        nn = self.nn
+        if len(args) != 1 or kwargs:
+            raise self.unsupported(n, f"called with {len(args)} positional and {len(kwargs)} keyword arguments",
+                                   "modules must be called on one tensor")
+        x = args[0]
+        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            left, right, top, bottom = (int(v) for v in m.padding)
+            return self.pad(n, x, (top, bottom, left, right), float(getattr(m, "value", 0.0)))
+        if isinstance(m, nn.Conv2d):
+            return self.conv(n, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        if isinstance(m, nn.ConvTranspose2d):
+            return self.conv_transpose(n, x, m.weight, m.bias, m.stride, m.padding, m.output_padding, m.groups,
+                                       m.dilation, m.padding_mode)
+        if isinstance(m, nn.Linear):
+            return self.linear(n, x, m.weight, m.bias)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return self.batchnorm(n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+        act = self.module_activation(n, m)
+        if act is not None:
+            return self.call(n, act, [x])
+        if isinstance(m, nn.MaxPool2d):
+            return self.pool(n, x, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation,
+                             m.return_indices)
+        if isinstance(m, nn.AvgPool2d):
+            return self.pool(n, x, "avg", m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                             count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return self.adaptive(n, x, m.output_size)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(n, x, m.start_dim, m.end_dim)
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)):
+            return self.call(n, self.build(n, L.Dropout, float(m.p)), [x])
+        if isinstance(m, nn.Identity):
+            return self.call(n, L.Identity(), [x])
+        if isinstance(m, nn.Upsample):
+            return self.upsample(n, x, m.mode)
+        if isinstance(m, nn.ChannelShuffle):
+            return self.call(n, self.build(n, L.ChannelShuffle, int(m.groups)), [x])
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            raise self.unsupported(n, "a softmax", "remove it: relevance starts from the logits (the scores "
+                                                   "before the softmax)")
+        raise self.unsupported(n, "no deeptaylor equivalent")
+
+    def module_activation(self, n: Any, m: Any) -> L.Layer | None:
+        nn = self.nn
+        if isinstance(m, nn.ReLU):
+            return L.ReLU()
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return self.hardtanh(n, m.min_val, m.max_val)
+        simple = {nn.LeakyReLU: lambda: L.LeakyReLU(m.negative_slope), nn.ELU: lambda: L.ELU(m.alpha),
+                  nn.GELU: lambda: L.GELU(m.approximate), nn.SiLU: L.SiLU, nn.Hardswish: L.Hardswish,
+                  nn.Hardsigmoid: L.Hardsigmoid, nn.Tanh: L.Tanh, nn.Sigmoid: L.Sigmoid}
+        for cls, make in simple.items():
+            if isinstance(m, cls):
+                return self.build(n, make)
+        return None
+
+    def hardtanh(self, n: Any, lo: Any, hi: Any) -> L.Layer:
+        if lo == 0 and hi == 6:
+            return L.ReLU6()
+        if lo == 0 and hi is None:
+            return L.ReLU()
+        raise self.unsupported(n, f"clamping to [{lo}, {hi}]", "only [0, 6] (ReLU6) and [0, inf) (ReLU)")
+
+
+# ------------------------------------------------------------------------- functions and methods
+# Each handler takes (converter, fx node, args, kwargs) with the node's arguments already translated:
+# symbolic tensors for values computed from the input, concrete values for everything else.
+
+def _is_dyn(v: Any) -> bool:
+    return isinstance(v, (Tensor, _Pad, _Grouped))
+
+
+def _add(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("other", _REQ), ("alpha", 1)])
+    a, o = b["input"], b["other"]
+    if b["alpha"] != 1:
+        raise c.unsupported(n, f"alpha={b['alpha']}")
+    if _is_dyn(a) and _is_dyn(o):
+        return c.call(n, L.Add(), [a, o], c.name_for(n, "add"))
+    dyn, const = (a, o) if _is_dyn(a) else (o, a)
+    if isinstance(const, (int, float)) and const == 0:
+        return c.tensor(n, dyn)
+    raise c.unsupported(n, f"it adds a constant ({type(const).__name__})",
+                        "deeptaylor adds computed tensors only (residuals); fold constants into a bias")
+
+
+def _mul(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("other", _REQ)])
+    a, o = b["input"], b["other"]
+    if _is_dyn(a) and _is_dyn(o):
+        return c.call(n, L.Mul(), [a, o], c.name_for(n, "mul"))
+    dyn, const = (a, o) if _is_dyn(a) else (o, a)
+    if isinstance(const, (int, float)) and const == 1:
+        return c.tensor(n, dyn)
+    raise c.unsupported(n, f"it multiplies by a constant ({const!r})" if isinstance(const, (int, float)) else
+                        f"it multiplies by a constant {type(const).__name__}",
+                        "deeptaylor multiplies a signal by a computed gate only (squeeze-excitation); fold "
+                        "constant factors into the weights")
+
+
+def _cat(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    kwargs = dict(kwargs)
+    if "axis" in kwargs:
+        kwargs["dim"] = kwargs.pop("axis")
+    b = c.bind(n, args, kwargs, [("tensors", _REQ), ("dim", 0)])
+    ts = [c.tensor(n, t) for t in b["tensors"]]
+    r = len(ts[0].shape) + 1
+    if int(b["dim"]) % r != 1:
+        raise c.unsupported(n, f"concatenation along dim {b['dim']} of rank-{r} tensors",
+                            "only dim=1 (channels / features) is supported")
+    if len(ts) == 1:
+        return ts[0]
+    return c.call(n, L.Concat(1), ts, c.name_for(n, "cat"))
+
+
+def _flatten(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("start_dim", 0), ("end_dim", -1)])
+    return c.flatten(n, b["input"], int(b["start_dim"]), int(b["end_dim"]))
+
+
+def _reshape(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    """view / reshape / squeeze / unsqueeze, judged by the recorded shapes."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    out = c.rec_shape(n)
+    if isinstance(x, _Grouped):
+        if x.transposed and out == (_B, *x.tensor.shape):
+            return c.call(n, L.ChannelShuffle(x.groups), [x.tensor], c.name_for(n, "channel_shuffle"))
+        c.tensor(n, x)  # raises
+    xt = c.tensor(n, x)
+    ins = (_B, *xt.shape)
+    if out == ins:
+        return xt
+    if len(ins) == 4 and len(out) == 5 and out[0] == _B and out[1] * out[2] == ins[1] and out[3:] == ins[2:] \
+            and n.target in ("view", "reshape", torch_reshape_target(c)):
+        return _Grouped(xt, int(out[1]), False, c.where(n))
+    if out == (_B, math.prod(ins[1:])):
+        if len(ins) == 2:
+            return xt
+        return c.call(n, L.Flatten(), [xt], c.name_for(n, "flatten"))
+    raise c.unsupported(n, f"it reshapes (N, {', '.join(map(str, ins[1:]))}) to {out} (batch {_B})",
+                        "only flattening to (N, features) and ShuffleNet's channel shuffle are supported")
+
+
+def torch_reshape_target(c: _Converter) -> Any:
+    return c.torch.reshape
+
+
+def _transpose(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("dim0", _REQ), ("dim1", _REQ)])
+    x = b["input"]
+    if isinstance(x, _Grouped) and {int(b["dim0"]) % 5, int(b["dim1"]) % 5} == {1, 2}:
+        return _Grouped(x.tensor, x.groups, not x.transposed, x.where)
+    raise c.unsupported(n, "a transpose", "only ShuffleNet's channel shuffle, x.view(N, g, C/g, H, W).transpose(1, 2)"
+                                          ".view(N, C, H, W), is supported")
+
+
+def _same(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    return args[0]  # contiguous(), clone(): the identity (a _Grouped stays pending)
+
+
+def _mean(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("dim", None), ("keepdim", False), ("dtype", None)])
+    xt = c.tensor(n, b["input"])
+    dims = b["dim"]
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if len(xt.shape) != 3 or {int(d) % 4 for d in dims} != {2, 3} or b["dtype"] is not None:
+        raise c.unsupported(n, f"a mean over dims {b['dim']} of {(_B, *xt.shape)}",
+                            "only the spatial mean x.mean((2, 3)) of (N, C, H, W) is supported")
+    if b["keepdim"]:
+        return c.call(n, L.AdaptiveAvgPool2d(1), [xt], c.name_for(n, "mean"))
+    return c.call(n, L.GlobalAvgPool(), [xt], c.name_for(n, "mean"))
+
+
+def _pieces(c: _Converter, n: Any, x: Any, dim: int, label: str) -> Any:
+    xt = c.tensor(n, x)
+    kind, shapes = c.info[n]
+    r = len(xt.shape) + 1
+    if int(dim) % r != 1 or kind != "tensors":
+        raise c.unsupported(n, f"a split along dim {dim}", "only splits along dim=1 (channels) are supported")
+    base = c.name_for(n, label)
+    out, start = [], 0
+    for k, s in enumerate(shapes):
+        stop = start + int(s[1])
+        if start == 0 and stop == xt.shape[0]:
+            out.append(xt)
+        else:
+            out.append(c.call(n, L.Slice(start, stop), [xt], f"{base}[{k}]"))
+        start = stop
+    return tuple(out)
+
+
+def _chunk(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("chunks", _REQ), ("dim", 0)])
+    return _pieces(c, n, b["input"], b["dim"], "chunk")
+
+
+def _split(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    kwargs = dict(kwargs)
+    for k in ("split_size", "split_size_or_sections"):
+        if k in kwargs:
+            kwargs["size"] = kwargs.pop(k)
+    if "tensor" in kwargs:
+        kwargs["input"] = kwargs.pop("tensor")
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("size", _REQ), ("dim", 0)])
+    return _pieces(c, n, b["input"], b["dim"], "split")
+
+
+def _getitem(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    a, idx = args
+    if isinstance(a, tuple):
+        return a[idx]
+    xt = c.tensor(n, a)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    rest = idx[2:]
+    if len(idx) >= 2 and idx[0] == slice(None) and isinstance(idx[1], slice) and \
+            all(i is Ellipsis or i == slice(None) for i in rest):
+        start, stop, step = idx[1].indices(xt.shape[0])
+        if step == 1 and stop > start:
+            if start == 0 and stop == xt.shape[0]:
+                return xt
+            return c.call(n, L.Slice(start, stop), [xt], c.name_for(n, "slice"))
+    raise c.unsupported(n, f"indexing with {idx!r}", "only channel slices x[:, a:b] are supported")
+
+
+def _activation(make: Any, spec: list[tuple[str, Any]], label: str) -> Any:
+    def handler(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+        b = c.bind(n, args, kwargs, [("input", _REQ), *spec])
+        layer = make(c, n, b)
+        return c.call(n, layer, [b["input"]], c.name_for(n, label))
+    return handler
+
+
+_INPLACE = [("inplace", False)]
+_relu = _activation(lambda c, n, b: L.ReLU(), _INPLACE, "relu")
+_relu6 = _activation(lambda c, n, b: L.ReLU6(), _INPLACE, "relu6")
+_hardtanh = _activation(lambda c, n, b: c.hardtanh(n, b["min_val"], b["max_val"]),
+                        [("min_val", -1.0), ("max_val", 1.0), *_INPLACE], "hardtanh")
+_clamp = _activation(lambda c, n, b: c.hardtanh(n, b["min"], b["max"]), [("min", None), ("max", None)], "clamp")
+_leaky = _activation(lambda c, n, b: c.build(n, L.LeakyReLU, b["negative_slope"]),
+                     [("negative_slope", 0.01), *_INPLACE], "leaky_relu")
+_elu = _activation(lambda c, n, b: c.build(n, L.ELU, b["alpha"]), [("alpha", 1.0), *_INPLACE], "elu")
+_gelu = _activation(lambda c, n, b: c.build(n, L.GELU, b["approximate"]), [("approximate", "none")], "gelu")
+_silu = _activation(lambda c, n, b: L.SiLU(), _INPLACE, "silu")
+_hardswish = _activation(lambda c, n, b: L.Hardswish(), _INPLACE, "hardswish")
+_hardsigmoid = _activation(lambda c, n, b: L.Hardsigmoid(), _INPLACE, "hardsigmoid")
+_sigmoid = _activation(lambda c, n, b: L.Sigmoid(), [], "sigmoid")
+_tanh = _activation(lambda c, n, b: L.Tanh(), [], "tanh")
+
+
+def _f_conv2d(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("weight", _REQ), ("bias", None), ("stride", 1), ("padding", 0),
+                                 ("dilation", 1), ("groups", 1)])
+    return c.conv(n, b["input"], b["weight"], b["bias"], b["stride"], b["padding"], b["dilation"], b["groups"])
+
+
+def _f_conv_transpose2d(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("weight", _REQ), ("bias", None), ("stride", 1), ("padding", 0),
+                                 ("output_padding", 0), ("groups", 1), ("dilation", 1)])
+    return c.conv_transpose(n, b["input"], b["weight"], b["bias"], b["stride"], b["padding"], b["output_padding"],
+                            b["groups"], b["dilation"])
+
+
+def _f_linear(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("weight", _REQ), ("bias", None)])
+    return c.linear(n, b["input"], b["weight"], b["bias"])
+
+
+def _f_batch_norm(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("running_mean", _REQ), ("running_var", _REQ), ("weight", None),
+                                 ("bias", None), ("training", False), ("momentum", 0.1), ("eps", 1e-5)])
+    if b["training"]:
+        raise c.unsupported(n, "training=True: batch statistics", "use training=False (running statistics)")
+    return c.batchnorm(n, b["input"], b["running_mean"], b["running_var"], b["weight"], b["bias"], float(b["eps"]))
+
+
+def _f_max_pool2d(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("kernel_size", _REQ), ("stride", None), ("padding", 0),
+                                 ("dilation", 1), ("ceil_mode", False), ("return_indices", False)])
+    return c.pool(n, b["input"], "max", b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"], b["dilation"],
+                  b["return_indices"])
+
+
+def _f_avg_pool2d(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("kernel_size", _REQ), ("stride", None), ("padding", 0),
+                                 ("ceil_mode", False), ("count_include_pad", True), ("divisor_override", None)])
+    return c.pool(n, b["input"], "avg", b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"],
+                  count_include_pad=b["count_include_pad"], divisor_override=b["divisor_override"])
+
+
+def _f_adaptive_avg_pool2d(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("output_size", _REQ)])
+    return c.adaptive(n, b["input"], b["output_size"])
+
+
+def _f_dropout(default_training: bool) -> Any:
+    def handler(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+        kw = dict(kwargs)
+        if "train" in kw:
+            kw["training"] = kw.pop("train")
+        b = c.bind(n, args, kw, [("input", _REQ), ("p", 0.5), ("training", default_training), *_INPLACE])
+        return c.dropout(n, b["input"], b["p"], b["training"])
+    return handler
+
+
+def _f_interpolate(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("size", None), ("scale_factor", None), ("mode", "nearest"),
+                                 ("align_corners", None), ("recompute_scale_factor", None), ("antialias", False)])
+    return c.upsample(n, b["input"], b["mode"])
+
+
+def _f_pad(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("pad", _REQ), ("mode", "constant"), ("value", None)])
+    p = [int(v) for v in b["pad"]]
+    if b["mode"] != "constant" or len(p) not in (2, 4):
+        raise c.unsupported(n, f"mode={b['mode']!r}, pad={tuple(p)}", "only constant padding of H and W")
+    left, right, top, bottom = (p + [0, 0])[:4]
+    return c.pad(n, b["input"], (top, bottom, left, right), 0.0 if b["value"] is None else float(b["value"]))
+
+
+def _f_channel_shuffle(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("groups", _REQ)])
+    return c.call(n, c.build(n, L.ChannelShuffle, int(b["groups"])), [b["input"]], c.name_for(n, "channel_shuffle"))
+
+
+def _stochastic_depth(c: _Converter, n: Any, args: tuple, kwargs: dict) -> Any:
+    b = c.bind(n, args, kwargs, [("input", _REQ), ("p", _REQ), ("mode", _REQ), ("training", True)])
+    if b["training"] and b["p"] > 0:
+        raise c.unsupported(n, "stochastic depth with training=True", "call it with training=self.training")
+    return c.tensor(n, b["input"])
+
+
+def _function_table(torch: Any) -> dict[Any, Any]:
+    F = torch.nn.functional
+    t: dict[Any, Any] = {}
+
+    def put(handler: Any, *fns: Any) -> None:
+        for f in fns:
+            if f is not None:
+                t[f] = handler
+
+    g = lambda name: getattr(torch, name, None)
+    put(_add, operator.add, operator.iadd, torch.add)
+    put(_mul, operator.mul, operator.imul, torch.mul, g("multiply"))
+    put(_cat, torch.cat, g("concat"), g("concatenate"))
+    put(_flatten, torch.flatten)
+    put(_reshape, torch.reshape, torch.squeeze, torch.unsqueeze)
+    put(_transpose, torch.transpose, g("swapaxes"))
+    put(_mean, torch.mean)
+    put(_chunk, torch.chunk)
+    put(_split, torch.split)
+    put(_getitem, operator.getitem)
+    put(_relu, F.relu, torch.relu, F.relu_, torch.relu_)
+    put(_relu6, F.relu6)
+    put(_hardtanh, F.hardtanh, F.hardtanh_)
+    put(_clamp, torch.clamp, torch.clip, g("clamp_"))
+    put(_leaky, F.leaky_relu, F.leaky_relu_)
+    put(_elu, F.elu, F.elu_)
+    put(_gelu, F.gelu)
+    put(_silu, F.silu)
+    put(_hardswish, F.hardswish)
+    put(_hardsigmoid, F.hardsigmoid)
+    put(_sigmoid, torch.sigmoid, F.sigmoid)
+    put(_tanh, torch.tanh, F.tanh)
+    put(_f_conv2d, F.conv2d)
+    put(_f_conv_transpose2d, F.conv_transpose2d)
+    put(_f_linear, F.linear)
+    put(_f_batch_norm, F.batch_norm)
+    put(_f_max_pool2d, F.max_pool2d, g("max_pool2d"))
+    put(_f_avg_pool2d, F.avg_pool2d)
+    put(_f_adaptive_avg_pool2d, F.adaptive_avg_pool2d, g("adaptive_avg_pool2d"))
+    put(_f_dropout(True), F.dropout, F.dropout1d, F.dropout2d, g("dropout"))
+    put(_f_dropout(False), F.alpha_dropout, F.feature_alpha_dropout)
+    put(_f_interpolate, F.interpolate)
+    put(_f_pad, F.pad)
+    put(_f_channel_shuffle, getattr(F, "channel_shuffle", None), g("channel_shuffle"), g("native_channel_shuffle"))
+    return t
+
+
+_METHODS: dict[str, Any] = {
+    **dict.fromkeys(("add", "add_", "__add__", "__iadd__", "__radd__"), _add),
+    **dict.fromkeys(("mul", "mul_", "__mul__", "__imul__", "__rmul__", "multiply"), _mul),
+    "flatten": _flatten,
+    **dict.fromkeys(("view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"), _reshape),
+    **dict.fromkeys(("transpose", "swapaxes"), _transpose),
+    **dict.fromkeys(("contiguous", "clone"), _same),
+    "mean": _mean,
+    "chunk": _chunk,
+    "split": _split,
+    **dict.fromkeys(("relu", "relu_"), _relu),
+    **dict.fromkeys(("sigmoid", "sigmoid_"), _sigmoid),
+    **dict.fromkeys(("tanh", "tanh_"), _tanh),
+    **dict.fromkeys(("clamp", "clamp_", "clip", "clip_"), _clamp),
+}
+
+
+# ------------------------------------------------------------------------------------- public API
+
+def from_torch(module: Any, input_shape: Any = None) -> Graph:
+    """Convert a PyTorch module into a deeptaylor network (copies of the weights; float32 weights stay
+    float32, everything else becomes float64).
+
+    The module is traced with ``torch.fx.symbolic_trace`` and run once on a zero input of
+    ``input_shape`` (batch 2) to learn the shape of every intermediate tensor; each fx node becomes a
+    node of a :class:`~deeptaylor.Graph` (docs/importing.md lists what each torch module, function and
+    method maps to). Modules are named by their path (``"layer3.1.downsample.0"``); functional ops by
+    the path of the module whose ``forward`` calls them and the op (``"layer1.0.add"``); a module called
+    twice, or a second op of one kind in one ``forward``, gets ``":1"``, ``":2"``... appended.
+    BatchNorm, Dropout and Identity become nodes (:func:`deeptaylor.passes.canonicalize` folds and
+    removes them before any backend runs). The conversion uses evaluation-mode semantics (running
+    BatchNorm statistics, no dropout) whatever ``module.training``; the module's training flags are
+    restored afterwards, and nothing else of it changes.
 
     Parameters
     ----------
-    module : torch.nn.Sequential (or a single supported module)
-        Nested ``nn.Sequential`` containers are flattened. The conversion uses evaluation-mode
-        semantics (Dropout dropped, BatchNorm with its running statistics) whatever ``module.training``.
+    module : torch.nn.Module
+        Any module that ``torch.fx`` traces (its control flow must not depend on tensor values) whose
+        ops are all supported: the torchvision classification CNNs, ``nn.Sequential`` stacks, custom
+        residual / concatenating / gated models. Extra ``forward`` parameters with defaults keep them.
     input_shape : tuple of int, optional
-        The input shape, per sample (``(F,)``, ``(C, H, W)``) or with the batch (``(N, F)``,
-        ``(N, C, H, W)``). Needed to resolve ``AdaptiveAvgPool2d`` and to check that the layers compose;
-        when omitted and the first layer is Linear, ``(in_features,)`` is used.
+        The input shape, per sample (``(F,)``, ``(C, H, W)``) or with a batch (``(N, F)``,
+        ``(N, C, H, W)``; the batch is dropped). When omitted and the module's first leaf is a
+        ``Linear``, ``(in_features,)`` is used.
 
     Returns
     -------
-    Sequential
-        Whose forward equals ``module.eval()(x)`` up to float rounding.
+    Graph
+        With ``input_shape`` as its declared input shape; a :class:`~deeptaylor.Sequential` (nodes
+        named ``"0"``, ``"1"``, ...) when ``module`` is an ``nn.Sequential`` that computes a chain. Its
+        forward equals ``module.eval()(x)`` up to float rounding.
 
     Raises
     ------
     UnsupportedError
-        For any other module (naming its path, type and what is supported), grouped convolutions,
-        non-zero padding modes, dilated/ceil-mode pooling that changes the output size, BatchNorm
-        without a preceding Linear/Conv2d, ...
+        For the first op deeptaylor cannot represent: the message names the fx node, its op or module
+        type, the module path and what to do instead. Transformers and ConvNeXt (LayerNorm, attention)
+        are refused up front as out of scope. A ``forward`` that ``torch.fx`` cannot trace is refused
+        with the tracer's reason.
     ShapeError
-        If the layers do not compose for ``input_shape``.
+        If the module cannot take ``input_shape`` (naming the module that fails) or ``input_shape`` is
+        malformed or missing.
+    InputError
+        For NaN/Inf weights or BatchNorm statistics (naming the module).
+    InputTypeError
+        If ``module`` is not a ``torch.nn.Module``.
     """
     torch = _torch()
     nn = torch.nn
     if not isinstance(module, nn.Module):
-        raise TypeError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        _check_stock(type(module).__name__, module, nn)
-        leaves = _walk(module, "", nn)
-    elif len(list(module.children())) == 0:
-        leaves = [(type(module).__name__, module)]
-        _check_stock(*leaves[0], nn)
-    else:
-        raise UnsupportedError(
-            f"from_torch: {type(module).__name__} is a custom module whose forward() cannot be read; convert "
-            "an nn.Sequential (rewrite the model as one, or export it to ONNX and use deeptaylor.load)")
+        raise InputTypeError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
+    _check_scope(module)
     if input_shape is None:
-        first = next((m for _, m in leaves if not isinstance(m, (nn.Dropout, nn.Identity))), None)
+        first = next((m for m in module.modules() if not list(m.children())
+                      and not isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten))), None)
         if isinstance(first, nn.Linear):
             input_shape = (first.in_features,)
         else:
-            raise ShapeError("from_torch: pass input_shape (e.g. (1, 28, 28)) for a model that does not start "
+            raise ShapeError("from_torch: pass input_shape (e.g. (3, 224, 224)) for a model that does not start "
                              "with a Linear layer")
     shape = _input_shape(input_shape)
-    layers: list[Layer] = []
-    pending: tuple[str, Any, tuple[int, int, int, int], float] | None = None  # a ZeroPad2d/ConstantPad2d
-    last_linear = -1  # index in `layers` of a Linear/Conv2d that a BatchNorm may still be folded into
-    for path, m in leaves:
-        new: Layer | None = None
-        if isinstance(m, (nn.Dropout, nn.Identity)):
-            continue
-        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
-            if pending is not None:
-                raise _unsupported(pending[0], pending[1], "two padding modules in a row")
-            left, right, top, bottom = (int(v) for v in m.padding)
-            if min(left, right, top, bottom) < 0:
-                raise _unsupported(path, m, "negative padding (cropping)")
-            pending = (path, m, (top, bottom, left, right), float(getattr(m, "value", 0.0)))
-            continue
-        extra_pad = (0, 0, 0, 0)
-        if pending is not None:
-            ppath, pmod, extra_pad, value = pending
-            pending = None
-            fits = ((value == 0.0 and isinstance(m, (nn.Conv2d, nn.AvgPool2d)))
-                    or (value == float("-inf") and isinstance(m, nn.MaxPool2d)))
-            if not fits:
-                raise _unsupported(ppath, pmod, "padding is supported only right before a Conv2d or AvgPool2d "
-                                                "(value 0) or a MaxPool2d (value -inf), where it is folded")
-            if isinstance(m, nn.AvgPool2d) and not m.count_include_pad:
-                raise _unsupported(ppath, pmod, "padding before an AvgPool2d with count_include_pad=False")
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if last_linear != len(layers) - 1 or last_linear < 0:
-                raise _unsupported(path, m, "BatchNorm must directly follow a Linear or Conv2d to be folded")
-            prev = layers[-1]
-            want = Dense if isinstance(m, nn.BatchNorm1d) else Conv2d
-            if not isinstance(prev, want):
-                raise _unsupported(path, m, f"{type(m).__name__} follows a {prev.kind}")
-            if m.num_features != prev.weight.shape[0]:  # type: ignore[attr-defined]
-                raise _unsupported(path, m, f"num_features={m.num_features} but the preceding layer has "
-                                            f"{prev.weight.shape[0]} outputs")  # type: ignore[attr-defined]
-            layers[-1] = _fold_bn(prev, m, path)
-            continue
-        if isinstance(m, nn.Linear):
-            new = _build(path, m, Dense, _array(m.weight), None if m.bias is None else _array(m.bias))
-        elif isinstance(m, nn.Conv2d):
-            if m.groups != 1:
-                raise _unsupported(path, m, f"groups={m.groups}: grouped/depthwise convolutions are not supported")
-            if m.padding_mode != "zeros":
-                raise _unsupported(path, m, f"padding_mode={m.padding_mode!r}: only zero padding is supported")
-            if isinstance(m, nn.ConvTranspose2d):  # pragma: no cover - not a Conv2d subclass in torch
-                raise _unsupported(path, m)
-            kh, kw = m.kernel_size
-            dh, dw = _pair(m.dilation)
-            if m.padding == "same":
-                th, tw = dh * (kh - 1), dw * (kw - 1)
-                pad: Any = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-            elif m.padding == "valid":
-                pad = (0, 0, 0, 0)
-            else:
-                ph, pw = _pair(m.padding)
-                pad = (ph, ph, pw, pw)
-            pad = tuple(a + b for a, b in zip(pad, extra_pad, strict=True))
-            new = _build(path, m, Conv2d, _array(m.weight), None if m.bias is None else _array(m.bias),
-                         stride=_pair(m.stride), padding=pad, dilation=(dh, dw))
-        elif isinstance(m, nn.ReLU):
-            new = ReLU()
-        elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                raise _unsupported(path, m, f"start_dim={m.start_dim}, end_dim={m.end_dim}; only (1, -1)")
-            new = Flatten()
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            k = _pair(m.kernel_size)
-            s = k if m.stride is None or m.stride == [] else _pair(m.stride)
-            p = _pair(m.padding)
-            pads = (p[0] + extra_pad[0], p[0] + extra_pad[1], p[1] + extra_pad[2], p[1] + extra_pad[3])
-            if isinstance(m, nn.MaxPool2d):
-                if _pair(m.dilation) != (1, 1):
-                    raise _unsupported(path, m, f"dilation={m.dilation}")
-                if m.return_indices:
-                    raise _unsupported(path, m, "return_indices=True")
-            else:
-                if not m.count_include_pad and max(p) > 0:
-                    raise _unsupported(path, m, "count_include_pad=False with padding (deeptaylor's AvgPool2d "
-                                                "counts the padding)")
-                if m.divisor_override is not None:
-                    raise _unsupported(path, m, f"divisor_override={m.divisor_override}")
-            if m.ceil_mode:
-                if len(shape) != 4:
-                    raise _unsupported(path, m, "ceil_mode=True on a non-image input")
-                same = all(_pool_out(shape[2 + d] + extra_pad[2 * d] + extra_pad[2 * d + 1], k[d], s[d], p[d], True)
-                           == _pool_out(shape[2 + d] + extra_pad[2 * d] + extra_pad[2 * d + 1], k[d], s[d], p[d],
-                                        False) for d in range(2))
-                if not same:
-                    raise _unsupported(path, m, f"ceil_mode=True changes the output size for input {shape[1:]}")
-            cls = MaxPool2d if isinstance(m, nn.MaxPool2d) else AvgPool2d
-            try:
-                new = cls(k, stride=s, padding=pads)
-            except ShapeError as exc:
-                raise _unsupported(path, m, str(exc)) from None
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            if len(shape) != 4:
-                raise _unsupported(path, m, f"needs an (N, C, H, W) input, the layer gets {shape}")
-            osz = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size, m.output_size)
-            ks, ss = [], []
-            for d in range(2):
-                size = shape[2 + d]
-                o = size if osz[d] is None else int(osz[d])
-                fixed = _adaptive_window(size, o)
-                if fixed is None:
-                    raise _unsupported(path, m, f"output size {tuple(osz)} for the input {shape[2:]} gives windows of "
-                                                f"different sizes or strides along axis {2 + d} ({size} -> {o}): "
-                                                "not a fixed pooling")
-                ks.append(fixed[0])
-                ss.append(fixed[1])
-            new = AvgPool2d(tuple(ks), stride=tuple(ss))
-        else:
-            raise _unsupported(path, m)
-        try:
-            shape = new.output_shape(shape)
-        except ShapeError as exc:
-            raise ShapeError(f"from_torch: module {path!r} ({type(m).__name__}) cannot take input of shape "
-                             f"{shape}: {exc}") from None
-        layers.append(new)
-        if new.linear:
-            last_linear = len(layers) - 1
-    if pending is not None:
-        raise _unsupported(pending[0], pending[1], "padding at the end of the model")
-    if not layers:
-        raise UnsupportedError("from_torch: the module has no layers deeptaylor can represent")
-    return Sequential(layers)
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        conv = _Converter(torch, module, shape)
+        conv.trace()
+        net = conv.convert()
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if isinstance(module, nn.Sequential) and net.is_chain:
+        return Sequential(net.layers)
+    return net
 
+
+def as_network(obj: Any, input_shape: Any = None) -> Graph:
+    """The deeptaylor network for ``obj``, as :class:`~deeptaylor.Explainer` takes it.
+
+    Parameters
+    ----------
+    obj : Graph, Sequential or torch.nn.Module
+        A deeptaylor network is returned as is; a torch module is converted once with
+        :func:`from_torch` (``input_shape`` as there).
+    input_shape : tuple of int, optional
+        Per sample (``(C, H, W)``, ``(F,)``) or with a batch. For a deeptaylor network it is only
+        checked: it must equal the network's declared input shape, or (a Sequential, which declares
+        none) be one its layers take.
+
+    Raises
+    ------
+    InputTypeError
+        For any other object (naming its type and what is accepted).
+    ShapeError
+        As :func:`from_torch`, or when ``input_shape`` does not fit a deeptaylor network.
+    """
+    if isinstance(obj, Graph):
+        if input_shape is not None:
+            shape = _input_shape(input_shape)
+            if obj.input_shape and tuple(obj.input_shape) != shape:
+                raise ShapeError(f"input_shape {shape} differs from the network's declared input shape "
+                                 f"{tuple(obj.input_shape)}")
+            obj.shapes((1, *shape))
+        return obj
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return from_torch(obj, input_shape)
+    raise InputTypeError(f"expected a deeptaylor network (dt.Graph, dt.Sequential) or a torch.nn.Module, got "
+                         f"{type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def as_array(x: Any) -> Any:
+    """``x`` as the explainer takes it: a CPU ``torch.Tensor`` becomes a NumPy array (its values, no
+    copy where torch allows; float32 stays float32, float64 float64, ``requires_grad`` ignored); NumPy
+    arrays, lists and numbers are returned unchanged (the explainer validates them).
+
+    Raises
+    ------
+    InputTypeError
+        For a tensor on another device (move it with ``x.cpu()``), a sparse or quantized tensor, a
+        bfloat16 tensor (NumPy has no bfloat16: convert with ``x.float()``), or any other object (naming
+        its type and what is accepted).
+    """
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        return x
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise InputTypeError(f"x is a torch tensor on device {x.device}; explain takes CPU tensors (x.cpu())")
+        if x.layout != torch.strided or x.is_quantized:
+            raise InputTypeError(f"x is a {x.layout} / quantized torch tensor; pass a dense tensor (x.to_dense())")
+        if x.dtype == torch.bfloat16:
+            raise InputTypeError("x is a bfloat16 torch tensor, which NumPy cannot hold; convert it (x.float())")
+        return x.detach().resolve_conj().resolve_neg().numpy()
+    raise InputTypeError(f"x must be a NumPy array (or array-like) or a CPU torch.Tensor, got "
+                         f"{type(x).__module__}.{type(x).__qualname__}")
 
 # ---------------------------------------------------------------------------------------------- to_torch
 
