@@ -229,6 +229,12 @@ void register_plan(py::module_& m) {
         .def_property_readonly("arena_bytes",
                                [](const PyPlan& p) { return p.exec->arena_bytes(); },
                                "Working memory of one thread for a full tile, in bytes.")
+        .def_property_readonly("slab_bytes",
+                               [](const PyPlan& p) {
+                                   return arena_sizes(*p.plan).slab * static_cast<int64_t>(sizeof(float));
+                               },
+                               "Bytes of one arena's slab: every live activation, relevance and max-pool "
+                               "winner buffer of a full tile, placed by the liveness assignment.")
         .def_property_readonly("head", [](const PyPlan& p) { return p.plan->head; },
                                "First op of the head run on groups (= number of ops when none).")
         .def_property_readonly("fused", [](const PyPlan& p) {

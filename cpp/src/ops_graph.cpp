@@ -90,10 +90,10 @@ void act_gradient(ActFn f, float param, const float* a, const float* g, float* g
                 gin[k] = g[k] * s * (1.0f + a[k] * (1.0f - s));
             }
             break;
-        case ActFn::Hardswish:  // torch: x < -3: 0; x <= 3: g (x / 3 + 1/2); else g
+        case ActFn::Hardswish:  // torch 2.x hardswish_backward: x <= -3: 0; x < 3: g (x / 3 + 1/2); else g
             for (int64_t k = 0; k < n; ++k) {
                 const float x = a[k];
-                gin[k] = x < -3.0f ? 0.0f : (x <= 3.0f ? g[k] * (x / 3.0f + 0.5f) : g[k]);
+                gin[k] = x <= -3.0f ? 0.0f : (x < 3.0f ? g[k] * (x / 3.0f + 0.5f) : g[k]);
             }
             break;
         case ActFn::Hardsigmoid:  // torch: -3 < x < 3: g / 6; else 0
