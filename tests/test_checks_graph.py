@@ -3,6 +3,8 @@ name, conservation on the clean cuts of the topological order."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,9 +89,11 @@ def test_deep_taylor_conserves_on_every_clean_cut(rng, backend, make):
     text = str(rep)
     for name in rep.layer_names:
         assert name in text
-    # the canonical graph works the same; without a graph, input and output are checked
+    # the canonical graph works the same, and is the default (res.graph); without a graph, input
+    # and output are checked
     assert checks.conservation(res, graph=ex.graph).layer_names == rep.layer_names
-    bare = checks.conservation(res)
+    assert checks.conservation(res).layer_names == rep.layer_names
+    bare = checks.conservation(dataclasses.replace(res, graph=None))
     assert bare.layer_names == ["input", net.names[-1]]
     assert bare.ok(rtol=tol)
     pos = checks.positivity(res)

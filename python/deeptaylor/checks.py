@@ -193,8 +193,8 @@ def conservation(res: Explanation, graph: Any = None) -> ConservationReport:
     graph : Graph, optional
         For an explanation of a Graph with ``return_layers=True`` (``res.layers`` a dict): the
         network (or the explainer's canonical ``explainer.graph``), whose structure gives the clean
-        cuts on which per-node totals are compared with f(x). Without it, only ``"input"`` and the
-        output node are.
+        cuts on which per-node totals are compared with f(x). Defaults to ``res.graph`` (set by
+        :meth:`Explainer.explain`); without either, only ``"input"`` and the output node are.
     """
     total = _sums(res.relevance)
     f = res.explained.astype(np.float64)
@@ -205,7 +205,7 @@ def conservation(res: Explanation, graph: Any = None) -> ConservationReport:
     if res.layers is not None:
         if isinstance(res.layers, dict):
             keys = list(res.layers)
-            g = _graph_for(res, graph)
+            g = _graph_for(res, graph if graph is not None else getattr(res, "graph", None))
             if g is None:
                 cuts = [(0,), (len(keys) - 1,)]
             else:

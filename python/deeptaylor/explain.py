@@ -84,6 +84,9 @@ class Explanation:
     method: str = ""
     backend: str = ""
     conservative_expected: bool = field(default=False, repr=False)
+    #: the canonical graph that was explained (:attr:`Explainer.graph`); :func:`deeptaylor.checks.conservation`
+    #: uses it to compare per-node relevance totals with f(x)
+    graph: Graph | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Explanation(relevance={self.relevance.shape} {self.relevance.dtype}, output={self.output.shape}, "
@@ -427,7 +430,7 @@ class Explainer:
             layers = named
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
-                           backend=self.backend.name, conservative_expected=conservative)
+                           backend=self.backend.name, conservative_expected=conservative, graph=self.graph)
 
     def __repr__(self) -> str:
         what = "layers" if isinstance(self.graph, Sequential) else "nodes"
