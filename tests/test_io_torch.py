@@ -363,3 +363,253 @@ def test_float32_weights_stay_float32():
     canon = canonicalize(net)
     assert [layer.kind for layer in canon] == ["Conv2d", "ReLU", "Flatten", "Dense"]
     np.testing.assert_allclose(canon.forward(x.astype(np.float64)), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- graphs through torch.fx
+F = torch.nn.functional
+
+
+class _Block(nn.Module):
+    """A ResNet basic block: the module ReLU is called twice, `+=` residual, a 1x1 downsample."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.layer1 = nn.Sequential(_Block(8, 8, 1), _Block(8, 16, 2))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x))
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_residual_model_names_are_module_paths():
+    torch.manual_seed(0)
+    net = _check_forward(_bn_stats(_TinyResNet()), (3, 8, 8))
+    assert isinstance(net, dt.Graph)
+    assert not isinstance(net, dt.Sequential)
+    assert net.input_shape == (3, 8, 8)
+    names = net.names
+    for name in ("stem.0", "layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu", "layer1.0.relu:1", "layer1.0.add",
+                 "layer1.1.downsample.0", "layer1.1.downsample.1", "adaptive_avg_pool2d", "flatten", "fc"):
+        assert name in names, (name, names)
+    assert net.node("layer1.0.add").layer.kind == "Add"
+    assert len(set(names)) == len(names)
+    assert dt.from_torch(_TinyResNet(), (3, 8, 8)).names == names  # stable
+    canon = canonicalize(net)  # every BatchNorm follows its conv: all folded
+    assert not any(layer.kind.startswith("BatchNorm") for layer in canon)
+
+
+class _Functional(nn.Module):
+    """Functional layers with module weights, chunk/cat, the ShuffleNet shuffle, a gate, mean, pads,
+    clamp, x[:, a:b], shape arithmetic and an assertion."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+        self.register_buffer("mean", torch.randn(8) * 0.1)
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.fc_w = nn.Parameter(torch.randn(6, 10) * 0.3)
+        self.se = nn.Conv2d(4, 4, 1)
+        self.up = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        torch._assert(x.dim() == 4, "NCHW")
+        h = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.w, self.b)
+        h = F.batch_norm(h, self.mean, self.var, training=False, eps=1e-3)
+        h = F.relu(h, inplace=True)
+        a, b = h.chunk(2, dim=1)
+        h = torch.cat((F.leaky_relu(a, 0.2), b.clamp(0, 6)), dim=1)
+        n, c, hh, ww = h.size()
+        h = h.view(n, 2, c // 2, hh, ww)
+        h = torch.transpose(h, 1, 2).contiguous()
+        h = h.view(n, c, hh, ww)  # channel shuffle
+        s = h[:, 2:6]
+        g = torch.sigmoid(self.se(s.mean((2, 3), keepdim=True)))
+        s = s * g
+        s = F.max_pool2d(s, 2, ceil_mode=True)
+        s = F.avg_pool2d(s, 3, stride=1, padding=1, count_include_pad=False)
+        u = F.interpolate(self.up(s), scale_factor=2, mode="nearest")
+        z = torch.cat([u.mean((2, 3)), F.dropout(s.mean([-2, -1]), 0.3, training=self.training), h[:, :4].mean((2, 3))], 1)
+        return F.linear(z, self.fc_w)
+
+
+def test_functional_ops_match_torch():
+    torch.manual_seed(1)
+    net = _check_forward(_Functional(), (3, 9, 9))
+    kinds = {layer.kind for layer in net}
+    assert {"Conv2d", "BatchNorm2d", "Slice", "Concat", "ChannelShuffle", "Mul", "AdaptiveAvgPool2d",
+            "GlobalAvgPool", "Upsample", "Dropout", "Dense", "LeakyReLU", "ReLU6"} <= kinds
+    assert net[0].padding == (1, 1, 1, 1)  # F.pad folded into the conv
+    shuffle = next(layer for layer in net if layer.kind == "ChannelShuffle")
+    assert shuffle.groups == 2
+
+
+def test_training_flags_are_restored_and_eval_semantics_used():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 2))
+    _bn_stats(model)
+    model.train()
+    model[1].eval()  # a mixed state must come back as it was
+    before = [m.training for m in model.modules()]
+    stats = model[1].running_mean.clone()
+    net = dt.from_torch(model, (4,))
+    assert [m.training for m in model.modules()] == before
+    assert torch.equal(model[1].running_mean, stats)  # the recording run did not update the statistics
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    model.eval()
+    with torch.no_grad():
+        ref = model.double()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), ref, rtol=1e-10, atol=1e-12)
+
+
+class _Exp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.head = _ExpHead()
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class _ExpHead(nn.Module):
+    def forward(self, x):
+        return x.exp().flatten(1)
+
+
+class _ControlFlow(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class _TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+class _Unmapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) + 1.0
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (_Exp(), (r"fx node 'exp' \(call_method Tensor\.exp\) in module 'head' \(_ExpHead\) is not supported.*"
+              r"supported functions: ")),
+    (_ControlFlow(), r"torch\.fx cannot trace _ControlFlow\.forward.*control flow"),
+    (_Unmapped(), r"fx node 'add'.*adds a constant"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Unflatten(1, (4, 36))), r"'2' of type Unflatten"),
+])
+def test_unmappable_nodes_give_one_error_naming_node_op_and_path(model, match):
+    with pytest.raises(dt.UnsupportedError, match=match):
+        dt.from_torch(model, (3, 8, 8))
+
+
+def test_several_outputs_are_refused():
+    with pytest.raises(dt.UnsupportedError, match=r"_TwoOut\.forward returns several tensors"):
+        dt.from_torch(_TwoOut(), (3,))
+
+
+def test_gate_without_sigmoid_and_broadcast_is_refused():
+    class Product(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    with pytest.raises(dt.UnsupportedError, match=r"fx node 'mul'.*neither operand is a gate"):
+        dt.from_torch(Product(), (3, 8, 8))
+
+
+# ------------------------------------------------------------------- the Explainer's torch helpers
+def test_as_network_converts_modules_and_passes_networks_through():
+    from deeptaylor.io.torch import as_network
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    net = as_network(model, (1, 6, 6))
+    assert isinstance(net, dt.Sequential)
+    assert len(net) == 4
+    assert as_network(net) is net
+    assert as_network(net, (1, 6, 6)) is net
+    graph = dt.from_torch(_TinyResNet(), (3, 8, 8))
+    assert as_network(graph, (3, 8, 8)) is graph
+    with pytest.raises(dt.ShapeError, match="declared input shape"):
+        as_network(graph, (3, 16, 16))
+    with pytest.raises(dt.ShapeError):
+        as_network(net, (1, 5, 5))
+    with pytest.raises(dt.InputTypeError, match="got builtins.str"):
+        as_network("model.pt")
+    with pytest.raises(dt.ShapeError, match="input_shape"):
+        as_network(model)
+
+
+def test_as_array_takes_cpu_tensors():
+    from deeptaylor.io.torch import as_array
+
+    t = torch.rand(2, 3, requires_grad=True)
+    a = as_array(t)
+    assert isinstance(a, np.ndarray)
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, t.detach().numpy())
+    assert as_array(t.double()).dtype == np.float64
+    x = np.zeros((2, 3))
+    assert as_array(x) is x
+    with pytest.raises(dt.InputTypeError, match="bfloat16"):
+        as_array(t.bfloat16())
+    with pytest.raises(dt.InputTypeError, match="meta"):
+        as_array(torch.zeros(2, 3, device="meta"))
+    with pytest.raises(dt.InputTypeError, match=r"NumPy array .* or a CPU torch\.Tensor, got builtins\.dict"):
+        as_array({"x": 1})
+
+
+def test_explainer_takes_a_torch_module_and_tensor():
+    """dt.Explainer(torch_module, composite, input_shape=...) converts once; explain takes a CPU tensor."""
+    torch.manual_seed(5)
+    model = _bn_stats(_TinyResNet()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    ex = dt.Explainer(model, "epsilon_plus_flat", input_shape=(3, 8, 8))
+    res = ex.explain(x)
+    net = dt.from_torch(model, (3, 8, 8))
+    want = dt.Explainer(net, "epsilon_plus_flat").explain(x.numpy())
+    np.testing.assert_allclose(res.relevance, want.relevance, rtol=1e-12, atol=1e-12)
+    with pytest.raises(dt.InputTypeError, match="torch"):
+        ex.explain({"x": x})
+
+
+def test_load_refuses_pickled_torch_files(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    for name, obj in (("m.pt", model), ("weights.pth", model.state_dict()), ("legacy.bin", model.state_dict())):
+        path = tmp_path / name
+        torch.save(obj, path, _use_new_zipfile_serialization=name != "legacy.bin")
+        with pytest.raises(dt.ModelFormatError, match=r"pickle.*from_torch.*ONNX"):
+            dt.load(path)

@@ -9,6 +9,7 @@ they are imported lazily so that ``import deeptaylor`` never imports torch. See 
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 from ..errors import InputTypeError, ModelFormatError
@@ -35,6 +36,27 @@ def _looks_like_onnx(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 0x7F
 
 
+_PICKLE_EXTS = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _is_torch_pickle(p: str, head: bytes, ext: str) -> bool:
+    """True for a ``torch.save`` file: a zip archive holding ``<name>/data.pkl`` (torch >= 1.6), a raw
+    pickle (legacy format: protocol opcode 0x80 then 2..5), or a pickle/checkpoint extension on a file
+    that is not a native model."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = zf.namelist()
+        except (OSError, zipfile.BadZipFile, ValueError):
+            return ext in _PICKLE_EXTS
+        if "__deeptaylor__.npy" in names:
+            return False
+        return ext in _PICKLE_EXTS or any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
+    return ext in _PICKLE_EXTS
+
+
 def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Load a network from ``path``: a deeptaylor ``.npz`` or (with the ``onnx`` extra) an ONNX model.
 
@@ -51,7 +73,9 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     ------
     ModelFormatError
         For missing, unreadable, corrupt or unknown files (an ONNX graph deeptaylor cannot represent
-        raises :class:`~deeptaylor.errors.UnsupportedError`).
+        raises :class:`~deeptaylor.errors.UnsupportedError`), and for PyTorch ``.pt``/``.pth`` files
+        (pickles, never opened: the message says to load the module in PyTorch and use
+        :func:`from_torch`, or export to ONNX).
     InputTypeError
         For keyword arguments other than ``input_shape``, or any keyword argument for a native model.
     """
@@ -66,6 +90,13 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except OSError as exc:
         raise ModelFormatError(f"cannot read model file {p!r}: {exc.strerror}") from None
     ext = os.path.splitext(p)[1].lower()
+    if _is_torch_pickle(p, head, ext):
+        raise ModelFormatError(
+            f"{p!r} is a PyTorch file written by torch.save (a .pt/.pth checkpoint): a Python pickle, which can run "
+            "arbitrary code when it is loaded, so deeptaylor never opens one. Load it in PyTorch yourself if you "
+            "trust it (model.load_state_dict(torch.load(path, weights_only=True))), then convert the module with "
+            "deeptaylor.from_torch(model, input_shape) (or pass it to dt.Explainer(model, composite, "
+            "input_shape=...)); or export it to ONNX (torch.onnx.export) and dt.load the .onnx file")
     if head.startswith(b"PK"):
         if kwargs:
             raise InputTypeError(f"load: {p!r} is a native deeptaylor .npz model, which takes no keyword arguments "

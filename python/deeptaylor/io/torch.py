@@ -379,17 +379,19 @@ class _Converter:
             self.check(n, v)
         result = out_node.args[0]
         if not isinstance(result, fx.Node):
-            raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns "
-                                   f"{type(result).__name__}, not one tensor; deeptaylor explains one output tensor")
+            what = "several tensors" if isinstance(result, (tuple, list, dict)) else type(result).__name__
+            raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns {what}, not one "
+                                   "tensor; deeptaylor explains one output tensor (wrap the model so that it "
+                                   "returns the logits)")
         out = env[result]
         if out is x:
             raise UnsupportedError(f"from_torch: {type(self.module).__name__} computes nothing (its output is its "
                                    "input)")
-        if not isinstance(out, Tensor):
-            if isinstance(out, tuple) and not isinstance(out, (_Pad, _Grouped)):
-                raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns several tensors; "
-                                       "deeptaylor explains one output tensor")
-            self.tensor(result, out, "output")
+        if isinstance(out, tuple):
+            raise UnsupportedError(f"from_torch: {type(self.module).__name__}.forward returns several tensors; "
+                                   "deeptaylor explains one output tensor (wrap the model so that it returns the "
+                                   "logits)")
+        out = self.tensor(result, out, "output")
         return Graph(x, out)
 
     def check(self, n: Any, v: Any) -> None:
