@@ -116,6 +116,34 @@ class Node:
         return f"Node({self.name!r}, {self.layer!r}, inputs={self.inputs})"
 
 
+def _short(layer: Layer) -> str:
+    """A one-line description of a layer for graph listings: ``Conv2d 3->64 7x7 /2 p3``."""
+    kind = layer.kind
+    if kind in ("Conv2d", "ConvTranspose2d"):
+        kh, kw = layer.kernel_size
+        out = f"{kind} {layer.in_channels}->{layer.out_channels} {kh}x{kw}"
+        if layer.stride != (1, 1):
+            out += f" /{layer.stride[0]}" if layer.stride[0] == layer.stride[1] else f" /{layer.stride}"
+        pads = set(layer.padding)
+        if pads != {0}:
+            out += f" p{layer.padding[0]}" if len(pads) == 1 else f" p{layer.padding}"
+        if layer.dilation != (1, 1):
+            out += f" d{layer.dilation[0]}"
+        if layer.groups != 1:
+            out += f" g{layer.groups}"
+        return out
+    if kind == "Dense":
+        return f"Dense {layer.in_features}->{layer.out_features}"
+    if kind in ("MaxPool2d", "AvgPool2d", "SumPool2d"):
+        (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+        out = f"{kind} {kh}x{kw} /{sh if sh == sw else (sh, sw)}"
+        pads = set(layer.padding)
+        if pads != {0}:
+            out += f" p{layer.padding[0]}" if len(pads) == 1 else f" p{layer.padding}"
+        return out + (" ceil" if layer.ceil_mode else "")
+    return repr(layer)
+
+
 def _auto_name(layer: Layer, used: set[str]) -> str:
     base = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", layer.kind).lower().replace("2d", "").replace("1d", "")
     base = base.strip("_") or "node"
@@ -376,7 +404,7 @@ class Graph:
         for i, node in enumerate(self._nodes):
             ins = ", ".join(names[v] for v in node.inputs)
             shp = f" -> {shapes[i + 1][1:]}" if shapes else ""
-            lines.append(f"  {node.name:<{w}}  {node.layer!r}  <- {ins}{shp}")
+            lines.append(f"  {node.name:<{w}}  {_short(node.layer):<24} <- {ins}{shp}")
         return "\n".join(lines)
 
 
