@@ -87,8 +87,23 @@ def _conv(rng, o, c, k=3, **kw):
     return dt.Conv2d(w, rng.normal(size=o) * 0.1, padding=k // 2, **kw)
 
 
+def _generic_built() -> bool:
+    """Whether this core runs grouped / transposed convolutions (the generic linear module)."""
+    from deeptaylor import _core
+    op = {"kind": "Conv2d", "in_shape": (2, 3, 3), "out_shape": (2, 3, 3), "weight": np.ones((2, 1, 1, 1)),
+          "bias": np.zeros(2), "groups": 2, "rule": "Z"}
+    flat = {"kind": "Flatten", "in_shape": (2, 3, 3), "out_shape": (18,)}
+    try:
+        _core.Plan([op, flat], (2, 3, 3), "rules")
+    except ValueError as exc:
+        if "not built" in str(exc):
+            return False
+    return True
+
+
+GENERIC = _generic_built()
 BLOCKS = ["res", "concat", "fan3", "slice", "mul_se", "mul_same", "bn", "act", "maxpool", "avgpool",
-          "adaptive", "upsample", "shuffle", "sumpool"]
+          "adaptive", "upsample", "shuffle", "sumpool"] + (["grouped", "convT"] if GENERIC else [])
 
 
 @st.composite
@@ -166,6 +181,19 @@ def graphs(draw, blocks=None):
                 continue
             cur = dt.Upsample((sh, sw))(cur)
             h, w = h * sh, w * sw
+        elif kind == "grouped":  # grouped (or depthwise) convolution
+            g = draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]))
+            wt = rng.normal(size=(c, c // g, 3, 3)) / np.sqrt(9 * c // g)
+            cur = dt.ReLU()(dt.Conv2d(wt, rng.normal(size=c) * 0.1, padding=1, groups=g)(cur))
+        elif kind == "convT":
+            s = draw(st.integers(1, 2))
+            if h * s > 12 or w * s > 12:
+                continue
+            o = draw(st.integers(1, 3))
+            wt = rng.normal(size=(c, o, 3, 3)) / np.sqrt(9 * c)
+            layer = dt.ConvTranspose2d(wt, rng.normal(size=o) * 0.1, stride=s, padding=1, output_padding=s - 1)
+            cur = dt.ReLU()(layer(cur))
+            _, c, h, w = layer.output_shape((1, c, h, w))
         elif kind == "shuffle":
             g = draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]))
             cur = dt.ChannelShuffle(g)(cur)
@@ -178,7 +206,7 @@ def graphs(draw, blocks=None):
         feat = c * h * w
     out = dt.Dense(rng.normal(size=(k, feat)) / np.sqrt(feat), rng.normal(size=k) * 0.1)(cur)
     net = dt.Graph(x, out)
-    xs = rng.uniform(0.0, 1.0, size=(n, c0, h if False else x.shape[-2], x.shape[-1]))
+    xs = rng.uniform(0.0, 1.0, size=(n, c0) + tuple(x.shape[-2:]))
     return net, xs
 
 
