@@ -14,14 +14,27 @@ mlp        784-400-400-10                                                    256
 lenet      conv5x5(32,p2)-pool2-conv5x5(64,p2)-pool2-512-10 on 1x28x28       256
 cifar_vgg  3x[conv3x3 x2 (p1), pool2] (64,128,256) - 512 - 10 on 3x32x32     64
 vgg16      VGG-16 (13 conv3x3 p1, 5 max-pools, 4096-4096-1000) on 3x224x224   4
+resnet18   ResNet-18 (BasicBlocks [2, 2, 2, 2], BN folded) on 3x112x112      16
+resnet50   ResNet-50 (Bottlenecks [3, 4, 6, 3], BN folded) on 3x224x224       8
 ========== ================================================================= ======
 
-``to_torch`` converts a ``dt.Sequential`` into a ``torch.nn.Sequential`` with the same (float32)
-weights; ``zennit_composite`` gives the Zennit composite equivalent to each of ours.
+The ResNets are graphs (``dt.Graph``): torchvision's architectures (v1.5: the stride on the 3x3 of a
+Bottleneck, a strided 1x1 projection shortcut where the shape changes) with every BatchNorm folded
+into the convolution before it, i.e. each convolution has a bias, as in the other workloads; the
+residual ``+`` is a ``dt.Add``, the head a global average pool and a 1000-way Dense layer. Their specs
+are *nodes* ``(name, kind, params, inputs)`` (``inputs``: names of earlier nodes, ``"input"`` for the
+network input); the chains' specs are layers ``(kind, params)``.
+
+``to_torch`` converts a ``dt.Sequential`` (or the specs of a chain) into a ``torch.nn.Sequential``, and
+the specs of a graph into a :class:`TorchGraph` module, with the same (float32) weights; each
+residual ``+`` becomes ``zennit.layer.Sum`` on the summands stacked on a last axis, which is exactly
+what Zennit's ``ResNetCanonizer`` does to torchvision's blocks (Zennit then gives it its ``Norm`` rule,
+as ``dt.Add``). ``zennit_composite`` gives the Zennit composite equivalent to each of ours.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -40,6 +53,7 @@ __all__ = [
     "composite",
     "forward_macs",
     "import_zennit",
+    "is_graph",
     "inputs",
     "specs",
     "to_torch",
@@ -58,7 +72,8 @@ class Workload:
     batch: int                     # benchmark batch
     quick_batch: int               # CI-sized batch (--quick, --benchmark-disable)
     numpy_images: int              # images the slow NumPy reference explains in compare.py
-    make: Callable[[np.random.Generator], Iterator[tuple[str, dict]]]
+    make: Callable[[np.random.Generator], Iterator[tuple]]
+    graph: bool = False            # specs are nodes (name, kind, params, inputs), built as a dt.Graph
 
 
 class _ShapesOnly:
@@ -162,12 +177,76 @@ def _vgg16(rng):
     yield _dense(rng, 4096, 1000)
 
 
+# -- ResNets (graphs) --------------------------------------------------------------------------
+# A node spec is (name, kind, params, inputs): inputs are names of earlier nodes or "input".
+Node = tuple[str, str, dict, tuple[str, ...]]
+
+
+def _conv_node(rng, name, src, c_in, c_out, k, stride=1, padding=0) -> Node:
+    kind, p = _conv(rng, c_in, c_out, k, padding)
+    if stride != 1:
+        p["stride"] = stride
+    return (name, kind, p, (src,))
+
+
+def _relu(name, src) -> Node:
+    return (name, "ReLU", {}, (src,))
+
+
+def _resnet(rng, block: str, layers: list[int]):
+    """torchvision's ResNet with BatchNorm folded: conv7x7/2 (p3) ReLU maxpool3x3/2 (p1), four stages of
+    BasicBlocks (two conv3x3) or Bottlenecks (conv1x1, conv3x3 with the stage's stride, conv1x1 to 4x
+    the width), a strided conv1x1 projection where the shape changes, global average pool, Dense 1000."""
+    yield _conv_node(rng, "conv1", "input", 3, 64, 7, 2, 3)
+    yield _relu("relu", "conv1")
+    yield ("maxpool", "MaxPool2d", {"kernel_size": 3, "stride": 2, "padding": 1}, ("relu",))
+    src, c_in = "maxpool", 64
+    expansion = 1 if block == "basic" else 4
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        for b in range(n):
+            stride = 2 if stage > 1 and b == 0 else 1
+            pre = f"layer{stage}.{b}."
+            c_out = planes * expansion
+            if block == "basic":
+                yield _conv_node(rng, pre + "conv1", src, c_in, planes, 3, stride, 1)
+                yield _relu(pre + "relu1", pre + "conv1")
+                yield _conv_node(rng, pre + "conv2", pre + "relu1", planes, planes, 3, 1, 1)
+                last = pre + "conv2"
+            else:
+                yield _conv_node(rng, pre + "conv1", src, c_in, planes, 1)
+                yield _relu(pre + "relu1", pre + "conv1")
+                yield _conv_node(rng, pre + "conv2", pre + "relu1", planes, planes, 3, stride, 1)
+                yield _relu(pre + "relu2", pre + "conv2")
+                yield _conv_node(rng, pre + "conv3", pre + "relu2", planes, c_out, 1)
+                last = pre + "conv3"
+            shortcut = src
+            if stride != 1 or c_in != c_out:
+                yield _conv_node(rng, pre + "downsample", src, c_in, c_out, 1, stride)
+                shortcut = pre + "downsample"
+            yield (pre + "add", "Add", {}, (last, shortcut))
+            yield _relu(pre + "relu", pre + "add")
+            src, c_in = pre + "relu", c_out
+    yield ("avgpool", "GlobalAvgPool", {}, (src,))
+    kind, p = _dense(rng, c_in, 1000)
+    yield ("fc", kind, p, ("avgpool",))
+
+
+def _resnet18(rng):
+    return _resnet(rng, "basic", [2, 2, 2, 2])
+
+
+def _resnet50(rng):
+    return _resnet(rng, "bottleneck", [3, 4, 6, 3])
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("seed_dtd", (1568,), 256, 16, 64, _seed_dtd),
     Workload("mlp", (784,), 256, 16, 64, _mlp),
     Workload("lenet", (1, 28, 28), 256, 8, 8, _lenet),
     Workload("cifar_vgg", (3, 32, 32), 64, 4, 4, _cifar_vgg),
     Workload("vgg16", (3, 224, 224), 4, 1, 1, _vgg16),
+    Workload("resnet18", (3, 112, 112), 16, 2, 2, _resnet18, graph=True),
+    Workload("resnet50", (3, 224, 224), 8, 1, 1, _resnet50, graph=True),
 ]}
 
 # Our composites / methods by name. deep_taylor_unbounded (w² first) is an extra: the early cpu
@@ -184,13 +263,31 @@ def composite(name: str) -> object:
     return COMPOSITES[name]()
 
 
-def build(name: str, seed: int = 0) -> dt.Sequential:
-    """The workload's network, identical for a given seed."""
-    return dt.Sequential(getattr(dt, kind)(**params) for kind, params in specs(name, seed))
+def is_graph(name: str) -> bool:
+    """True for the workloads built as a ``dt.Graph`` (node specs), False for the chains."""
+    return WORKLOADS[name].graph
 
 
-def specs(name: str, seed: int = 0) -> Iterator[tuple[str, dict]]:
-    """The workload's layers as (dt class name, float32 constructor arguments), one at a time."""
+def build(name: str, seed: int = 0) -> dt.Graph:
+    """The workload's network, identical for a given seed: a ``dt.Sequential`` for the chains, a
+    ``dt.Graph`` (node names as torchvision's modules, ``layer1.0.add`` for a residual sum) for the
+    ResNets."""
+    return _build(WORKLOADS[name], specs(name, seed))
+
+
+def _build(wl: Workload, items) -> dt.Graph:
+    if not wl.graph:
+        return dt.Sequential(getattr(dt, kind)(**params) for kind, params in items)
+    x = dt.Input(wl.input_shape)
+    values = {"input": x}
+    for name, kind, params, inputs in items:  # each node's arrays are dropped once its layer copied them
+        values[name] = getattr(dt, kind)(**params)(*(values[v] for v in inputs), name=name)
+    return dt.Graph(x, values[name])
+
+
+def specs(name: str, seed: int = 0) -> Iterator[tuple]:
+    """The workload's layers as (dt class name, float32 constructor arguments), one at a time; for a
+    graph workload its nodes as (name, dt class name, arguments, input names)."""
     return WORKLOADS[name].make(np.random.default_rng(seed))
 
 
@@ -202,30 +299,21 @@ def inputs(name: str, n: int, seed: int = 1) -> np.ndarray:
 
 def forward_macs(name: str) -> int:
     """Multiply-accumulates of one sample's forward pass through the linear layers of workload ``name``
-    (Dense: in * out; Conv2d: out_channels * in_channels * kh * kw * OH * OW; pooling/ReLU not counted).
-    Shapes are propagated from the layer specs, without drawing the weights."""
-    shape = WORKLOADS[name].input_shape
+    (Dense: in * out; Conv2d: out_channels * in_channels / groups * kh * kw * OH * OW; pooling, ReLU and
+    the residual additions not counted). Shapes come from the network built on zero-size-in-memory
+    weights (read-only broadcast views: nothing is drawn)."""
+    wl = WORKLOADS[name]
+    net = _build(wl, wl.make(_ShapesOnly()))
+    shapes = net.shapes((1, *wl.input_shape))
     macs = 0
-    for kind, p in WORKLOADS[name].make(_ShapesOnly()):
-        if kind == "Dense":
-            o, i = p["weight"].shape
-            macs += o * i
-            shape = (o,)
-        elif kind in ("Conv2d", "MaxPool2d"):
-            if kind == "Conv2d":
-                o, c, kh, kw = p["weight"].shape
-                s = 1
-            else:
-                o, kh, kw, s = shape[0], p["kernel_size"], p["kernel_size"], p["kernel_size"]
-            pad = p.get("padding", 0)
-            h, w = ((shape[1] + 2 * pad - kh) // s + 1, (shape[2] + 2 * pad - kw) // s + 1)
-            if kind == "Conv2d":
-                macs += o * c * kh * kw * h * w
-            shape = (o, h, w)
-        elif kind == "Flatten":
-            shape = (int(np.prod(shape)),)
-        elif kind == "GlobalSumPool":
-            shape = (1,)
+    for i, node in enumerate(net.nodes):
+        layer = node.layer
+        if isinstance(layer, dt.Dense):
+            macs += int(layer.weight.shape[0]) * int(layer.weight.shape[1])
+        elif isinstance(layer, dt.Conv2d):
+            o, c, kh, kw = layer.weight.shape
+            oh, ow = shapes[i + 1][2:]
+            macs += int(o) * int(c) * int(kh) * int(kw) * int(oh) * int(ow)
     return macs
 
 
@@ -332,15 +420,82 @@ _ATTRS = {"Dense": ("weight", "bias"), "Conv2d": ("weight", "bias", "stride", "p
           "SumPool2d": ("kernel_size", "stride", "padding")}
 
 
-def to_torch(net):
-    """A float32 ``torch.nn.Sequential`` (eval mode) computing the same function as ``net``.
+def _sum_type():
+    """Zennit's ``zennit.layer.Sum`` (sum over the last axis), or the same module without Zennit."""
+    try:
+        import_zennit()
+        from zennit.layer import Sum
 
-    ``net`` is a ``dt.Sequential`` or an iterable of layer specs ``(kind, params)`` (see ``specs``).
-    Dense -> Linear, Conv2d -> Conv2d (symmetric padding), ReLU, MaxPool2d, AvgPool2d
-    (count_include_pad), SumPool2d -> AvgPool2d(divisor_override=1), Flatten, GlobalSumPool -> a
-    module summing over all non-batch dimensions to (N, 1)."""
+        return Sum
+    except ImportError:
+        import torch
+
+        class Sum(torch.nn.Module):
+            def forward(self, x):
+                return x.sum(dim=-1)
+
+        return Sum
+
+
+def _torch_graph(nodes):
+    """A float32 torch module (eval mode) running graph node specs ``(name, kind, params, inputs)`` in
+    order: Add -> ``Sum()(torch.stack(inputs, -1))`` (Zennit's residual canonical form),
+    GlobalAvgPool -> ``AdaptiveAvgPool2d(1)`` then flatten (Zennit: Norm, as ours), every other kind
+    as in :func:`torch_module`. One module per node (Zennit's hooks assume a module runs once per
+    pass); registered in node order, so the stem is Zennit's first layer."""
     import torch
 
+    Sum = _sum_type()
+
+    class TorchGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mods = torch.nn.ModuleDict()
+            self.plan: list[tuple[str, str, str, tuple[str, ...]]] = []
+            for name, kind, params, inputs in nodes:
+                key = name.replace(".", "_")
+                if kind == "Add":
+                    mod = Sum()
+                elif kind == "GlobalAvgPool":
+                    mod = torch.nn.AdaptiveAvgPool2d(1)
+                else:
+                    mod = torch_module(kind, params)
+                self.mods[key] = mod
+                self.plan.append((name, key, kind, tuple(inputs)))
+
+        def forward(self, x):
+            vals = {"input": x}
+            for name, key, kind, inputs in self.plan:
+                ins = [vals[v] for v in inputs]
+                if kind == "Add":
+                    out = self.mods[key](torch.stack(ins, dim=-1))
+                elif kind == "GlobalAvgPool":
+                    out = torch.flatten(self.mods[key](ins[0]), 1)
+                else:
+                    out = self.mods[key](*ins)
+                vals[name] = out
+            return out
+
+    return TorchGraph().eval()
+
+
+def to_torch(net):
+    """A float32 torch module (eval mode) computing the same function as ``net``.
+
+    ``net`` is a ``dt.Sequential`` or an iterable of layer specs ``(kind, params)`` (see ``specs``):
+    a ``torch.nn.Sequential`` with Dense -> Linear, Conv2d -> Conv2d (symmetric padding), ReLU,
+    MaxPool2d, AvgPool2d (count_include_pad), SumPool2d -> AvgPool2d(divisor_override=1), Flatten,
+    GlobalSumPool -> a module summing over all non-batch dimensions to (N, 1). Or an iterable of
+    graph node specs ``(name, kind, params, inputs)`` (a graph workload's ``specs``): a module running
+    the nodes in order, each ``Add`` as Zennit's ``Sum`` on the stacked summands (see ``_torch_graph``)."""
+    import torch
+
+    if not isinstance(net, dt.Graph):
+        items = iter(net)
+        first = next(items)
+        if len(first) == 4:
+            return _torch_graph(itertools.chain([first], items))
+        net = itertools.chain([first], items)
     mods = []
     for layer in net:
         if isinstance(layer, dt.Layer):
@@ -351,34 +506,50 @@ def to_torch(net):
     return torch.nn.Sequential(*mods).eval()
 
 
+def _import_torchvision() -> bool:
+    """Import the real torchvision if it imports: PyPI's torchvision 0.28.0 is built for CUDA torch and
+    its compiled ops fail to register beside the CPU torch 2.13 wheel (``torchvision._meta_registrations``);
+    the models are pure Python, so an empty module registered under that name first makes ``import
+    torchvision`` work (as tests/conftest.py's import_torchvision). False if it still fails."""
+    name = "torchvision._meta_registrations"
+    registered = "torchvision" not in sys.modules and name not in sys.modules
+    if registered:
+        sys.modules[name] = types.ModuleType(name)
+    try:
+        import torchvision.models.resnet  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure: use the stand-in
+        if registered:
+            sys.modules.pop(name, None)
+        return False
+    return True
+
+
 def import_zennit():
-    """Import zennit. Same stand-in as tests/conftest.py's import_zennit (copied, not imported, so the
-    benchmarks do not depend on the test suite): Zennit 0.5.1 imports torchvision at import time and
-    PyPI's torchvision does not import beside the CPU torch 2.13 wheel, so register a minimal
+    """Import zennit. The same as tests/conftest.py's import_zennit (copied, not imported, so the
+    benchmarks do not depend on the test suite): Zennit 0.5.1 imports torchvision at import time; the
+    real torchvision is imported where it can be (see ``_import_torchvision``), otherwise a minimal
     ``torchvision.models.resnet`` with two empty ``nn.Module`` subclasses ``BasicBlock`` and
-    ``Bottleneck`` (used only by Zennit's ResNet canonizer, which we do not use)."""
+    ``Bottleneck`` is registered (used only by Zennit's ResNet canonizer, which we do not use: our
+    torch ResNets carry Zennit's ``Sum`` already)."""
     import torch
 
-    if "torchvision.models.resnet" not in sys.modules:
-        try:
-            import torchvision.models.resnet  # noqa: F401
-        except Exception:  # noqa: BLE001 - any import failure: use the stand-in
-            tv = types.ModuleType("torchvision")
-            models = types.ModuleType("torchvision.models")
-            resnet = types.ModuleType("torchvision.models.resnet")
+    if "torchvision.models.resnet" not in sys.modules and not _import_torchvision():
+        tv = types.ModuleType("torchvision")
+        models = types.ModuleType("torchvision.models")
+        resnet = types.ModuleType("torchvision.models.resnet")
 
-            class BasicBlock(torch.nn.Module):
-                pass
+        class BasicBlock(torch.nn.Module):
+            pass
 
-            class Bottleneck(torch.nn.Module):
-                pass
+        class Bottleneck(torch.nn.Module):
+            pass
 
-            resnet.BasicBlock = BasicBlock
-            resnet.Bottleneck = Bottleneck
-            tv.models = models
-            models.resnet = resnet
-            sys.modules.update({"torchvision": tv, "torchvision.models": models,
-                                "torchvision.models.resnet": resnet})
+        resnet.BasicBlock = BasicBlock
+        resnet.Bottleneck = Bottleneck
+        tv.models = models
+        models.resnet = resnet
+        sys.modules.update({"torchvision": tv, "torchvision.models": models,
+                            "torchvision.models.resnet": resnet})
     import zennit
 
     return zennit
@@ -393,7 +564,9 @@ def zennit_composite(name: str):
     * deep_taylor_unbounded: WSquare first, ZPlus elsewhere (bias zeroed).
     * epsilon_plus_flat: Zennit's EpsilonPlusFlat.
     Every composite also maps our GlobalSumPool module to Zennit's Norm rule (proportional
-    redistribution, as dt.GlobalSumPool), like Zennit's own ``Sum`` layer."""
+    redistribution, as dt.GlobalSumPool), like Zennit's own ``Sum`` layer. In the ResNets the residual
+    ``Sum`` modules and the global ``AdaptiveAvgPool2d`` get Norm from Zennit's ``layer_map_base``
+    (every built-in composite includes it), as ``dt.Add`` and ``dt.GlobalAvgPool``."""
     import torch
 
     zennit = import_zennit()
