@@ -53,8 +53,8 @@ __all__ = [
     "composite",
     "forward_macs",
     "import_zennit",
-    "is_graph",
     "inputs",
+    "is_graph",
     "specs",
     "to_torch",
     "torch_module",
@@ -202,7 +202,7 @@ def _resnet(rng, block: str, layers: list[int]):
     yield ("maxpool", "MaxPool2d", {"kernel_size": 3, "stride": 2, "padding": 1}, ("relu",))
     src, c_in = "maxpool", 64
     expansion = 1 if block == "basic" else 4
-    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True), start=1):
         for b in range(n):
             stride = 2 if stage > 1 and b == 0 else 1
             pre = f"layer{stage}.{b}."
