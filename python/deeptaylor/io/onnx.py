@@ -296,10 +296,11 @@ class _Importer:
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             raise self.fmt(f"{shown} (path {path!r}) cannot be opened: {exc.strerror or exc}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise self.fmt(f"{shown} (path {path!r}) is not a regular file")
         with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise self.fmt(f"{shown} (path {path!r}) is not a regular file")
             size = st.st_size
             if length is None:
                 length = size - offset
@@ -736,8 +737,9 @@ class _Importer:
             start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
             self.consts[node.output[0]] = np.array(dims[start:end], dtype=np.int64)
             return
-        if any(a is not None and (a.dtype.kind != "i" or a.size > _MAX_FOLD) for a in ins):
-            raise self.unsupported(node, "only small integer (shape) constants are evaluated")
+        if any(a is not None and (a.dtype.kind not in "if" or a.size > _MAX_FOLD) for a in ins):
+            raise self.unsupported(node, "only small (shape) constants are evaluated")
+        is_float = any(a is not None and a.dtype.kind == "f" for a in ins)
         # the inputs that say how to compute (indices, axes, target shapes), as opposed to the data moved
         params = ins if op in ("ConstantOfShape", "Add", "Sub", "Mul", "Div") else [] if op == "Concat" else ins[1:]
         if any(a is not None and np.any(a == _BATCH) for a in params):
@@ -795,7 +797,11 @@ class _Importer:
                     raise ValueError("needs two inputs")
                 if any(np.any(np.abs(a) > _MAX_ARITH) for a in ins):  # type: ignore[arg-type]
                     raise self.unsupported(node, f"integer arithmetic on values beyond {_MAX_ARITH}")
-                if op == "Div":
+                if op == "Div" and is_float:
+                    if np.any(ins[1] == 0):
+                        raise ValueError("division by zero")
+                    out = np.divide(ins[0], ins[1])
+                elif op == "Div":
                     if np.any(ins[1] == 0):
                         raise ValueError("integer division by zero")
                     a, b = np.broadcast_arrays(ins[0], ins[1])
@@ -816,12 +822,23 @@ class _Importer:
                 dims = [int(v) for v in x.reshape(-1)]
                 if x.ndim != 1 or min(dims, default=0) < 0 or math.prod(dims) > _MAX_FOLD:
                     raise ValueError(f"shape {dims} is not a small non-negative shape")
-                out = np.full(dims, fill.reshape(-1)[0], dtype=np.int64)
-            else:  # Cast: shape values stay integers
-                out = x
+                out = np.full(dims, fill.reshape(-1)[0], dtype=fill.dtype)
+            else:  # Cast: to an integer (truncating, as ONNX) or a float type
+                to = self.attr(node, attrs, "to", 0, int)
+                T = self.onnx.TensorProto
+                if to in (T.FLOAT, T.DOUBLE, T.FLOAT16):
+                    if np.any(x == _BATCH):
+                        raise self.unsupported(node, "a Cast of the batch size to float")
+                    out, is_float = x.astype(np.float64), True
+                elif to in (T.INT64, T.INT32, T.INT16, T.INT8, T.UINT8, T.UINT16, T.UINT32, T.UINT64):
+                    if x.dtype.kind == "f" and not np.all(np.abs(x) < _MAX_ARITH):
+                        raise self.unsupported(node, f"a Cast to an integer of values beyond {_MAX_ARITH}")
+                    out, is_float = np.trunc(x).astype(np.int64), False
+                else:
+                    raise self.unsupported(node, f"a Cast to data type {to}")
         except (ValueError, IndexError, TypeError, np.exceptions.AxisError) as exc:
             raise self.fmt(f"node {node.name!r} ({op}): {exc}") from None
-        self.consts[node.output[0]] = np.asarray(out, dtype=np.int64)
+        self.consts[node.output[0]] = np.asarray(out, dtype=np.float64 if is_float else np.int64)
 
     def weight(self, node: Any, name: str, what: str, ndim: int) -> np.ndarray:
         arr = self.const(node, name, what)
