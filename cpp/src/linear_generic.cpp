@@ -156,32 +156,79 @@ struct DwArgs {
     bool acc;
 };
 
-template <int CB>
-__attribute__((always_inline)) inline void dw_block(const DwArgs& a, int64_t ox, int64_t c0) {
-    float v[CB];
-    float* d = a.dst + ox * a.C + c0;
-    for (int k = 0; k < CB; ++k) v[k] = a.acc ? d[k] : 0.0f;
-    for (int64_t r = a.rows->start[a.orow]; r < a.rows->start[a.orow + 1]; ++r) {
-        const int64_t i = a.rows->tap[r], sy = a.rows->pos[r];
-        for (int64_t q = a.cols->start[ox]; q < a.cols->start[ox + 1]; ++q) {
-            const int64_t j = a.cols->tap[q], sx = a.cols->pos[q];
-            const float* s = a.src + (sy * a.srcW + sx) * a.C + c0;
-            const float* w = a.w + (i * a.kw + j) * a.C + c0;
-            for (int k = 0; k < CB; ++k) v[k] += s[k] * w[k];
-        }
-    }
-    for (int k = 0; k < CB; ++k) d[k] = v[k];
+// Explicit vectors (GCC/Clang vector extensions): the accumulators of a channel block stay in
+// registers over all taps, whatever ISA the caller is compiled for. Loads/stores through memcpy
+// (unaligned, no aliasing assumptions).
+// (vld / vst are always inlined into the ISA-specific row functions: no vector crosses a call, so
+// GCC's note that the vector ABI differs between ISAs does not apply.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+template <class V>
+__attribute__((always_inline)) inline V vld(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+}
+template <class V>
+__attribute__((always_inline)) inline void vst(float* p, const V& v) {
+    std::memcpy(p, &v, sizeof(V));
 }
 
-__attribute__((always_inline)) inline void dw_row_body(const DwArgs& a) {
-    for (int64_t ox = 0; ox < a.outW; ++ox) {
-        int64_t c0 = 0;
-        for (; c0 + 64 <= a.C; c0 += 64) dw_block<64>(a, ox, c0);
-        if (c0 + 32 <= a.C) { dw_block<32>(a, ox, c0); c0 += 32; }
-        if (c0 + 16 <= a.C) { dw_block<16>(a, ox, c0); c0 += 16; }
-        if (c0 + 8 <= a.C) { dw_block<8>(a, ox, c0); c0 += 8; }
-        for (; c0 < a.C; ++c0) dw_block<1>(a, ox, c0);
+// Output pixel ox, channels [c0, c0 + NV * lanes(V)): accumulate over its taps in registers.
+template <class V, int NV>
+__attribute__((always_inline)) inline void dw_block(const DwArgs& a, int64_t ox, int64_t c0) {
+    constexpr int LN = sizeof(V) / sizeof(float);
+    V v[NV];
+    float* d = a.dst + ox * a.C + c0;
+    for (int n = 0; n < NV; ++n) v[n] = a.acc ? vld<V>(d + n * LN) : V{};
+    const int64_t r0 = a.rows->start[a.orow], r1 = a.rows->start[a.orow + 1];
+    const int64_t q0 = a.cols->start[ox], q1 = a.cols->start[ox + 1];
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = a.rows->tap[r], sy = a.rows->pos[r];
+        const float* srow = a.src + sy * a.srcW * a.C + c0;
+        const float* wrow = a.w + i * a.kw * a.C + c0;
+        for (int64_t q = q0; q < q1; ++q) {
+            const float* s = srow + a.cols->pos[q] * a.C;
+            const float* w = wrow + a.cols->tap[q] * a.C;
+            for (int n = 0; n < NV; ++n)
+                v[n] += vld<V>(s + n * LN) * vld<V>(w + n * LN);
+        }
     }
+    for (int n = 0; n < NV; ++n) vst<V>(d + n * LN, v[n]);
+}
+
+// The remaining channels [c0, C) (fewer than 8), one at a time.
+__attribute__((always_inline)) inline void dw_tail(const DwArgs& a, int64_t ox, int64_t c0) {
+    for (int64_t c = c0; c < a.C; ++c) {
+        float v = a.acc ? a.dst[ox * a.C + c] : 0.0f;
+        for (int64_t r = a.rows->start[a.orow]; r < a.rows->start[a.orow + 1]; ++r)
+            for (int64_t q = a.cols->start[ox]; q < a.cols->start[ox + 1]; ++q)
+                v += a.src[(a.rows->pos[r] * a.srcW + a.cols->pos[q]) * a.C + c] *
+                     a.w[(a.rows->tap[r] * a.kw + a.cols->tap[q]) * a.C + c];
+        a.dst[ox * a.C + c] = v;
+    }
+}
+
+// One output row. Channel blocks outermost: a block's input rows and taps stay in L1 across the row.
+__attribute__((always_inline)) inline void dw_row_body(const DwArgs& a) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= a.C; c0 += 64)
+        for (int64_t ox = 0; ox < a.outW; ++ox) dw_block<vf16, 4>(a, ox, c0);
+    if (c0 + 32 <= a.C) {
+        for (int64_t ox = 0; ox < a.outW; ++ox) dw_block<vf16, 2>(a, ox, c0);
+        c0 += 32;
+    }
+    if (c0 + 16 <= a.C) {
+        for (int64_t ox = 0; ox < a.outW; ++ox) dw_block<vf16, 1>(a, ox, c0);
+        c0 += 16;
+    }
+    if (c0 + 8 <= a.C) {
+        for (int64_t ox = 0; ox < a.outW; ++ox) dw_block<vf8, 1>(a, ox, c0);
+        c0 += 8;
+    }
+    if (c0 < a.C)
+        for (int64_t ox = 0; ox < a.outW; ++ox) dw_tail(a, ox, c0);
 }
 
 void dw_row_base(const DwArgs& a) { dw_row_body(a); }
