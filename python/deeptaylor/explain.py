@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,15 +101,21 @@ def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]
     """Check ``x`` against ``net``: a float32/float64 array ``(N, F)`` or ``(N, C, H, W)`` with N >= 1,
     finite values, and a shape every layer accepts. Returns ``(x, shapes)``; raises a
     :class:`~deeptaylor.errors.DeepTaylorError` subclass naming the problem otherwise."""
-    if type(x).__module__.startswith("torch"):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         from .io.torch import as_array
 
         x = as_array(x)
     if not isinstance(x, np.ndarray):
+        given = type(x)
         try:
             x = np.asarray(x)
         except Exception as exc:
-            raise InputTypeError(f"input is not array-like ({type(x).__name__})") from exc
+            raise InputTypeError(f"input is not array-like ({given.__name__}): explain takes a float NumPy "
+                                 "array (N, F) or (N, C, H, W) or a CPU torch.Tensor") from exc
+        if x.dtype == object:
+            raise InputTypeError(f"input of type {given.__module__}.{given.__qualname__} is not an array: explain "
+                                 "takes a float NumPy array (N, F) or (N, C, H, W) or a CPU torch.Tensor")
     if x.dtype not in _FLOAT_DTYPES:
         raise InputTypeError(
             f"input dtype {x.dtype} is not supported: use float32 or float64 "
@@ -285,10 +292,15 @@ class Explainer:
                  input_shape: Any = None) -> None:
         from .backends import get_backend
 
-        if not isinstance(net, Graph) and type(net).__module__.startswith("torch"):
+        torch = sys.modules.get("torch")
+        if not isinstance(net, Graph) and torch is not None and isinstance(net, torch.nn.Module):
             from .io.torch import as_network
 
             net = as_network(net, input_shape)
+        elif input_shape is not None and isinstance(net, Graph):
+            from .io.torch import as_network
+
+            as_network(net, input_shape)   # checks it against the network
         if not isinstance(net, Graph):
             raise InputTypeError(f"net must be a deeptaylor.Graph or Sequential (or a torch.nn.Module with "
                                  f"input_shape=...), got {type(net).__name__}")
