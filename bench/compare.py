@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_COMPOSITES = ["deep_taylor", "epsilon_plus_flat", "sensitivity"]
 WARN_DIFF = 1e-3
+WARN_L1_SENSITIVITY = 1e-3  # sum|R - R_ref| / sum|R_ref|: Sensitivity's maps (see the heatmap check)
 CHECK_IMAGES = 8  # images whose heatmaps are compared across frameworks
 
 
@@ -205,6 +206,16 @@ def maxnorm_diff(a, b) -> float:
     return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max())
 
 
+def l1_diff(a, b) -> float:
+    """sum|a - b| / sum|b| over the common images (b is the reference)."""
+    import numpy as np
+
+    k = min(len(a), len(b))
+    a, b = a[:k].astype(np.float64), b[:k].astype(np.float64)
+    scale = np.abs(b).sum()
+    return float(np.abs(a - b).sum() / scale) if scale > 0 else float(np.abs(a - b).sum())
+
+
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -266,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             fwd_gflop = 2.0 * macs / 1e9
             n_np = 0 if args.no_numpy or (wl_name == "vgg16" and not args.numpy_vgg16) else \
                 min(batch, max(1, wl.numpy_images // (4 if args.quick else 1)))
-            entry: dict = {"batch": batch, "forward_gflop_per_image": fwd_gflop, "composites": {}}
+            entry: dict = {"batch": batch, "forward_gflop_per_image": fwd_gflop, "graph": W.is_graph(wl_name),
+                           "composites": {}}
             report["workloads"][wl_name] = entry
             print(f"\n== {wl_name}: batch {batch}, forward {fwd_gflop:.4g} GFLOP/image, {T} threads")
             print(f"   {'composite':<22}{'framework':<12}{'img/s':>10}{'x Zennit':>9}{'fwd GF/s':>10}"
@@ -295,20 +307,23 @@ def main(argv: list[str] | None = None) -> int:
                         r["ratio_to_zennit"] = r["images_per_s"] / z_ips if z_ips else None
                 # heatmap agreement
                 maps = {k: np.load(files[k]) for k in files if os.path.exists(files[k])}
-                diffs = {}
+                diffs, l1 = {}, {}
                 if "numpy" in maps:
                     for k in ("cpu", "zennit"):
                         if k in maps:
                             diffs[f"{k}_vs_numpy"] = maxnorm_diff(maps[k], maps["numpy"])
+                            l1[f"{k}_vs_numpy"] = l1_diff(maps[k], maps["numpy"])
                 if "cpu" in maps and "zennit" in maps:
                     diffs["cpu_vs_zennit"] = maxnorm_diff(maps["cpu"], maps["zennit"])
+                    l1["cpu_vs_zennit"] = l1_diff(maps["cpu"], maps["zennit"])
                     # per image: one image off (a float32 near-tie, e.g. a max-pool window whose two
                     # largest inputs differ by ~1e-7 relative, routes the relevance to the other
                     # input) reads differently from all images off (a wrong rule)
                     entry.setdefault("per_image_cpu_vs_zennit", {})[comp] = [
                         maxnorm_diff(maps["cpu"][i:i + 1], maps["zennit"][i:i + 1])
                         for i in range(min(len(maps["cpu"]), len(maps["zennit"])))]
-                entry["composites"][comp] = {"work_factor": factor, "results": res, "heatmap_diff": diffs}
+                entry["composites"][comp] = {"work_factor": factor, "results": res, "heatmap_diff": diffs,
+                                             "heatmap_l1_diff": l1}
                 for fw, r in res.items():
                     notes = r.get("reason", "") if r.get("status") != "ok" else ""
                     if "conservation_max_rel_error" in r:
@@ -320,11 +335,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"{_fmt(r.get('effective_gflops')):>10}{_fmt(r.get('peak_rss_mib'), '.0f'):>9}  "
                           f"{r.get('status') if r.get('status') != 'ok' else ''} {notes[:90]}")
                 if diffs:
-                    print("   " + " " * 22 + "heatmaps: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+                    print("   " + " " * 22 + "heatmaps: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+                          + "  (L1: " + ", ".join(f"{v:.1e}" for v in l1.values()) + ")")
                 per = entry.get("per_image_cpu_vs_zennit", {}).get(comp)
                 if per and not max(per) <= WARN_DIFF:
                     print("   " + " " * 22 + "cpu_vs_zennit per image: " + ", ".join(f"{v:.1e}" for v in per))
                 for k, v in diffs.items():
+                    # a gradient (Sensitivity) is discontinuous at ReLU kinks: deep in a float32 network
+                    # a few pre-activations within ~1e-6 of 0 flip their mask and move a pixel of the
+                    # max-normalised map by up to a few 1e-3 (vgg16, resnet50): its maps are compared
+                    # in L1 (WARN_L1_SENSITIVITY); a wrong gradient is off in L1 too
+                    if comp == "sensitivity" and v > WARN_DIFF and l1.get(k, 1.0) <= WARN_L1_SENSITIVITY:
+                        continue
                     if not v <= WARN_DIFF:
                         msg = f"{wl_name}/{comp}: heatmaps differ ({k} = {v:.3e} > {WARN_DIFF:g})"
                         if k == "cpu_vs_zennit" and per:
