@@ -61,13 +61,13 @@ def _torch() -> Any:
 
 
 def _array(t: Any) -> np.ndarray:
-    """A NumPy copy of a parameter: float32 stays float32 (the layers keep float32 weights, half the
-    memory of a float64 copy for a large model), every other dtype becomes float64."""
+    """A NumPy view of a parameter (the layers copy it): float32 stays float32 (the layers keep float32
+    weights, half the memory of a float64 copy for a large model), every other dtype becomes float64."""
     torch = _torch()
     if not isinstance(t, torch.Tensor):
         return np.array(t, dtype=np.float64)
     t = t.detach().to(device="cpu")
-    return (t if t.dtype == torch.float32 else t.double()).numpy().copy()
+    return (t if t.dtype == torch.float32 else t.double()).resolve_conj().resolve_neg().numpy()
 
 
 def _pair(v: Any) -> tuple[int, int]:
