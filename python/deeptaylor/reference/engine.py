@@ -129,7 +129,7 @@ def forward_layer(layer: Layer, a: np.ndarray) -> tuple[np.ndarray, Any]:
     if isinstance(layer, GlobalAvgPool):
         return a.sum(axis=(2, 3)) / (a.shape[2] * a.shape[3]), None
     if isinstance(layer, SumPool2d):
-        return ops.window_sum(a, layer.kernel_size, layer.stride, layer.padding), None
+        return ops.window_sum(a, layer.kernel_size, layer.stride, layer.resolved_padding(*a.shape[2:])), None
     if isinstance(layer, GlobalSumPool):
         return a.reshape(a.shape[0], -1).sum(axis=1, keepdims=True), None
     if isinstance(layer, LpPool):
@@ -168,7 +168,7 @@ def _proportional(layer: Layer, a: np.ndarray, R: np.ndarray) -> np.ndarray:
         flat = a.reshape(a.shape[0], -1)
         s = safe_divide(R, flat.sum(axis=1, keepdims=True))
         return (flat * s).reshape(a.shape)
-    pad = layer.resolved_padding(*a.shape[2:]) if isinstance(layer, AvgPool2d) else layer.padding
+    pad = layer.resolved_padding(*a.shape[2:]) if isinstance(layer, (AvgPool2d, SumPool2d)) else layer.padding
     z = ops.window_sum(a, layer.kernel_size, layer.stride, pad)
     s = safe_divide(R, z)
     return a * ops.window_scatter(s, layer.kernel_size, layer.stride, pad, a.shape)
@@ -235,7 +235,8 @@ def gradient_layer(layer: Layer, a: np.ndarray, out: np.ndarray, cache: Any, g: 
     if isinstance(layer, GlobalAvgPool):
         return np.broadcast_to((g / (a.shape[2] * a.shape[3]))[:, :, None, None], a.shape).copy()
     if isinstance(layer, SumPool2d):
-        return ops.window_scatter(g, layer.kernel_size, layer.stride, layer.padding, a.shape)
+        return ops.window_scatter(g, layer.kernel_size, layer.stride, layer.resolved_padding(*a.shape[2:]),
+                                  a.shape)
     if isinstance(layer, GlobalSumPool):
         return np.broadcast_to(g.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape).copy()
     if isinstance(layer, LpPool):
