@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "date": stamp, "threads": T, "quick": args.quick, "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": list(os.getloadavg())},
         "flop_counting": "forward GFLOP = 2 * MACs of Dense and Conv2d layers; effective = forward * work "
                          "factor (3 for LRP/DTD composites: forward, denominators, transposed product; "
                          "2 for Sensitivity)",
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         warnings.append(msg)
                         print("   " + "!" * 10 + " WARNING: " + msg + " " + "!" * 10)
     report["warnings"] = warnings
+    # a shared machine: the 1/5/15-minute load averages at the end say how disturbed the run was
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2, default=float))
     print(f"\nwrote {out_path}")
