@@ -175,7 +175,7 @@ def graphs(draw, blocks=None):
             elif kind == "avgpool":
                 layer = dt.AvgPool2d(k, s, p, ceil_mode=ceil, count_include_pad=draw(st.booleans()))
             else:
-                layer = dt.SumPool2d(k, s, p)  # (the reference's SumPool2d with ceil_mode failed here)
+                layer = dt.SumPool2d(k, s, p, ceil_mode=ceil)
             cur = layer(cur)
             _, _, h, w = layer.output_shape((1, c, h, w))
         elif kind == "adaptive":
