@@ -140,30 +140,30 @@ def test_good_targets(dense_net):
 def test_rule_on_a_layer_that_takes_none(dense_net):
     comp = dt.Composite(by_index={1: dt.rules.ZPlus()}, default=dt.rules.ZPlus())
     with pytest.raises(dt.RuleError, match=_re("assigned to layer 1 (ReLU), which takes no rule")):
-        dt.Explainer(dense_net, comp)
+        dt.Explainer(dense_net, comp, backend="numpy")
     with pytest.raises(dt.RuleError, match="out of range for a network of 3 layers"):
-        dt.Explainer(dense_net, dt.Composite(by_index={7: dt.rules.ZPlus()}, default=dt.rules.ZPlus()))
+        dt.Explainer(dense_net, dt.Composite(by_index={7: dt.rules.ZPlus()}, default=dt.rules.ZPlus()), backend="numpy")
     with pytest.raises(dt.RuleError, match="given two rules"):
-        dt.Explainer(dense_net, dt.Composite(by_index={0: dt.rules.ZPlus(), -3: dt.rules.Flat()}))
+        dt.Explainer(dense_net, dt.Composite(by_index={0: dt.rules.ZPlus(), -3: dt.rules.Flat()}), backend="numpy")
 
 
 def test_unassigned_layer(dense_net):
     with pytest.raises(dt.RuleError, match=_re("assigns no rule to layer 2 (Dense)")):
-        dt.Explainer(dense_net, dt.Composite(first=dt.rules.WSquare()))
+        dt.Explainer(dense_net, dt.Composite(first=dt.rules.WSquare()), backend="numpy")
 
 
 def test_not_a_rule_or_composite(dense_net):
     with pytest.raises(dt.RuleError, match="not a deeptaylor rule"):
         dt.Composite(default="zplus")
     with pytest.raises(dt.RuleError, match="expected a composite"):
-        dt.Explainer(dense_net, 42)
+        dt.Explainer(dense_net, 42, backend="numpy")
     with pytest.raises(dt.RuleError, match="unknown composite 'nope'; known: deep-taylor"):
-        dt.Explainer(dense_net, "nope")
+        dt.Explainer(dense_net, "nope", backend="numpy")
     with pytest.raises(dt.RuleError, match="unknown key"):
         dt.Composite.from_mapping({3.5: dt.rules.ZPlus()})
     # a string key is a node name: resolving it on a network without that node names the problem
     with pytest.raises(dt.RuleError, match="no node named 'dense'"):
-        dt.Explainer(dense_net, dt.Composite.from_mapping({"dense": dt.rules.ZPlus()}))
+        dt.Explainer(dense_net, dt.Composite.from_mapping({"dense": dt.rules.ZPlus()}), backend="numpy")
     with pytest.raises(dt.RuleError, match="by_type keys must be layer classes"):
         dt.Composite(by_type={int: dt.rules.ZPlus()})
     with pytest.raises(dt.RuleError, match="by_index keys must be layer indices"):
@@ -173,7 +173,7 @@ def test_not_a_rule_or_composite(dense_net):
 def test_zbox_bounds_not_broadcastable(conv_net):
     comp = dt.composites.deep_taylor(low=np.zeros(2), high=np.ones(2))     # (2,) vs the input's (3, 4, 4)
     with pytest.raises(dt.RuleError, match=_re("do not broadcast to the layer's input shape (3, 4, 4)")):
-        dt.Explainer(conv_net, comp).explain(np.zeros((1, 3, 4, 4)))
+        dt.Explainer(conv_net, comp, backend="numpy").explain(np.zeros((1, 3, 4, 4)))
     with pytest.raises(dt.RuleError, match="do not broadcast"):
         dt.rules.ZBox(np.zeros(2), np.ones(3))
     with pytest.raises(dt.RuleError, match="low must be <= high"):
@@ -183,7 +183,7 @@ def test_zbox_bounds_not_broadcastable(conv_net):
     # a ZBox deeper in the network is checked for shape too, before any work
     deep = dt.Composite(by_index={4: dt.rules.ZBox(np.zeros(3), 1.0)}, default=dt.rules.ZPlus())
     with pytest.raises(dt.RuleError, match=_re("(8,)")):
-        dt.Explainer(conv_net, deep).explain(np.zeros((1, 3, 4, 4)))
+        dt.Explainer(conv_net, deep, backend="numpy").explain(np.zeros((1, 3, 4, 4)))
 
 
 @pytest.mark.parametrize("backend_name", dt.available_backends())
@@ -199,7 +199,7 @@ def test_zbox_input_outside_box(conv_net, rng, backend_name):
         ex.explain(x)
     # per-channel bounds: channel 2 may go to 2
     ok = dt.composites.deep_taylor(np.zeros((3, 1, 1)), np.array([1.0, 1.0, 2.0]).reshape(3, 1, 1))
-    assert dt.Explainer(conv_net, ok).explain(x).relevance.shape == x.shape
+    assert dt.Explainer(conv_net, ok, backend="numpy").explain(x).relevance.shape == x.shape
 
 
 def test_zbox_domain_checked_after_flatten(rng):
@@ -207,10 +207,10 @@ def test_zbox_domain_checked_after_flatten(rng):
     net = dt.Sequential([dt.Flatten(), dt.Dense(rng.normal(size=(3, 12)), -0.1 * np.ones(3)), dt.ReLU(),
                          dt.GlobalSumPool()])
     x = rng.uniform(size=(2, 3, 2, 2))
-    dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+    dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x)
     x[0, 0, 0, 0] = -0.2
     with pytest.raises(dt.InputError, match=_re("ZBox on layer 1 (Dense)")):
-        dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+        dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x)
 
 
 def test_zbox_domain_not_traced_through_pooling(rng):
@@ -221,7 +221,7 @@ def test_zbox_domain_not_traced_through_pooling(rng):
     net = dt.Sequential([dt.SumPool2d(2), dt.Flatten(), dt.Dense(rng.normal(size=(3, 3)), -0.1 * np.ones(3)),
                          dt.ReLU(), dt.GlobalSumPool()])
     x = rng.uniform(size=(2, 3, 2, 2))            # in [0, 1], but the pooled sums reach up to 4
-    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x)
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x)
     assert res.relevance.shape == x.shape
     assert not res.conservative_expected
 
@@ -308,19 +308,19 @@ def test_sequential_output_shape_names_failing_layer(rng):
 def test_explainer_arguments(dense_net):
     """Bad arguments raise deeptaylor's own errors, which are also the built-ins they used to be."""
     with pytest.raises(dt.InputTypeError, match="must be a deeptaylor.Graph or Sequential"):
-        dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
+        dt.Explainer([dt.ReLU()], dt.rules.ZPlus(), backend="numpy")
     with pytest.raises(dt.InputError, match="threads must be a positive int"):
-        dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0)
+        dt.Explainer(dense_net, dt.rules.ZPlus(), threads=0, backend="numpy")
     with pytest.raises(dt.InputError, match="unknown backend 'gpu'"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
     with pytest.raises(dt.InputError, match="backend must be 'numpy', 'cpu' or a backend object"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend=3)
-    ex = dt.Explainer(dense_net, dt.rules.ZPlus())
+    ex = dt.Explainer(dense_net, dt.rules.ZPlus(), backend="numpy")
     with pytest.raises(dt.InputError, match="batch_size must be a positive int"):
         ex.explain(np.ones((2, 6)), batch_size=0)
     # still the built-ins, for code that catches those
     with pytest.raises(TypeError):
-        dt.Explainer([dt.ReLU()], dt.rules.ZPlus())
+        dt.Explainer([dt.ReLU()], dt.rules.ZPlus(), backend="numpy")
     with pytest.raises(ValueError, match="unknown backend"):
         dt.Explainer(dense_net, dt.rules.ZPlus(), backend="gpu")
     with pytest.raises(ValueError, match="batch_size"):

@@ -106,7 +106,7 @@ def test_deep_taylor_conserves_on_every_clean_cut(rng, backend, make):
 def test_non_conservative_method_is_reported_per_cut(rng):
     net = residual_relu_net(rng)
     x = rng.uniform(0, 1, size=(3, 3, 8, 8))
-    res = dt.Explainer(net, "gradient-x-input").explain(x, return_layers=True)
+    res = dt.Explainer(net, "gradient-x-input", backend="numpy").explain(x, return_layers=True)
     rep = checks.conservation(res, graph=net)
     assert not rep.ok(rtol=1e-6)
     assert rep.layer_rel_error.shape == (len(rep.layer_names),)
@@ -116,7 +116,7 @@ def test_folded_batchnorm_graph_maps_to_canonical_names(rng):
     """The original network (with a BatchNorm the explainer folds) is accepted: checks canonicalise it."""
     net = residual_relu_net(rng, bn=True)
     x = rng.uniform(0, 1, size=(2, 3, 8, 8))
-    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x, return_layers=True)
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x, return_layers=True)
     assert "bn1" not in res.layers
     rep = checks.conservation(res, graph=net)
     assert rep.ok(rtol=1e-5), str(rep)  # up to the Add's eps
@@ -130,7 +130,7 @@ def test_folded_batchnorm_graph_maps_to_canonical_names(rng):
 def test_sequential_reports_unchanged(rng):
     net = dt.Sequential([dt.Dense(np.abs(rng.normal(size=(3, 4))), -np.full(3, 0.1)), dt.ReLU(),
                          dt.Dense(np.abs(rng.normal(size=(2, 3))), -np.full(2, 0.1))])
-    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(rng.uniform(0.2, 1, (3, 4)),
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(rng.uniform(0.2, 1, (3, 4)),
                                                                       return_layers=True)
     rep = checks.conservation(res)
     assert isinstance(res.layers, list)

@@ -84,7 +84,7 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
                  "--no-progress"]) == 0
     r = np.load(out / "relevance.npy")
     assert r.shape == (5, 28, 56)  # the input's shape, not the network's flat (5, 1568)
-    ref = dt.Explainer(small_net, dt.composites.deep_taylor(0.0, 1.0)).explain(x.reshape(5, -1))
+    ref = dt.Explainer(small_net, dt.composites.deep_taylor(0.0, 1.0), backend="numpy").explain(x.reshape(5, -1))
     np.testing.assert_allclose(r.reshape(5, -1), ref.relevance, rtol=1e-6, atol=1e-12)
     pngs = sorted(out.glob("heatmap_*.png"))
     assert len(pngs) == 5
@@ -123,7 +123,7 @@ def test_explain_npy_and_images(tmp_path, small_net, rng, capsys):
     assert sorted(p.name for p in out3.glob("*.png")) == ["heatmap_d0.png", "heatmap_d1.png", "heatmap_d2.png"]
     r3 = np.load(out3 / "relevance.npy")
     assert r3.shape == (3, 28, 56)  # as the images were read
-    ref3 = dt.Explainer(small_net, dt.composites.deep_taylor_unbounded()).explain(
+    ref3 = dt.Explainer(small_net, dt.composites.deep_taylor_unbounded(), backend="numpy").explain(
         ((x[:3] * 255).astype(np.uint8) / 255.0).reshape(3, -1))
     np.testing.assert_allclose(r3.reshape(3, -1), ref3.relevance, rtol=1e-4,
                                atol=1e-6 * np.abs(ref3.relevance).max())
@@ -343,7 +343,7 @@ def test_explain_graph_model_end_to_end(tmp_path, rng, capsys, composite):
     assert "backend numpy" in text
     r = np.load(out / "relevance.npy")
     assert r.shape == x.shape
-    expected = dt.Explainer(net, dt.composites.get(composite.replace("_", "-"))).explain(x).relevance
+    expected = dt.Explainer(net, dt.composites.get(composite.replace("_", "-")), backend="numpy").explain(x).relevance
     np.testing.assert_allclose(r, expected, rtol=1e-12, atol=1e-12)
     pngs = sorted(out.glob("heatmap_*.png"))
     assert len(pngs) == 3

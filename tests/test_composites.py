@@ -60,10 +60,10 @@ def test_from_mapping(net):
     assert comp.resolve(net) == [WSquare(), None, ZPlus(), None, None, Epsilon(0.2), None, Z()]
     # the Explainer takes mappings, rules and names directly
     x = np.random.default_rng(0).uniform(size=(2, 1, 4, 4))
-    a = dt.Explainer(net, {"first": WSquare(), "default": ZPlus()}).explain(x)
-    b = dt.Explainer(net, dt.composites.deep_taylor_unbounded()).explain(x)
+    a = dt.Explainer(net, {"first": WSquare(), "default": ZPlus()}, backend="numpy").explain(x)
+    b = dt.Explainer(net, dt.composites.deep_taylor_unbounded(), backend="numpy").explain(x)
     np.testing.assert_array_equal(a.relevance, b.relevance)
-    c = dt.Explainer(net, ZPlus())
+    c = dt.Explainer(net, ZPlus(), backend="numpy")
     assert c.assignment == [ZPlus(), None, ZPlus(), None, None, ZPlus(), None, ZPlus()]
 
 
@@ -95,9 +95,9 @@ def test_names_and_get(monkeypatch):
 
 
 def test_explainer_uses_names(net):
-    ex = dt.Explainer(net, "epsilon-plus-flat")
+    ex = dt.Explainer(net, "epsilon-plus-flat", backend="numpy")
     assert ex.method_name == "composite:epsilon_plus_flat"
-    assert dt.Explainer(net, "sensitivity").method_name == "Sensitivity"
+    assert dt.Explainer(net, "sensitivity", backend="numpy").method_name == "Sensitivity"
 
 
 def test_repr_and_immutability():

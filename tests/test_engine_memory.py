@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent("""
     before = status("VmRSS")
     res = ex.explain(x)
     peak = status("VmHWM")
-    ref = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0)).explain(x[:16].astype(np.float64))
+    ref = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0), backend="numpy").explain(x[:16].astype(np.float64))
     err = float(np.abs(res.relevance[:16] - ref.relevance).max() / np.abs(ref.relevance).max())
     tot = res.relevance.reshape(N, -1).astype(np.float64).sum(axis=1)
     pos = res.explained > 0

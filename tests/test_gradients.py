@@ -108,8 +108,8 @@ def test_sensitivity_and_gradient_x_input_match_finite_differences(name, batch):
     target = rng.integers(0, k, size=batch)
     fd = finite_difference_gradient(net, x, target)
     assert np.max(np.abs(fd)) > 1e-3          # the target depends on the input: the test can fail
-    sens = dt.Explainer(net, dt.methods.Sensitivity()).explain(x, target=target)
-    gxi = dt.Explainer(net, dt.methods.GradientXInput()).explain(x, target=target)
+    sens = dt.Explainer(net, dt.methods.Sensitivity(), backend="numpy").explain(x, target=target)
+    gxi = dt.Explainer(net, dt.methods.GradientXInput(), backend="numpy").explain(x, target=target)
     close(sens.relevance, fd ** 2, rtol=1e-6)
     close(gxi.relevance, x * fd, rtol=1e-6)
     assert sens.relevance.shape == x.shape
@@ -122,8 +122,8 @@ def test_gradient_x_input_is_x_times_gradient_layerwise(rng):
     layer input: their ratio recovers |a_l| wherever the gradient is nonzero."""
     net, shape = nets(rng)[0][1:]
     x = rng.uniform(-1, 1, size=(2,) + shape)
-    s = dt.Explainer(net, dt.methods.Sensitivity()).explain(x, return_layers=True)
-    g = dt.Explainer(net, dt.methods.GradientXInput()).explain(x, return_layers=True)
+    s = dt.Explainer(net, dt.methods.Sensitivity(), backend="numpy").explain(x, return_layers=True)
+    g = dt.Explainer(net, dt.methods.GradientXInput(), backend="numpy").explain(x, return_layers=True)
     acts = [x]
     for layer in net:
         acts.append(forward_layer(layer, acts[-1])[0])
@@ -143,5 +143,5 @@ def test_gradient_x_input_conserves_for_bias_free_relu_net(rng):
     net = dt.Sequential([dt.Conv2d(w1, padding=1), dt.ReLU(), dt.MaxPool2d(3, 3), dt.Flatten(),
                          dt.Dense(w2)])
     x = rng.normal(size=(3, 2, 6, 6))
-    res = dt.Explainer(net, dt.methods.GradientXInput()).explain(x)
+    res = dt.Explainer(net, dt.methods.GradientXInput(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.relevance.reshape(3, -1).sum(1), res.explained, rtol=1e-10)

@@ -61,12 +61,12 @@ def test_sequential_is_the_chain_graph(rng):
     g = dt.Graph(x, seq[2](seq[1](seq[0](x))))
     xs = rng.normal(size=(7, 4))
     for comp in ("epsilon-plus-flat", dt.rules.ZPlus(), "sensitivity"):
-        a = dt.Explainer(seq, comp).explain(xs)
-        b = dt.Explainer(g, comp).explain(xs)
+        a = dt.Explainer(seq, comp, backend="numpy").explain(xs)
+        b = dt.Explainer(g, comp, backend="numpy").explain(xs)
         np.testing.assert_array_equal(a.relevance, b.relevance)
-    r = dt.Explainer(g, dt.rules.Epsilon(0.01)).explain(xs, return_layers=True)
+    r = dt.Explainer(g, dt.rules.Epsilon(0.01), backend="numpy").explain(xs, return_layers=True)
     assert isinstance(r.layers, dict) and list(r.layers) == ["input", "dense1", "relu1", "dense2"]
-    r2 = dt.Explainer(seq, dt.rules.Epsilon(0.01)).explain(xs, return_layers=True)
+    r2 = dt.Explainer(seq, dt.rules.Epsilon(0.01), backend="numpy").explain(xs, return_layers=True)
     assert isinstance(r2.layers, list) and len(r2.layers) == 4
     np.testing.assert_array_equal(r.layers["relu1"], r2.layers[2])
 

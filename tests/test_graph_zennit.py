@@ -285,7 +285,7 @@ def test_graph_rules_identical_to_zennit_without_its_stabiliser(model, composite
     torch_model, net, shape = _models(model)
     x = _input(shape)
     ref, _ = _zennit(torch_model, x, composite, stabilizer=1e-13)
-    ours = dt.Explainer(net, dt.composites.get(composite)).explain(x).relevance
+    ours = dt.Explainer(net, dt.composites.get(composite), backend="numpy").explain(x).relevance
     assert _per_image_maxnorm(ours, ref).max() <= 1e-9
 
 
@@ -309,7 +309,7 @@ def test_zennit_sum_is_what_makes_it_match():
 
     x = _input(shape)
     plain, _ = _zennit(PlainPlus(torch_model), x, "deep_taylor")
-    ours = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x).relevance
+    ours = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x).relevance
     assert np.median(_per_image_maxnorm(ours, plain)) > 1e-2
 
 
@@ -420,7 +420,7 @@ def test_relu_residual_net_conserves_to_rounding_without_the_stabiliser(monkeypa
     rng = np.random.default_rng(3)
     net = relu_residual_net(rng)
     x = rng.uniform(0.0, 1.0, size=(5, 3, 12, 12))
-    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1)).explain(x, return_layers=True)
+    res = dt.Explainer(net, dt.composites.deep_taylor(0, 1), backend="numpy").explain(x, return_layers=True)
     names = _value_names(net)
     for v in cut_values(net):
         r = res.layers[names[v]].reshape(len(x), -1).sum(axis=1)

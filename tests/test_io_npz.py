@@ -63,8 +63,8 @@ def test_round_trip_outputs_and_heatmaps_identical(tmp_path, rng):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))  # float64 kept exactly
     x = rng.uniform(0, 1, size=(3, 1, 8, 8))
     for composite in (dt.composites.deep_taylor(0, 1), dt.composites.epsilon_plus_flat(), dt.methods.Sensitivity()):
-        r1 = dt.Explainer(net, composite).explain(x)
-        r2 = dt.Explainer(back, composite).explain(x)
+        r1 = dt.Explainer(net, composite, backend="numpy").explain(x)
+        r2 = dt.Explainer(back, composite, backend="numpy").explain(x)
         np.testing.assert_array_equal(r1.output, r2.output)
         np.testing.assert_array_equal(r1.relevance, r2.relevance)
 
@@ -380,8 +380,8 @@ def test_graph_round_trip_every_layer(tmp_path, rng):
     x = rng.normal(size=(2, 4, 9, 10))
     np.testing.assert_array_equal(back.forward(x), net.forward(x))
     for method in (dt.methods.Sensitivity(), dt.methods.GradientXInput(), "epsilon-plus", "epsilon-alpha2-beta1"):
-        r1 = dt.Explainer(net, method).explain(x, target=1, return_layers=True)
-        r2 = dt.Explainer(back, method).explain(x, target=1, return_layers=True)
+        r1 = dt.Explainer(net, method, backend="numpy").explain(x, target=1, return_layers=True)
+        r2 = dt.Explainer(back, method, backend="numpy").explain(x, target=1, return_layers=True)
         np.testing.assert_array_equal(r1.relevance, r2.relevance)
         assert list(r1.layers) == list(r2.layers)
     assert back.node("head").layer.weight.dtype == np.float32  # float32 weights stay float32
@@ -397,8 +397,8 @@ def test_residual_concat_graph_same_heatmaps(tmp_path, rng, composite):
     assert type(back) is dt.Graph
     assert back.names == net.names
     x = rng.uniform(0, 1, size=(3, 3, 8, 8))
-    r1 = dt.Explainer(net, composite).explain(x, return_layers=True)
-    r2 = dt.Explainer(back, composite).explain(x, return_layers=True)
+    r1 = dt.Explainer(net, composite, backend="numpy").explain(x, return_layers=True)
+    r2 = dt.Explainer(back, composite, backend="numpy").explain(x, return_layers=True)
     np.testing.assert_array_equal(r1.output, r2.output)
     np.testing.assert_array_equal(r1.relevance, r2.relevance)
     assert list(r1.layers) == list(r2.layers)

@@ -597,10 +597,10 @@ def test_explainer_takes_a_torch_module_and_tensor():
     torch.manual_seed(5)
     model = _bn_stats(_TinyResNet()).eval()
     x = torch.rand(2, 3, 8, 8)
-    ex = dt.Explainer(model, "epsilon_plus_flat", input_shape=(3, 8, 8))
+    ex = dt.Explainer(model, "epsilon_plus_flat", input_shape=(3, 8, 8), backend="numpy")
     res = ex.explain(x)
     net = dt.from_torch(model, (3, 8, 8))
-    want = dt.Explainer(net, "epsilon_plus_flat").explain(x.numpy())
+    want = dt.Explainer(net, "epsilon_plus_flat", backend="numpy").explain(x.numpy())
     np.testing.assert_allclose(res.relevance, want.relevance, rtol=1e-12, atol=1e-12)
     with pytest.raises(dt.InputTypeError, match="torch"):
         ex.explain({"x": x})

@@ -168,7 +168,7 @@ def test_zennit_bias_convention_matters():
                 m.bias.abs_().add_(0.5)
     x = _input(shape)
     net = dt.from_torch(model, shape)
-    ours = dt.Explainer(net, _ours("deep_taylor")).explain(x).relevance
+    ours = dt.Explainer(net, _ours("deep_taylor"), backend="numpy").explain(x).relevance
     composite = SpecialFirstLayerMapComposite(
         layer_map=[(Activation, Pass()), (Linear, ZPlus())], first_map=[(Linear, ZBox(low=0.0, high=1.0))])
     xt = torch.tensor(x, requires_grad=True)

@@ -146,7 +146,7 @@ def test_cpu_backend_multi_output_targets(rng):
                          dt.Dense(rng.normal(size=(3, 5)))])
     x = rng.uniform(size=(4, 4))
     t = np.array([0, 2, 1, 2])
-    ref = dt.Explainer(net, dt.rules.ZPlus()).explain(x, target=t)
+    ref = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(x, target=t)
     got = dt.Explainer(net, dt.rules.ZPlus(), backend="cpu").explain(x, target=t)
     np.testing.assert_array_equal(got.target, t)
     assert max_norm_err(got.relevance, ref.relevance) <= TOL
@@ -193,7 +193,7 @@ def test_cpu_backend_refuses_clearly_or_agrees(index):
         assert "cpu" in msg                                    # says which backend refuses
         _assert_names_layer_and_rule(msg, net, comp)
         return
-    ref = dt.Explainer(net, comp).explain(x)
+    ref = dt.Explainer(net, comp, backend="numpy").explain(x)
     got = ex.explain(x)
     assert max_norm_err(got.relevance, ref.relevance) <= 1e-4, desc
 
@@ -223,7 +223,7 @@ def test_cpu_backend_refuses_methods_or_agrees(rng):
             assert method.name in str(exc)  # noqa: PT017
             assert "numpy" in str(exc)  # noqa: PT017
             continue
-        ref = dt.Explainer(net, method).explain(x)
+        ref = dt.Explainer(net, method, backend="numpy").explain(x)
         assert max_norm_err(ex.explain(x).relevance, ref.relevance) <= 1e-4
 
 

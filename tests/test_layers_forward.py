@@ -236,7 +236,7 @@ def test_maxpool_ties_route_to_first():
     np.testing.assert_array_equal(win[0, 0], [[1, 2], [8, 10]])
     # relevance and gradient follow the winner
     net = dt.Sequential([layer, dt.GlobalSumPool()])
-    res = dt.Explainer(net, dt.methods.Sensitivity()).explain(x)
+    res = dt.Explainer(net, dt.methods.Sensitivity(), backend="numpy").explain(x)
     expect = np.zeros(16)
     expect[win[0, 0].ravel()] = 1.0
     np.testing.assert_array_equal(res.relevance.ravel(), expect)

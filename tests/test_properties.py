@@ -119,7 +119,7 @@ def composite_and_input(rule: str, x_shape, rng):
 def test_conservation_and_positivity(rule, case):
     net, x_shape, rng = case
     composite, x = composite_and_input(rule, x_shape, rng)
-    res = dt.Explainer(net, composite).explain(x, return_layers=True)
+    res = dt.Explainer(net, composite, backend="numpy").explain(x, return_layers=True)
     assert len(res.layers) == len(net) + 1
     assert res.relevance.shape == x.shape
     f = res.explained
@@ -143,7 +143,7 @@ def test_positive_bias_breaks_zplus_conservation():
     w1 = np.array([[-1.0, -1.0], [1.0, 1.0]])
     net = dt.Sequential([dt.Dense(w1, [0.5, 0.0]), dt.ReLU(), dt.GlobalSumPool()])
     x = np.array([[0.1, 0.2]])                       # unit 0: z = -0.3 + 0.5 = 0.2 > 0, z+ = 0
-    res = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.explained, [0.5])
     np.testing.assert_allclose(res.relevance.sum(), 0.3)   # unit 0's 0.2 is dropped
     assert not dt.checks.conservation(res).ok()
@@ -155,7 +155,7 @@ def test_box_with_positive_lower_bound_can_break_zb():
     x_j > 0 drops relevance (the derivation assumes the box's corner is a root)."""
     net = dt.Sequential([dt.Dense(np.array([[1.0, 1.0]]), [0.0]), dt.ReLU(), dt.GlobalSumPool()])
     x = np.array([[0.5, 0.5]])
-    res = dt.Explainer(net, dt.composites.deep_taylor(0.5, 1.0)).explain(x)   # x sits on the lower corner
+    res = dt.Explainer(net, dt.composites.deep_taylor(0.5, 1.0), backend="numpy").explain(x)   # x sits on the lower corner
     assert res.explained[0] == 1.0
     assert res.relevance.sum() == 0.0
     assert not res.conservative_expected                   # l > 0: outside the theorem
@@ -165,7 +165,7 @@ def test_epsilon_and_bias_absorb_relevance(rng):
     w1, b1 = rng.normal(size=(5, 4)), rng.normal(size=5)
     net = dt.Sequential([dt.Dense(w1, b1), dt.ReLU(), dt.GlobalSumPool()])
     x = rng.normal(size=(3, 4))
-    res = dt.Explainer(net, dt.rules.Epsilon(0.5)).explain(x, return_layers=True)
+    res = dt.Explainer(net, dt.rules.Epsilon(0.5), backend="numpy").explain(x, return_layers=True)
     cons = dt.checks.conservation(res)
     assert not cons.ok(rtol=1e-6)
     assert not res.conservative_expected
@@ -177,17 +177,17 @@ def test_zplus_with_bias_absorbs_positive_bias():
     """ZPlus(use_bias=True) (Zennit's ZPlus) adds b+ to the denominator: b+ / (sum q + b+) is absorbed."""
     net = dt.Sequential([dt.Dense(np.array([[1.0, 1.0]]), [0.5]), dt.ReLU(), dt.GlobalSumPool()])
     x = np.array([[0.25, 0.25]])                     # z = 1.0; z+ denominator 0.5 + b+ 0.5
-    res = dt.Explainer(net, dt.rules.ZPlus(use_bias=True)).explain(x)
+    res = dt.Explainer(net, dt.rules.ZPlus(use_bias=True), backend="numpy").explain(x)
     np.testing.assert_allclose(res.relevance, [[0.25, 0.25]])
     assert not res.conservative_expected
     # plain z+ happens to conserve on this input (its denominator is not 0), but with b > 0 theory
     # does not promise it (see test_positive_bias_breaks_zplus_conservation), so it is not expected
-    plain = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    plain = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(x)
     assert dt.checks.conservation(plain).ok()
     assert not plain.conservative_expected
     # with b <= 0, b+ = 0 and ZPlus(use_bias=True) is z+: conservative and expected to be
     net0 = dt.Sequential([dt.Dense(np.array([[1.0, 1.0]]), [-0.25]), dt.ReLU(), dt.GlobalSumPool()])
-    res0 = dt.Explainer(net0, dt.rules.ZPlus(use_bias=True)).explain(x)
+    res0 = dt.Explainer(net0, dt.rules.ZPlus(use_bias=True), backend="numpy").explain(x)
     assert res0.conservative_expected
     assert dt.checks.conservation(res0).ok(rtol=1e-12)
 
@@ -203,12 +203,12 @@ def test_conservative_expected_true_where_theorem_applies(rng):
     x = rng.uniform(size=(4, 6))
     for comp in (dt.composites.deep_taylor(0, 1), dt.composites.deep_taylor(-1, 2), dt.rules.ZPlus(),
                  dt.composites.deep_taylor_unbounded(), dt.Composite(first=dt.rules.Flat(), default=dt.rules.ZPlus())):
-        res = dt.Explainer(net, comp).explain(x, return_layers=True)
+        res = dt.Explainer(net, comp, backend="numpy").explain(x, return_layers=True)
         assert res.conservative_expected, comp
         assert dt.checks.conservation(res).ok(rtol=1e-10, atol=1e-12)
     # a top linear layer without ReLU: expected when the explained output is >= 0
     top = dt.Sequential([dt.Dense(np.array([[1.0, 2.0]]))])
-    assert dt.Explainer(top, dt.rules.ZPlus()).explain(np.array([[1.0, 1.0]])).conservative_expected
+    assert dt.Explainer(top, dt.rules.ZPlus(), backend="numpy").explain(np.array([[1.0, 1.0]])).conservative_expected
 
 
 def test_conservative_expected_false_outside_the_theorem():
@@ -217,7 +217,7 @@ def test_conservative_expected_false_outside_the_theorem():
     x = np.array([[1.0, 1.0]])
     for comp in (dt.rules.Epsilon(0.1), dt.rules.Z(), dt.rules.Gamma(), dt.rules.AlphaBeta(),
                  dt.methods.GradientXInput(), dt.methods.Sensitivity()):
-        assert not dt.Explainer(net, comp).explain(x).conservative_expected, comp
+        assert not dt.Explainer(net, comp, backend="numpy").explain(x).conservative_expected, comp
 
 
 def test_wsquare_above_the_first_layer_is_not_expected_to_conserve():
@@ -226,11 +226,11 @@ def test_wsquare_above_the_first_layer_is_not_expected_to_conserve():
     net = dt.Sequential([dt.Dense(np.array([[1.0, 1.0], [0.0, 0.0]])), dt.ReLU(),
                          dt.Dense(np.array([[1.0, 1.0]])), dt.ReLU()])
     x = np.array([[0.5, 0.5]])
-    res = dt.Explainer(net, dt.rules.WSquare()).explain(x)
+    res = dt.Explainer(net, dt.rules.WSquare(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.explained, [1.0])
     np.testing.assert_allclose(res.relevance.sum(), 0.5)      # unit 1's half is dropped
     assert not res.conservative_expected
-    assert dt.Explainer(net, dt.composites.deep_taylor_unbounded()).explain(x).conservative_expected
+    assert dt.Explainer(net, dt.composites.deep_taylor_unbounded(), backend="numpy").explain(x).conservative_expected
 
 
 def test_linear_layers_without_relu_are_not_expected_to_conserve():
@@ -238,7 +238,7 @@ def test_linear_layers_without_relu_are_not_expected_to_conserve():
     (from the z+ layer above, which sees the negative input) is dropped."""
     net = dt.Sequential([dt.Dense(np.array([[-1.0, -1.0]])), dt.Dense(np.array([[-1.0]]))])
     x = np.array([[1.0, 1.0]])
-    res = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.explained, [2.0])
     assert res.relevance.sum() == 0.0
     assert not res.conservative_expected
@@ -247,7 +247,7 @@ def test_linear_layers_without_relu_are_not_expected_to_conserve():
 def test_negative_explained_output_is_not_expected_to_conserve():
     """A top linear layer whose explained output is negative: a zero z+ denominator drops it."""
     net = dt.Sequential([dt.Dense(np.array([[-1.0]]))])
-    res = dt.Explainer(net, dt.rules.ZPlus()).explain(np.array([[1.0]]))
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(np.array([[1.0]]))
     assert res.explained[0] == -1.0
     assert res.relevance.sum() == 0.0
     assert not res.conservative_expected
@@ -258,7 +258,7 @@ def test_pooling_before_the_first_linear_layer_is_not_expected():
     cancel mixed-sign inputs to 0 while w² above still sends it relevance."""
     net = dt.Sequential([dt.SumPool2d(2), dt.Flatten(), dt.Dense(np.array([[1.0, 1.0]])), dt.ReLU()])
     x = np.array([[[[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]]])
-    res = dt.Explainer(net, dt.composites.deep_taylor_unbounded()).explain(x)
+    res = dt.Explainer(net, dt.composites.deep_taylor_unbounded(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.explained, [2.0])
     np.testing.assert_allclose(res.relevance.sum(), 1.0)       # the cancelled window's half is lost
     assert not res.conservative_expected
@@ -268,7 +268,7 @@ def test_negative_explained_output_gives_negative_zplus_relevance(rng):
     """z+ on a top layer whose output is negative: conservative (bias ignored) but not positive."""
     net = dt.Sequential([dt.Dense(np.array([[1.0, -3.0]]), [0.0])])
     x = np.array([[1.0, 1.0]])                       # f = -2, z+ denominator 1
-    res = dt.Explainer(net, dt.rules.ZPlus()).explain(x)
+    res = dt.Explainer(net, dt.rules.ZPlus(), backend="numpy").explain(x)
     np.testing.assert_allclose(res.relevance, [[-2.0, 0.0]])
     assert dt.checks.conservation(res).ok()
     assert not dt.checks.positivity(res).ok()
@@ -282,7 +282,7 @@ def test_check_reports_print_and_assert(rng):
     w1 = dt.init.he_uniform((4, 6), rng)
     net = dt.Sequential([dt.Dense(w1, -0.01 * np.ones(4)), dt.ReLU(), dt.GlobalSumPool()])
     x = rng.uniform(size=(3, 6))
-    res = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0)).explain(x, return_layers=True)
+    res = dt.Explainer(net, dt.composites.deep_taylor(0.0, 1.0), backend="numpy").explain(x, return_layers=True)
     cons = dt.checks.conservation(res)
     text = str(cons)
     assert "conservation" in text
@@ -302,7 +302,7 @@ def test_check_reports_print_and_assert(rng):
     assert pos.negative_mass == 0.0
 
     # a non-conservative, non-positive explanation: the reports say so, with the numbers
-    res2 = dt.Explainer(net, dt.rules.AlphaBeta(2.0, 1.0)).explain(x - 0.5)
+    res2 = dt.Explainer(net, dt.rules.AlphaBeta(2.0, 1.0), backend="numpy").explain(x - 0.5)
     cons2, pos2 = dt.checks.conservation(res2), dt.checks.positivity(res2)
     assert cons2.layer_totals is None
     assert "per layer" not in str(cons2)

@@ -13,7 +13,9 @@ from . import datasets, heatmap, train  # NumPy only at import time; optional ex
 from .backends import available as available_backends
 from .composites import Composite
 from .errors import (
+    BackendFallbackWarning,
     DeepTaylorError,
+    DeepTaylorWarning,
     InputError,
     InputTypeError,
     ModelFormatError,
@@ -136,4 +138,6 @@ __all__ = [
     "RuleError",
     "UnsupportedError",
     "ModelFormatError",
+    "DeepTaylorWarning",
+    "BackendFallbackWarning",
 ]

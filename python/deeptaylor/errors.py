@@ -15,6 +15,8 @@ __all__ = [
     "RuleError",
     "UnsupportedError",
     "ModelFormatError",
+    "DeepTaylorWarning",
+    "BackendFallbackWarning",
 ]
 
 
@@ -47,3 +49,14 @@ class UnsupportedError(DeepTaylorError, NotImplementedError):
 
 class ModelFormatError(DeepTaylorError, ValueError):
     """A model file is truncated, corrupt, inconsistent or of an unknown/future format."""
+
+
+class DeepTaylorWarning(UserWarning):
+    """Base class of every warning deeptaylor emits."""
+
+
+class BackendFallbackWarning(DeepTaylorWarning):
+    """``backend="auto"`` (the default) chose the NumPy reference because the compiled engine is not
+    built or cannot run this network and these rules; the message says why. Shown once per reason
+    (Python's default warning filter); pass ``backend="numpy"`` or ``backend="cpu"`` to choose
+    explicitly."""

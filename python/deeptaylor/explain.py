@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,7 @@ import numpy as np
 
 from .composites import Composite
 from .composites import get as _get_composite
-from .errors import InputError, InputTypeError, RuleError, ShapeError
+from .errors import BackendFallbackWarning, InputError, InputTypeError, RuleError, ShapeError, UnsupportedError
 from .layers import (
     Add,
     AdaptiveAvgPool2d,
@@ -64,6 +66,8 @@ class Explanation:
     method : str
         The composite or method that produced it.
     backend : str
+        The backend that ran: ``"cpu"`` (compiled, float32) or ``"numpy"`` (float64 reference); with
+        ``backend="auto"`` the one it chose.
     conservative_expected : bool
         True when theory (docs/theory.md §3; Montavon et al. 2017) promises conservation,
         ``sum_p R_p = f(x)`` at every layer, for this network, composite and batch. That is exactly when
@@ -100,12 +104,24 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """Check ``x`` against ``net``: a float32/float64 array ``(N, F)`` or ``(N, C, H, W)`` with N >= 1,
     finite values, and a shape every layer accepts. Returns ``(x, shapes)``; raises a
-    :class:`~deeptaylor.errors.DeepTaylorError` subclass naming the problem otherwise."""
+    :class:`~deeptaylor.errors.DeepTaylorError` subclass naming the problem otherwise.
+
+    A CPU torch tensor is converted to an array; a non-native byte order (big-endian float32/float64)
+    is converted to native. Masked arrays (``numpy.ma``) and ``numpy.matrix`` raise
+    :class:`~deeptaylor.errors.InputTypeError` (a mask cannot be honoured)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         from .io.torch import as_array
 
         x = as_array(x)
+    if isinstance(x, np.ma.MaskedArray):
+        # the checks below would see the filled view, the backends the raw data under the mask
+        raise InputTypeError(
+            "masked arrays (numpy.ma) are not accepted: the mask would be ignored. Fill the masked entries "
+            "(x.filled(value)) or drop those samples, and pass a plain ndarray")
+    if isinstance(x, np.matrix):
+        raise InputTypeError("numpy.matrix is not accepted: pass a plain ndarray (np.asarray(x)) of shape "
+                             "(N, F) or (N, C, H, W)")
     if not isinstance(x, np.ndarray):
         given = type(x)
         try:
@@ -116,6 +132,8 @@ def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]
         if x.dtype == object:
             raise InputTypeError(f"input of type {given.__module__}.{given.__qualname__} is not an array: explain "
                                  "takes a float NumPy array (N, F) or (N, C, H, W) or a CPU torch.Tensor")
+    if x.dtype.kind == "f" and not x.dtype.isnative and x.dtype.newbyteorder("=") in _FLOAT_DTYPES:
+        x = x.astype(x.dtype.newbyteorder("="))   # big-endian float32/float64: same values, native order
     if x.dtype not in _FLOAT_DTYPES:
         raise InputTypeError(
             f"input dtype {x.dtype} is not supported: use float32 or float64 "
@@ -149,9 +167,17 @@ def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
     """``None`` (argmax), an int, or an integer array (N,); each in ``[0, K)``. Returns (N,) int64 or None."""
     if target is None:
         return None
+    if isinstance(target, int) and not isinstance(target, bool) and not 0 <= target < k:
+        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), got {target}")
+    if isinstance(target, (np.ma.MaskedArray, np.matrix)):
+        raise InputTypeError(f"target must be an int or a plain integer array, got {type(target).__name__}")
     t = np.asarray(target)
     if t.dtype.kind not in "iu" or t.dtype == np.bool_:
         raise InputTypeError(f"target must be an int or an integer array, got dtype {t.dtype}")
+    if t.dtype.kind == "u" and t.size and int(t.max()) >= k:
+        # before the int64 conversion: a uint64 beyond int64 would wrap to a negative number
+        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), "
+                         f"got values in [{int(t.min())}, {int(t.max())}]")
     if t.ndim == 0:
         t = np.full(n, int(t), dtype=np.int64)
     elif t.shape != (n,):
@@ -262,8 +288,12 @@ class Explainer:
         e.g. ``dt.composites.deep_taylor(0, 1)``, ``dt.methods.Sensitivity()``, ``"epsilon-plus-flat"``,
         a single rule (used for every linear layer) or a mapping accepted by
         :meth:`Composite.from_mapping`.
-    backend : {"numpy", "cpu"} or a backend object
-        ``"numpy"``: the float64 reference; ``"cpu"``: the compiled C++ core (float32).
+    backend : {"auto", "cpu", "numpy"} or a backend object
+        ``"auto"`` (default): the compiled C++ core when it is built and runs this network with these
+        rules, else the reference, with a :class:`~deeptaylor.errors.BackendFallbackWarning` that says
+        why (once per reason); :attr:`Explanation.backend` tells which ran. ``"cpu"``: the compiled
+        C++ core (float32; :class:`~deeptaylor.errors.UnsupportedError` if it cannot run the network);
+        ``"numpy"``: the float64 reference.
     threads : int, optional
         Threads for the compiled backends (default: OpenMP's default).
     input_shape : tuple, optional
@@ -288,22 +318,33 @@ class Explainer:
     True
     """
 
-    def __init__(self, net: Any, composite: Any, backend: Any = "numpy", threads: int | None = None,
+    def __init__(self, net: Any, composite: Any, backend: Any = "auto", threads: int | None = None,
                  input_shape: Any = None) -> None:
-        from .backends import get_backend
-
         torch = sys.modules.get("torch")
         if not isinstance(net, Graph) and torch is not None and isinstance(net, torch.nn.Module):
             from .io.torch import as_network
 
-            net = as_network(net, input_shape)
+            try:
+                net = as_network(net, input_shape)
+            except ShapeError as exc:
+                if input_shape is not None:
+                    raise
+                raise ShapeError(
+                    f"{exc}. Explainer converts a torch.nn.Module with dt.from_torch(module, input_shape): pass "
+                    "the per-sample input shape, dt.Explainer(module, composite, input_shape=(C, H, W)), or "
+                    "convert once yourself with net = dt.from_torch(module, input_shape=(C, H, W))") from None
         elif input_shape is not None and isinstance(net, Graph):
             from .io.torch import as_network
 
             as_network(net, input_shape)   # checks it against the network
         if not isinstance(net, Graph):
+            cls = type(net)
+            hint = ""
+            if cls.__module__.split(".")[0] in ("torch", "torchvision") or any(
+                    c.__module__.startswith("torch.nn") for c in cls.__mro__):
+                hint = " (convert a PyTorch module with dt.from_torch(module, input_shape=...))"
             raise InputTypeError(f"net must be a deeptaylor.Graph or Sequential (or a torch.nn.Module with "
-                                 f"input_shape=...), got {type(net).__name__}")
+                                 f"input_shape=...), got {cls.__module__}.{cls.__qualname__}{hint}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InputError(f"threads must be a positive int, got {threads!r}")
         self.net = net
@@ -312,9 +353,38 @@ class Explainer:
         self.assignment: list[Rule | None] | Method = (
             self.composite if isinstance(self.composite, Method) else self.composite.resolve(self.graph)
         )
-        self.backend = get_backend(backend, threads=threads)
-        self.backend.check(self.graph, self.assignment)
+        #: why ``backend="auto"`` chose the NumPy reference (None when it did not fall back)
+        self.fallback_reason: str | None = None
+        self.backend = self._choose_backend(backend, threads)
         self._premises = _conservation_premises(self.graph, self.assignment)
+
+    def _choose_backend(self, backend: Any, threads: int | None) -> Any:
+        """The backend object for ``backend``; ``"auto"``: the compiled engine when it is built and its
+        ``check`` accepts the graph and rules, else the reference with a :class:`BackendFallbackWarning`."""
+        from .backends import get_backend
+
+        if not (isinstance(backend, str) and backend == "auto"):
+            b = get_backend(backend, threads=threads)
+            b.check(self.graph, self.assignment)
+            return b
+        try:
+            importlib.import_module(f"{__package__}._core")
+        except ImportError as exc:
+            reason = f"the compiled engine (deeptaylor._core) is not built ({exc})"
+        else:
+            try:
+                b = get_backend("cpu", threads=threads)
+                b.check(self.graph, self.assignment)
+                return b
+            except UnsupportedError as exc:
+                reason = str(exc)
+        self.fallback_reason = reason
+        warnings.warn(f"backend='auto' uses the NumPy reference (float64, slower): {reason}. Pass "
+                      "backend='numpy' to choose it explicitly (and silence this warning)",
+                      BackendFallbackWarning, stacklevel=3)
+        b = get_backend("numpy")
+        b.check(self.graph, self.assignment)
+        return b
 
     @property
     def method_name(self) -> str:
