@@ -119,7 +119,8 @@ def test_batchnorm_nodes_folded_by_canonicalize_after_conv_and_gemm():
     folded = canonicalize(net)
     assert [layer.kind for layer in folded] == ["Conv2d", "ReLU", "Flatten", "Dense"]
     x = RNG.uniform(size=(2, 1, 6, 6))
-    np.testing.assert_allclose(folded.forward(x), net.forward(x), rtol=1e-9, atol=1e-12)
+    # the folded weights stay float32 as the file's (canonicalize keeps the dtype): float32 rounding
+    np.testing.assert_allclose(folded.forward(x), net.forward(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("keepdims", [0, 1])

@@ -62,8 +62,8 @@ SUPPORTED_OPS = ("Conv (grouped too)", "ConvTranspose", "Gemm", "MatMul", "Add/S
                  "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
                  "Resize/Upsample (nearest, integer scales)", "Flatten", "Reshape (flatten; channel shuffle with "
                  "Transpose)", "Dropout", "Identity", "Constant",
-                 ("Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/Reshape/Slice/Transpose/ConstantOfShape/Add/Sub/Mul/Div "
-                  "(integer shape arithmetic on constants)"))
+                 ("Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/CastLike/Reshape/Slice/Transpose/ConstantOfShape/Expand/"
+                  "Add/Sub/Mul/Div (shape arithmetic on constants)"))
 MIN_OPSET = 7
 _MAX_ELEMENTS = 1 << 34
 # evaluated on constants (shape arithmetic)
@@ -247,11 +247,14 @@ class _Importer:
         if tuple(arr.shape) != tuple(dims):
             raise self.fmt(f"{what} {t.name!r} holds shape {arr.shape}, declares {tuple(dims)}")
         if arr.dtype.kind == "f":
+            f32 = arr.dtype == np.float32
             with np.errstate(all="ignore"):  # NaN/Inf are reported below, not warned about
                 arr = arr.astype(np.float64)
             # a scalar may be infinite (a Pad's -inf value before MaxPool); weights and biases are checked on use
             if np.any(np.isnan(arr)) or (arr.size != 1 and not np.all(np.isfinite(arr))):
                 raise self.fmt(f"{what} {t.name!r} contains NaN or Inf")
+            if f32:  # float32 weights stay float32 in the layers, as from_torch keeps them (exact either way)
+                arr = arr.astype(np.float32)
         else:
             arr = arr.astype(np.int64)
         return arr
@@ -459,6 +462,9 @@ class _Importer:
             if op in _FOLDABLE:
                 self.fold(node)
                 return
+            if op == "Expand":
+                self.expand(node)
+                return
             if hasattr(self, f"op_{op}"):
                 raise self.unsupported(node, "it computes on constants only (only integer shape arithmetic is "
                                              "evaluated at import)")
@@ -595,6 +601,32 @@ class _Importer:
     def need_rank(self, node: Any, v: _Val | _Virtual, rank: int) -> None:
         if v.rank != rank:
             raise self.unsupported(node, f"expects a rank-{rank} input, its input has rank {v.rank}")
+
+    def expand(self, node: Any) -> None:
+        """``Expand`` of a constant to a constant shape (the dynamo exporter's unoptimised zero bias:
+        ``Expand(CastLike(0, x), Shape(W)[:1])``), at most ``_MAX_SIZE`` elements."""
+        if len(node.input) != 2 or len(node.output) != 1 or node.output[0] in self.consts:
+            raise self.fmt(f"Expand node {node.name!r} needs two inputs and one new output")
+        x, shape = self.consts[node.input[0]], self.consts[node.input[1]]
+        if shape.dtype.kind != "i" or shape.ndim != 1 or shape.size > 8 or np.any(shape < 0):
+            raise self.unsupported(node, "the shape must be a constant 1-D int64 tensor of sizes")
+        try:
+            dims = np.broadcast_shapes(x.shape, tuple(int(v) for v in shape))
+        except ValueError as exc:
+            raise self.fmt(f"Expand node {node.name!r}: {exc}") from None
+        if math.prod(dims) > _MAX_SIZE:
+            raise self.unsupported(node, f"an Expand to {math.prod(dims)} elements")
+        self.consts[node.output[0]] = np.array(np.broadcast_to(x, dims))
+
+    def op_CastLike(self, node: Any, attrs: dict[str, Any]) -> None:
+        """``CastLike(constant, like)``: the constant, as a float when ``like`` is a computed tensor."""
+        if len(node.input) != 2 or node.input[0] not in self.consts:
+            raise self.unsupported(node, "only a CastLike of a constant is evaluated")
+        c, like = self.consts[node.input[0]], self.consts.get(node.input[1])
+        to_float = like is None or like.dtype.kind == "f"
+        if not to_float and c.dtype.kind == "f" and not np.all(np.abs(c) < _MAX_ARITH):
+            raise self.unsupported(node, f"a cast to an integer of values beyond {_MAX_ARITH}")
+        self.consts[node.output[0]] = c.astype(np.float64) if to_float else np.trunc(c).astype(np.int64)
 
     def shape_of(self, node: Any, v: _Val | _Virtual) -> None:
         """``Shape`` of a computed tensor (``x.size()`` in a traced ``x.view(x.size(0), -1)``): the per-sample
@@ -1329,7 +1361,9 @@ class _Importer:
         alpha = self.attr(node, attrs, "alpha", 1.0, float)
         beta = self.attr(node, attrs, "beta", 1.0, float)
         B = self.weight(node, node.input[1], "B", 2)
-        W = alpha * (B if trans_b else B.T)
+        W = B if trans_b else B.T
+        if alpha != 1.0:
+            W = alpha * W.astype(np.float64)
         bias = np.zeros(W.shape[0])
         if len(node.input) > 2 and node.input[2]:
             bias = beta * self.bias(node, self.const(node, node.input[2], "C"), W.shape[0], 2)
@@ -1451,7 +1485,7 @@ class _Importer:
         c = cs[1]
         if c.dtype.kind != "f" or np.any(c == 0):  # type: ignore[union-attr]
             raise self.unsupported(node, "division by a constant that is not float or has zeros")
-        self.scale_const(node, vs[0], 1.0 / c)  # type: ignore[operator]
+        self.scale_const(node, vs[0], 1.0 / c.astype(np.float64))  # type: ignore[union-attr]
 
     def op_Mul(self, node: Any, attrs: dict[str, Any]) -> None:
         vs, cs = self.operands(node)
