@@ -69,7 +69,8 @@ def test_residual_add_sum_and_concat_graph():
              helper.make_node("Relu", ["cat"], ["y"], name="out")]
     m = model(nodes, [init("W1", w(4, 2, 3, 3)), init("b1", w(4)), init("W2", w(4, 4, 3, 3))], ["N", 2, 5, 5])
     net = check_reference(m, RNG.normal(size=(3, 2, 5, 5)))
-    assert isinstance(net, dt.Graph) and not isinstance(net, dt.Sequential)
+    assert isinstance(net, dt.Graph)
+    assert not isinstance(net, dt.Sequential)
     assert net.names == ("conv1", "relu1", "conv2", "add", "sum3", "cat", "out")
     assert kinds(net) == ["Conv2d", "ReLU", "Conv2d", "Add", "Add", "Concat", "ReLU"]
     assert net.nodes[4].inputs == (4, 2, 1)
@@ -140,7 +141,8 @@ def test_split_and_slice_on_channels(opset, split):
              helper.make_node("Concat", ["rb", "a", "s"], ["y"], axis=-3)]
     inits += [ints("st", [1, 0]), ints("en", [-2, 1 << 40]), ints("ax", [1, 3])]
     net = check_reference(model(nodes, inits, ["N", 6, 3, 3], opset=opset), RNG.normal(size=(2, 6, 3, 3)))
-    assert "split:0" in net.names and "split:1" in net.names
+    assert "split:0" in net.names
+    assert "split:1" in net.names
     halves = [(0, 2), (2, 6)] if split in ("attr", "input") else [(0, 3), (3, 6)]
     assert sorted((layer.start, layer.stop) for layer in net if layer.kind == "Slice") == sorted([*halves, (1, 4)])
 
@@ -152,7 +154,8 @@ def test_channel_shuffle_from_reshape_transpose_reshape():
              helper.make_node("Reshape", ["t", "s4"], ["y"], name="shuffle")]
     net = check_reference(model(nodes, [ints("s5", [0, 3, -1, 2, 5]), ints("s4", [-1, 12, 2, 5])], [2, 12, 2, 5]),
                           RNG.normal(size=(2, 12, 2, 5)))
-    assert kinds(net) == ["ReLU", "ChannelShuffle"] and net[1].groups == 3
+    assert kinds(net) == ["ReLU", "ChannelShuffle"]
+    assert net[1].groups == 3
 
 
 @pytest.mark.parametrize("order", ["torchscript", "onnxscript", "half_first"])
@@ -171,7 +174,8 @@ def test_erf_gelu_pattern(order):
                  helper.make_node("Mul", ["hx", "p"], ["y"], name="gelu")]
     inits = [init("sqrt2", np.sqrt(2)), init("isqrt2", 1 / np.sqrt(2)), init("one", 1.0), init("half", 0.5)]
     net = check_reference(model(nodes, inits, ["N", 3, 4, 4]), RNG.normal(size=(2, 3, 4, 4)) * 2)
-    assert kinds(net) == ["GELU"] and net[0].approximate == "none"
+    assert kinds(net) == ["GELU"]
+    assert net[0].approximate == "none"
 
 
 @pytest.mark.parametrize(("node", "kind"), [
@@ -259,7 +263,8 @@ def test_nearest_upsampling(opset, form):
         np.testing.assert_array_equal(net.forward(x), np.repeat(np.repeat(x, 2, axis=2), 3, axis=3))
     else:
         net = check_reference(m, x)
-    assert kinds(net) == ["Upsample"] and net[0].scale_factor == (2, 3)
+    assert kinds(net) == ["Upsample"]
+    assert net[0].scale_factor == (2, 3)
 
 
 def test_chain_without_static_size_is_a_sequential():
@@ -529,8 +534,10 @@ def test_exported_graphs_match_torch(tmp_path, exporter, name):
     torch, m, shape = build(name)
     path, mp = export(torch, m, shape, exporter, tmp_path)
     net = dt.load(path)
-    assert isinstance(net, dt.Graph) and net.input_shape == shape
-    assert all(__import__("re").match(NAME_OK, n) for n in net.names) and len(set(net.names)) == len(net.names)
+    assert isinstance(net, dt.Graph)
+    assert net.input_shape == shape
+    assert all(__import__("re").match(NAME_OK, n) for n in net.names)
+    assert len(set(net.names)) == len(net.names)
     onnx_names = {n.name.lstrip("/") for n in mp.graph.node}
     assert sum(n in onnx_names for n in net.names) >= len(net) // 2  # named after the ONNX nodes
     x = np.random.default_rng(5).uniform(-0.2, 1, size=(3, *shape)).astype(np.float32)

@@ -55,13 +55,13 @@ from ..network import Graph, Input, Sequential
 
 __all__ = ["MIN_OPSET", "SUPPORTED_OPS", "load_onnx"]
 
-SUPPORTED_OPS = ("Conv (grouped too)", "ConvTranspose", "Gemm", "MatMul", "Add/Sum", "Sub/Mul/Div (by constants; "
-                 "Mul of a signal and a gate)", "Concat (axis 1)", "Split/Slice (channels)", "BatchNormalization",
+SUPPORTED_OPS = ("Conv (grouped too)", "ConvTranspose", "Gemm", "MatMul", "Add/Sum", ("Sub/Mul/Div (by constants; "
+                 "Mul of a signal and a gate)"), "Concat (axis 1)", "Split/Slice (channels)", "BatchNormalization",
                  "Relu", "LeakyRelu", "Elu", "Gelu (and the Erf form)", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                  "Clip (ReLU, ReLU6)", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean (over axes 2, 3)",
                  "Pad (constant, H/W only; folded into the next Conv/AveragePool, or MaxPool for -inf)",
-                 "Resize/Upsample (nearest, integer scales)", "Flatten", "Reshape (flatten; channel shuffle with "
-                 "Transpose)", "Dropout", "Identity", "Constant",
+                 "Resize/Upsample (nearest, integer scales)", "Flatten", ("Reshape (flatten; channel shuffle with "
+                 "Transpose)"), "Dropout", "Identity", "Constant",
                  ("Shape/Gather/Unsqueeze/Squeeze/Concat/Cast/CastLike/Reshape/Slice/Transpose/ConstantOfShape/Expand/"
                   "Add/Sub/Mul/Div (shape arithmetic on constants)"))
 MIN_OPSET = 7
@@ -159,7 +159,7 @@ class _Val:
     ``shape`` the full shape with batch 1 (None in chain mode); ``layer`` / ``src`` the producing layer
     and its input values (None / () for the graph input); ``name`` the ONNX tensor name."""
 
-    __slots__ = ("t", "rank", "shape", "layer", "src", "name")
+    __slots__ = ("layer", "name", "rank", "shape", "src", "t")
 
     def __init__(self, t: Any, rank: int, shape: tuple[int, ...] | None, layer: Layer | None,
                  src: tuple[_Val, ...], name: str) -> None:
@@ -172,7 +172,7 @@ class _Virtual:
     (``erf``), or the rank-5 steps of a channel shuffle (``grouped``: ``(N, g, C/g, H, W)``;
     ``shuffled``: ``(N, C/g, g, H, W)``). Only some ops can read one; see ``_Importer.val``."""
 
-    __slots__ = ("kind", "src", "node", "pads", "value", "c", "k", "p", "g", "mat")
+    __slots__ = ("c", "g", "k", "kind", "mat", "node", "p", "pads", "src", "value")
 
     def __init__(self, kind: str, src: _Val, node: Any = None, **kw: Any) -> None:
         self.kind, self.src, self.node, self.mat = kind, src, node, None
