@@ -50,8 +50,23 @@ _add([f"efficientnet_b{k}" for k in range(8)] + ["efficientnet_v2_s", "efficient
 _add(["regnet_x_400mf", "regnet_x_800mf", "regnet_y_400mf", "regnet_y_800mf"], explain_size=32)
 
 
-def _params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in names]
+# The heatmaps of these are ill-conditioned at float32: the float64 reference itself moves by ~2e-4
+# (max-normalised) when the input is perturbed by 1e-7 relative (measured on DenseNet-121): the
+# proportional Norm rule of DenseNet's transition AvgPool2d (after a conv: signed inputs) and of
+# EfficientNet's residual Adds divides by sums of signed values that come close to 0, and the starting
+# logit of a random-init network is a sum of large terms that nearly cancel. The float32 engine differs
+# from the float64 reference there by 1.2e-4 - 8.5e-4 (max-normalised; relative L2 ~1.5e-4): checked
+# at 2e-3 max-normalised and 1e-3 relative L2.
+_ILL_CONDITIONED = ("densenet", "efficientnet")
+
+
+def _cases():
+    out = []
+    for name in ZOO:
+        for check in ("forward", "explain"):
+            marks = [pytest.mark.slow] if name in _SLOW else []
+            out.append(pytest.param(name, check, marks=marks, id=f"{name}-{check}"))
+    return out
 
 
 def randomize_batchnorm(model, seed=0):
@@ -74,13 +89,13 @@ _CACHE: dict = {}
 
 
 def _model(name):
-    """(torch model in eval mode, imported net, forward input size); the last one is cached."""
+    """The torch model (eval mode, random BatchNorm statistics); the last one is cached, and the
+    forward and explain checks of one architecture run one after the other."""
     if name not in _CACHE:
         _CACHE.clear()
-        kwargs, size, _ = ZOO[name]
+        kwargs, _, _ = ZOO[name]
         torch.manual_seed(0)
-        model = randomize_batchnorm(getattr(tv.models, name)(weights=None, **kwargs)).eval()
-        _CACHE[name] = (model, dt.from_torch(model, (3, size, size)))
+        _CACHE[name] = randomize_batchnorm(getattr(tv.models, name)(weights=None, **kwargs)).eval()
     return _CACHE[name]
 
 
@@ -88,42 +103,43 @@ def _maxnorm(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
-@pytest.mark.parametrize("name", _params(ZOO))
-def test_zoo_imports_and_forward_matches_torch(name):
-    model, net = _model(name)
-    _, size, _ = ZOO[name]
-    assert isinstance(net, dt.Graph)
-    assert net.input_shape == (3, size, size)
-    assert len(set(net.names)) == len(net)
-    x = np.random.default_rng(1).uniform(size=(2, 3, size, size)).astype(np.float32)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy().astype(np.float64)
-    assert want.shape == (2, 1000)
-    assert _maxnorm(net.forward(x), want) <= 1e-4
-    canon = canonicalize(net)
-    assert not any(layer.kind in ("Identity", "Dropout") for layer in canon)
-    assert _maxnorm(canon.forward(x), want) <= 1e-4
+def _rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-300))
 
 
-@pytest.mark.parametrize("name", _params(ZOO))
-def test_zoo_explain_cpu_matches_numpy(name):
+@pytest.mark.parametrize(("name", "check"), _cases())
+def test_zoo(name, check):
+    model = _model(name)
+    _, size, esize = ZOO[name]
+    if check == "forward":
+        net = dt.from_torch(model, (3, size, size))
+        assert isinstance(net, dt.Graph)
+        assert net.input_shape == (3, size, size)
+        assert len(set(net.names)) == len(net)
+        x = np.random.default_rng(1).uniform(size=(2, 3, size, size)).astype(np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy().astype(np.float64)
+        assert want.shape == (2, 1000)
+        assert _maxnorm(net.forward(x), want) <= 1e-4
+        canon = canonicalize(net)
+        assert not any(layer.kind in ("Identity", "Dropout") for layer in canon)
+        assert _maxnorm(canon.forward(x), want) <= 1e-4
+        return
     if "cpu" not in dt.available_backends():  # pragma: no cover - only where the C++ core is not built
         pytest.skip("the cpu backend (C++ core) is not built")
-    kwargs, size, esize = ZOO[name]
-    if esize == size:
-        _, net = _model(name)
-    else:  # the big models: explained at the smallest input (a fresh import for that shape)
-        torch.manual_seed(0)
-        model = randomize_batchnorm(getattr(tv.models, name)(weights=None, **kwargs)).eval()
-        net = dt.from_torch(model, (3, esize, esize))
+    net = dt.from_torch(model, (3, esize, esize))
     batch = 1 if name in _SLOW else 2
     x = np.random.default_rng(2).uniform(size=(batch, 3, esize, esize))
-    ref = dt.Explainer(net, "epsilon_plus_flat", backend="numpy").explain(x)
-    got = dt.Explainer(net, "epsilon_plus_flat", backend="cpu").explain(x.astype(np.float32))
-    r = ref.relevance
-    assert np.all(np.isfinite(r))
-    assert np.abs(r).max() > 0
-    assert _maxnorm(got.relevance.astype(np.float64), r) <= 1e-4
+    ref = dt.Explainer(net, "epsilon_plus_flat", backend="numpy").explain(x).relevance
+    got = dt.Explainer(net, "epsilon_plus_flat", backend="cpu").explain(x.astype(np.float32)).relevance
+    got = got.astype(np.float64)
+    assert np.all(np.isfinite(ref))
+    assert np.abs(ref).max() > 0
+    if name.startswith(_ILL_CONDITIONED):
+        assert _rel_l2(got, ref) <= 1e-3
+        assert _maxnorm(got, ref) <= 2e-3
+    else:
+        assert _maxnorm(got, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t", "convnext_tiny"])
@@ -140,7 +156,7 @@ def test_inception_transform_input_is_refused_clearly():
 
 
 def test_zoo_node_names_are_module_paths():
-    _, net = _model("resnet50")
+    net = dt.from_torch(tv.models.resnet50(weights=None), (3, 64, 64))
     names = set(net.names)
     assert {"conv1", "bn1", "maxpool", "layer3.0.downsample.0", "layer3.0.downsample.1", "layer4.2.conv3",
             "layer4.2.add", "layer4.2.relu", "layer4.2.relu:1", "layer4.2.relu:2", "avgpool", "flatten", "fc"} <= names
