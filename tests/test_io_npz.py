@@ -627,10 +627,13 @@ def test_fuzz_mutated_graph_npz_bytes(rng):
 
 
 def test_implausible_activation_size_refused():
+    up = {"kind": "Upsample", "params": {"scale_factor": [64, 64], "mode": "nearest"}}
     desc = {"format": "deeptaylor.model", "version": 2, "network": "Graph", "input_shape": [2, 4, 4], "nodes": [
-        {"name": "up1", "kind": "Upsample", "inputs": [0], "params": {"scale_factor": [2 ** 24, 2 ** 24],
-                                                                      "mode": "nearest"}},
-        {"name": "up2", "kind": "Upsample", "inputs": [1], "params": {"scale_factor": [2 ** 24, 1], "mode": "nearest"}},
-        {"name": "pool", "kind": "GlobalSumPool", "inputs": [2], "params": {}}]}
-    with pytest.raises(dt.ModelFormatError, match=r"node 0 'up1' \(Upsample\): implausible output shape"):
+        {"name": "up1", "inputs": [0], **up}, {"name": "up2", "inputs": [1], **up}, {"name": "up3", "inputs": [2], **up},
+        {"name": "pool", "kind": "GlobalSumPool", "inputs": [3], "params": {}}]}
+    # 2 x 16384 x 16384 values per sample pass; 2 x 2**20 x 2**20 do not
+    with pytest.raises(dt.ModelFormatError, match=r"node 2 'up3' \(Upsample\): implausible output shape"):
+        load_npz(craft(desc, {}))
+    desc["nodes"][0]["params"] = {"scale_factor": [2 ** 24, 2 ** 24], "mode": "nearest"}
+    with pytest.raises(dt.ModelFormatError, match=r"node 0 'up1' \(Upsample\) scale_factor .*loader's limit"):
         load_npz(craft(desc, {}))

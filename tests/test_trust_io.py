@@ -11,6 +11,7 @@ import pytest
 
 import deeptaylor as dt
 from deeptaylor.errors import BackendFallbackWarning, DeepTaylorWarning
+from deeptaylor.io.npz import load_npz
 
 HAVE_CPU = "cpu" in dt.available_backends()
 
@@ -153,3 +154,195 @@ def test_explicit_backends_do_not_fall_back(monkeypatch):
         monkeypatch.setattr(CpuBackend, "check", refuse)
         with pytest.raises(dt.UnsupportedError):
             dt.Explainer(net, dt.rules.ZPlus(), backend="cpu")
+
+
+# ------------------------------------------------------------ items 8, 9: model files that ask too much
+
+
+def _zip(members: dict[str, bytes | tuple[bytes, int]], compression: int = 8) -> bytes:
+    """A zip of ``name -> npy bytes`` (or ``(npy header, number of zero bytes after it)``, streamed)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        for name, data in members.items():
+            if isinstance(data, tuple):
+                head, zeros = data
+                with zf.open(name, "w", force_zip64=True) as fh:
+                    fh.write(head)
+                    block = bytes(1 << 22)
+                    for s in range(0, zeros, len(block)):
+                        fh.write(block[:min(len(block), zeros - s)])
+            else:
+                zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _meta(desc: dict) -> bytes:
+    import json
+
+    return _npy(np.frombuffer(json.dumps(desc).encode(), dtype=np.uint8))
+
+
+def _dense_desc(input_shape=None) -> dict:
+    return {"format": "deeptaylor.model", "version": 2, "network": "Sequential", "input_shape": input_shape,
+            "nodes": [{"name": "0", "kind": "Dense", "inputs": [0], "params": {}}]}
+
+
+def _peak_mib(fn) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("case", ["bias", "input_shape", "extra"])
+def test_npz_member_checked_against_its_layer_before_decompressing(case):
+    """A ~256 KiB file whose Dense weight member holds 256 MiB of zeros that the layer cannot use
+    (bias of another length / features not the declared input's / an array no node uses): refused
+    from the headers, without decompressing it (peak memory far below the member)."""
+    n = 1 << 25                                         # 2**25 float64 = 256 MiB
+    members = {"__deeptaylor__.npy": _meta(_dense_desc([n] if case != "input_shape" else [7])),
+               "node0.weight.npy": (_npy_header((1, n)), 8 * n),
+               "node0.bias.npy": _npy(np.zeros(2 if case == "bias" else 1))}
+    if case == "extra":
+        members["node0.weight.npy"] = _npy(np.zeros((1, 4)))
+        members["__deeptaylor__.npy"] = _meta(_dense_desc([4]))
+        members["node7.weight.npy"] = (_npy_header((1, n)), 8 * n)
+    data = _zip(members)
+    assert len(data) < 1 << 20
+
+    def load():
+        with pytest.raises(dt.ModelFormatError) as info:
+            load_npz(data)
+        return info
+
+    assert _peak_mib(load) < 32
+
+
+def test_npz_streamed_into_one_array():
+    """A consistent big member is decompressed straight into its array (no second copy of the bytes)."""
+    n = 1 << 23                                          # 64 MiB of float64 zeros
+    data = _zip({"__deeptaylor__.npy": _meta(_dense_desc([n])), "node0.weight.npy": (_npy_header((1, n)), 8 * n),
+                 "node0.bias.npy": _npy(np.zeros(1))})
+    box = []
+    peak = _peak_mib(lambda: box.append(load_npz(data)))
+    assert box[0][0].weight.shape == (1, n)
+    assert peak < 64 * 2 + 24          # the array and the layer's own copy, not also the bytes
+
+
+def test_npz_corrupt_lzma_member_is_a_model_format_error():
+    import io
+    import zipfile
+
+    net = _dense_net()
+    buf = io.BytesIO()
+    dt.save(net, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    members = {i.filename: src.read(i) for i in src.infolist()}
+    members["node0.weight.npy"] = members["node0.weight.npy"] + bytes(4096)   # compressible: LZMA data of some size
+    for method in (zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED):
+        good = _zip(members, compression=method)
+        info = zipfile.ZipFile(io.BytesIO(good)).getinfo("node0.weight.npy")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        bad = bytearray(good)
+        for k in range(start + 8, start + info.compress_size - 2):
+            bad[k] ^= 0x5A
+        with pytest.raises(dt.ModelFormatError, match="corrupt|truncated"):
+            load_npz(bytes(bad))
+
+
+def _conv_desc(**params) -> dict:
+    p = {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1}
+    p.update(params)
+    return {"format": "deeptaylor.model", "version": 2, "network": "Graph", "input_shape": [1, 1, 1],
+            "nodes": [{"name": "stem.conv", "kind": "Conv2d", "inputs": [0], "params": p},
+                      {"name": "pool", "kind": "GlobalSumPool", "inputs": [1], "params": {}}]}
+
+
+def _conv_file(desc: dict, kernel: int = 1) -> bytes:
+    return _zip({"__deeptaylor__.npy": _meta(desc), "node0.weight.npy": _npy(np.ones((2, 1, kernel, kernel))),
+                 "node0.bias.npy": _npy(np.zeros(2))})
+
+
+@pytest.mark.parametrize(("params", "kernel", "match"), [
+    ({"padding": [5000, 5000, 5000, 5000]}, 1, "padding"),
+    ({"padding": [0, 0, 40, 0]}, 3, "padding"),
+    ({"stride": [1, 5000]}, 1, "stride"),
+    ({"dilation": [2000, 1]}, 3, "dilat"),
+])
+def test_loader_refuses_hyper_parameters_beyond_its_limits(params, kernel, match):
+    with pytest.raises(dt.ModelFormatError, match=rf"'stem\.conv'.*{match}.*limit|'stem\.conv'.*limit.*{match}"):
+        load_npz(_conv_file(_conv_desc(**params), kernel))
+
+
+def test_loader_accepts_paddings_real_models_use():
+    for pad, k in ((16, 1), (3, 3), (1, 1), (5, 5)):
+        net = load_npz(_conv_file(_conv_desc(padding=[pad] * 4), k))
+        assert net.nodes[0].layer.padding == (pad,) * 4
+
+
+def test_loader_refuses_huge_pooling_and_upsampling():
+    for kind, params in (("MaxPool2d", {"kernel_size": [5000, 1], "stride": [1, 1], "padding": [0, 0, 0, 0],
+                                         "ceil_mode": False}),
+                         ("Upsample", {"scale_factor": [1000, 1000], "mode": "nearest"}),
+                         ("AdaptiveAvgPool2d", {"output_size": [100000, 1]})):
+        desc = {"format": "deeptaylor.model", "version": 2, "network": "Graph", "input_shape": None,
+                "nodes": [{"name": "big", "kind": kind, "inputs": [0], "params": params},
+                          {"name": "pool", "kind": "GlobalSumPool", "inputs": [1], "params": {}}]}
+        with pytest.raises(dt.ModelFormatError, match=r"'big'.*limit"):
+            load_npz(_zip({"__deeptaylor__.npy": _meta(desc)}))
+
+
+# ------------------------------------------------------------------------- item 12: dt.load(bytes)
+
+
+def test_load_bytes():
+    import io
+
+    net = _dense_net()
+    buf = io.BytesIO()
+    dt.save(net, buf)
+    for data in (buf.getvalue(), bytearray(buf.getvalue()), memoryview(buf.getvalue())):
+        back = dt.load(data)
+        np.testing.assert_array_equal(back[0].weight, net[0].weight)
+    for junk in (b"hello\x00world", b"", b"\x80\x04\x95junk"):
+        with pytest.raises(dt.ModelFormatError):
+            dt.load(junk)
+
+
+def test_load_onnx_bytes():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(w, "W")])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    assert onnx.load_from_string(data).graph.node
+    net = dt.load(data)
+    np.testing.assert_array_equal(net[0].weight, w)

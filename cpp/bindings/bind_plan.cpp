@@ -2,7 +2,10 @@
 // python/deeptaylor/backends/cpu.py), then run on whole batches with the GIL released.
 #include <pybind11/stl.h>
 
+#include <cfloat>
+#include <cmath>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "arrays.hpp"
@@ -29,14 +32,44 @@ Shape to_shape(const py::handle& h) {
     } else {
         throw py::value_error("plan: a sample shape must have 1 or 3 dimensions");
     }
-    for (int64_t d : v)
+    double n = 1.0;
+    for (int64_t d : v) {
         if (d < 1) throw py::value_error("plan: shapes must be positive");
+        n *= static_cast<double>(d);
+    }
+    if (n > static_cast<double>(kMaxValueFloats))
+        throw LimitError("plan: a per-sample shape with " + std::to_string(static_cast<long long>(n)) +
+                         " values is beyond the engine's limit of 2^31 per sample");
     return s;
+}
+
+// "op i (Kind 'name')" of a spec dict, for messages raised before the OpSpec exists.
+std::string where(size_t i, const py::dict& d) {
+    std::ostringstream os;
+    os << "op " << i << " (" << (d.contains("kind") ? py::str(d["kind"]).cast<std::string>() : "?");
+    if (d.contains("name") && !d["name"].is_none()) os << " '" << py::str(d["name"]).cast<std::string>() << "'";
+    os << ")";
+    return os.str();
+}
+
+// The engine computes in float32: a parameter beyond float32's range (from a float64 file or a folded
+// BatchNorm) would turn into +-inf and give NaN or silently clipped results. Refused, naming the op.
+[[noreturn]] void out_of_range(const std::string& ctx, const char* key, double v) {
+    std::ostringstream os;
+    os.precision(4);
+    os << "plan: " << ctx << ": " << key;
+    if (std::isfinite(v))
+        os << " has values beyond float32's range (" << v << "; float32 holds +-" << FLT_MAX
+           << "): the cpu backend computes in float32 (rescale the network or use backend='numpy')";
+    else
+        os << " has NaN/Inf values";
+    throw LimitError(os.str());
 }
 
 // A float32 copy of d[key]. C-contiguous float64 arrays (the layers' parameters) are converted
 // element by element straight into the vector, without a float32 temporary of the whole array.
-std::vector<float> floats(const py::dict& d, const char* key) {
+// Every value must be finite in float32 (checked on the way, no extra pass).
+std::vector<float> floats(const py::dict& d, const char* key, const std::string& ctx) {
     if (!d.contains(key) || d[key].is_none()) return {};
     const py::object v = d[key];
     if (py::isinstance<py::array_t<double>>(v)) {
@@ -44,13 +77,20 @@ std::vector<float> floats(const py::dict& d, const char* key) {
         if (a64) {
             std::vector<float> out(static_cast<size_t>(a64.size()));
             const double* src = a64.data();
-            for (size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(src[k]);
+            for (size_t k = 0; k < out.size(); ++k) {
+                const double x = src[k];
+                if (!(std::fabs(x) <= static_cast<double>(FLT_MAX))) out_of_range(ctx, key, x);
+                out[k] = static_cast<float>(x);
+            }
             return out;
         }
     }
     auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(v);
     if (!a) throw py::type_error(std::string("plan: ") + key + " must be a float array");
-    return std::vector<float>(a.data(), a.data() + a.size());
+    std::vector<float> out(a.data(), a.data() + a.size());
+    for (float x : out)
+        if (!std::isfinite(x)) out_of_range(ctx, key, static_cast<double>(x));
+    return out;
 }
 
 template <class T>
@@ -107,7 +147,8 @@ RuleKind rule_kind(const std::string& k) {
     throw py::value_error("plan: unknown rule '" + k + "'");
 }
 
-OpSpec to_op(const py::dict& d) {
+OpSpec to_op(const py::dict& d, size_t index) {
+    const std::string ctx = where(index, d);
     OpSpec op;
     op.kind = op_kind(d["kind"].cast<std::string>());
     op.name = get<std::string>(d, "name", "");
@@ -127,8 +168,8 @@ OpSpec to_op(const py::dict& d) {
     op.oph = opad[0];
     op.opw = opad[1];
     if (op.kind == OpKind::BatchNorm) {
-        op.scale = floats(d, "scale");
-        op.shift = floats(d, "shift");
+        op.scale = floats(d, "scale", ctx);
+        op.shift = floats(d, "shift", ctx);
     }
     if (op.kind == OpKind::Upsample) {
         const auto sc = get<std::vector<int64_t>>(d, "scale", {1, 1});
@@ -140,7 +181,7 @@ OpSpec to_op(const py::dict& d) {
         op.act = act_fn(get<std::string>(d, "fn", ""));
         op.param = get<float>(d, "param", 0.0f);
     }
-    op.inv_count = floats(d, "inv_count");
+    op.inv_count = floats(d, "inv_count", ctx);
     if (op.kind == OpKind::AdaptiveAvgPool) {
         for (const char* key : {"rows", "cols"}) {
             auto& dst = key[0] == 'r' ? op.rows : op.cols;
@@ -154,8 +195,8 @@ OpSpec to_op(const py::dict& d) {
     }
     op.start = get<int64_t>(d, "start", 0);
     op.stop = get<int64_t>(d, "stop", 0);
-    op.weight = floats(d, "weight");
-    op.bias = floats(d, "bias");
+    op.weight = floats(d, "weight", ctx);
+    op.bias = floats(d, "bias", ctx);
     const auto k = get<std::vector<int64_t>>(d, "kernel", {1, 1});
     const auto st = get<std::vector<int64_t>>(d, "stride", {1, 1});
     const auto pad = get<std::vector<int64_t>>(d, "padding", {0, 0, 0, 0});
@@ -182,8 +223,11 @@ OpSpec to_op(const py::dict& d) {
         op.rule.alpha = get<float>(d, "alpha", 1.0f);
         op.rule.beta = get<float>(d, "beta", 0.0f);
         op.rule.use_bias = get<bool>(d, "use_bias", false);
-        op.rule.low = floats(d, "low");
-        op.rule.high = floats(d, "high");
+        for (const char* k : {"eps", "gamma", "alpha", "beta"})
+            if (d.contains(k) && !d[k].is_none() && !std::isfinite(d[k].cast<float>()))
+                out_of_range(ctx, k, d[k].cast<double>());
+        op.rule.low = floats(d, "low", ctx);
+        op.rule.high = floats(d, "high", ctx);
     }
     return op;
 }
@@ -201,10 +245,24 @@ struct PyPlan {
 }  // namespace
 
 void register_plan(py::module_& m) {
+    // LimitError -> deeptaylor.errors.InputError; OutOfMemory and std::bad_alloc -> MemoryError with
+    // what was being allocated (docs/engine.md "Limits and failure modes").
+    py::register_exception_translator([](std::exception_ptr e) {
+        try {
+            if (e) std::rethrow_exception(e);
+        } catch (const LimitError& x) {
+            py::object cls = py::module_::import("deeptaylor.errors").attr("InputError");
+            PyErr_SetString(cls.ptr(), x.what());
+        } catch (const OutOfMemory& x) {
+            PyErr_SetString(PyExc_MemoryError, x.what());
+        } catch (const std::bad_alloc&) {
+            PyErr_SetString(PyExc_MemoryError, "deeptaylor core: out of memory");
+        }
+    });
     py::class_<PyPlan>(m, "Plan", "A compiled network + rules + input shape (see docs/engine.md).")
         .def(py::init([](const py::list& ops, const py::tuple& input_shape, const std::string& mode) {
                  std::vector<OpSpec> specs;
-                 for (const auto& h : ops) specs.push_back(to_op(h.cast<py::dict>()));
+                 for (const auto& h : ops) specs.push_back(to_op(h.cast<py::dict>(), specs.size()));
                  Mode md = Mode::Rules;
                  if (mode == "sensitivity")
                      md = Mode::Sensitivity;
@@ -282,9 +340,44 @@ void register_plan(py::module_& m) {
                         layers.append(li);
                     }
                 }
+                // Ctrl-C: on the main thread, the engine polls for pending signals between tiles and ops
+                // (briefly taking the GIL); a raised KeyboardInterrupt stops the run and is re-raised.
+                std::shared_ptr<py::error_already_set> pending;
+                auto threading = py::module_::import("threading");
+                if (threading.attr("get_ident")().equal(threading.attr("main_thread")().attr("ident"))) {
+                    a.interrupted = [&pending]() {
+                        py::gil_scoped_acquire gil;
+                        if (PyErr_CheckSignals() == 0) return false;
+                        pending = std::make_shared<py::error_already_set>();
+                        return true;
+                    };
+                }
+                RunStatus st;
                 {
                     py::gil_scoped_release nogil;
-                    p.exec->run(a);
+                    st = p.exec->run(a);
+                }
+                if (pending) throw *pending;
+                auto input_error = [](const std::string& msg) {
+                    py::object cls = py::module_::import("deeptaylor.errors").attr("InputError");
+                    PyErr_SetString(cls.ptr(), msg.c_str());
+                    throw py::error_already_set();
+                };
+                if (st.nonfinite_op >= 0) {
+                    const size_t i = static_cast<size_t>(st.nonfinite_op);
+                    input_error("the forward pass overflowed float32 at " + op_where(i, pl.ops[i]) +
+                                ": its output has NaN/Inf values (backend 'cpu' computes in float32); scale the "
+                                "input or the weights down, or use backend='numpy' (float64)");
+                }
+                if (st.nonfinite_rel >= 0) {
+                    const int64_t v = st.nonfinite_rel;
+                    const std::string at = v == 0 ? std::string("the network input")
+                                                  : "the output of " + op_where(static_cast<size_t>(v - 1),
+                                                                                pl.ops[static_cast<size_t>(v - 1)]);
+                    input_error("the relevance pass overflowed float32 at " + at +
+                                ": its relevance has NaN/Inf values (backend 'cpu' computes in float32); use a "
+                                "rule with a larger epsilon, scale the input or the weights down, or use "
+                                "backend='numpy' (float64)");
                 }
                 return py::make_tuple(output, relevance, return_layers ? py::object(layers) : py::none());
             },

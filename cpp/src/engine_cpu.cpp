@@ -13,11 +13,17 @@
 // the GEMM. Tile boundaries depend only on the plan, so results do not depend on the thread count
 // beyond the GEMM's own float rounding.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
+#include <string>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -84,6 +90,62 @@ struct Packs {
 
 inline float safe_div(float num, float den) { return den != 0.0f ? num / den : 0.0f; }
 
+// True when any of p[0, n) is NaN or +-Inf (exponent bits all set). Integer max over the magnitudes:
+// vectorises, and stays correct under -ffast-math, unlike std::isfinite.
+inline bool has_nonfinite(const float* p, int64_t n) {
+    uint32_t mx = 0;
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t u;
+        std::memcpy(&u, p + k, sizeof u);
+        u &= 0x7fffffffu;
+        mx = u > mx ? u : mx;
+    }
+    return mx >= 0x7f800000u;
+}
+
+// Shared state of one run: the non-finite flags (first op / value over all tiles), the stop flag
+// (an interrupt or an exception in another thread), and the interrupt poll of the calling thread.
+struct RunState {
+    std::atomic<int64_t> fwd{-1}, rel{-1};
+    std::atomic<bool> stop{false};
+    bool interrupted = false;          // written by the calling thread only
+    std::thread::id caller = std::this_thread::get_id();
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    const std::function<bool()>* poll_fn = nullptr;
+    std::mutex mu;
+    std::exception_ptr error;
+
+    void flag_fwd(int64_t i) {  // keep the lowest op index
+        int64_t cur = fwd.load();
+        while ((cur < 0 || i < cur) && !fwd.compare_exchange_weak(cur, i)) {
+        }
+    }
+    void flag_rel(int64_t v) {  // keep the highest value id (the first reached backward)
+        int64_t cur = rel.load();
+        while (v > cur && !rel.compare_exchange_weak(cur, v)) {
+        }
+    }
+    // On the calling thread, at most every 20 ms: ask whether to stop (a pending Ctrl-C).
+    bool stopped() {
+        if (stop.load(std::memory_order_relaxed)) return true;
+        if (!poll_fn || std::this_thread::get_id() != caller) return false;
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last < std::chrono::milliseconds(20)) return false;
+        last = now;
+        if ((*poll_fn)()) {
+            interrupted = true;
+            stop.store(true);
+            return true;
+        }
+        return false;
+    }
+    void fail(std::exception_ptr e) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = e;
+        stop.store(true);
+    }
+};
+
 // f(begin, end) over [0, n), split into contiguous ranges across gth threads; serial when gth == 1
 // (the parallel-over-tiles path, which must not nest) or when there is too little to split.
 template <class F>
@@ -131,7 +193,8 @@ public:
         gen_.resize(pl.ops.size());
 #endif
         for (size_t i = 0; i < pl.ops.size(); ++i) {
-            const OpSpec& op = pl.ops[i];
+          const OpSpec& op = pl.ops[i];
+          try {
             if (generic_op(op)) {
 #if DT_HAVE_GENERIC
                 gen_[i] = make_generic_linear(op, pl.nonneg_in[i], pl.mode);
@@ -204,47 +267,74 @@ public:
                     break;
             }
             std::vector<float>().swap(Wm);  // packed: the executor owns the weights from here
+          } catch (const std::bad_alloc&) {
+            throw OutOfMemory("plan: " + op_where(i, op) + ": out of memory while packing its weights");
+          }
         }
         lay_[0] = arena_sizes(pl);
         if (pl.mode == Mode::GradientXInput) lay_[1] = arena_sizes(pl, pl.tile, pl.group, true);
+        // the generic module's scratch is known only now: the plan's limit again, with it
+        const int64_t cap = max_plan_bytes();
+        if (gscr_ > 0 && pl.tile == 1 && double(arena_bytes(0)) + double(pl.const_bytes) > double(cap))
+            throw LimitError("plan: the working memory of one image (" + gib(double(arena_bytes(0))) +
+                             ", with the grouped/transposed convolutions' scratch) is beyond the limit of " +
+                             gib(double(cap)) + " per plan (DEEPTAYLOR_MAX_PLAN_BYTES)");
         plan_ = std::move(plan);
     }
 
-    int64_t arena_bytes() const override {
-        return lay_[0].bytes() + gscr_ * static_cast<int64_t>(sizeof(float));
-    }
+    int64_t arena_bytes() const override { return arena_bytes(0); }
+    int64_t arena_bytes(int k) const { return lay_[k].bytes() + gscr_ * static_cast<int64_t>(sizeof(float)); }
 
     const char* name() const override { return "cpu"; }
 
-    void run(const RunArgs& args) const override {
+    RunStatus run(const RunArgs& args) const override {
         const Plan& pl = *plan_;
         const int64_t N = args.N;
-        if (N <= 0) return;
+        RunStatus status;
+        if (N <= 0) return status;
         const int threads = args.threads > 0 ? args.threads : default_threads();
         const int64_t Ts = std::min(pl.tile, N);
         const int64_t G = group_rows(N, threads);
         const int64_t ngroups = (N + G - 1) / G;
         // the larger layout only where it differs: GradientXInput with per-layer outputs
         const int lk = pl.mode == Mode::GradientXInput && !args.layers.empty() ? 1 : 0;
-        if (ngroups >= threads && threads > 1) {
-            // Enough groups for every thread: parallelise over them, single-threaded GEMMs.
-            // Arenas are taken here, before the parallel region, so a failed allocation raises
-            // normally; nothing in the region throws.
-            Arenas arenas(*this, threads, lk);
+        RunState st;
+        if (args.interrupted) st.poll_fn = &args.interrupted;
+        const bool par = ngroups >= threads && threads > 1;
+        try {
+            // Arenas are taken here, before any parallel region, so a failed allocation raises
+            // normally; whatever throws inside the region is caught there and rethrown below.
+            Arenas arenas(*this, par ? threads : 1, lk);
+            if (par) {
+                // Enough groups for every thread: parallelise over them, single-threaded GEMMs.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-            for (int64_t k = 0; k < ngroups; ++k) {
-                int tid = 0;
+                for (int64_t k = 0; k < ngroups; ++k) {
+                    if (st.stopped()) continue;
+                    int tid = 0;
 #ifdef _OPENMP
-                tid = omp_get_thread_num();
+                    tid = omp_get_thread_num();
 #endif
-                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], lay_[lk], 1);
+                    try {
+                        run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], lay_[lk], 1, st);
+                    } catch (...) {
+                        st.fail(std::current_exception());
+                    }
+                }
+            } else {
+                // Few groups: one at a time, the threads work inside each GEMM.
+                for (int64_t k = 0; k < ngroups && !st.stopped(); ++k)
+                    run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], lay_[lk], threads, st);
             }
-        } else {
-            // Few groups: one at a time, the threads work inside each GEMM.
-            Arenas arenas(*this, 1, lk);
-            for (int64_t k = 0; k < ngroups; ++k)
-                run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], lay_[lk], threads);
+            if (st.error) std::rethrow_exception(st.error);
+        } catch (const std::bad_alloc&) {
+            throw OutOfMemory("cpu engine: out of memory running " + std::to_string(N) + " image(s) on " +
+                              std::to_string(par ? threads : 1) + " arena(s) of " +
+                              gib(double(arena_bytes(lk))) + " each (pass batch_size=... or fewer threads)");
         }
+        status.nonfinite_op = st.fwd.load();
+        status.nonfinite_rel = st.rel.load();
+        status.interrupted = st.interrupted;
+        return status;
     }
 
     // Images per group for a call: whole tiles, at most the plan's group, and as evenly spread over
@@ -291,6 +381,18 @@ private:
                     pool.pop_back();
                 }
             }
+            // new arenas are zero-filled at once: more than the machine has available would meet the
+            // OOM killer rather than std::bad_alloc (overcommit), so that is refused up front
+            const int64_t fresh = n - static_cast<int>(a_.size());
+            const int64_t bytes = ex_.arena_bytes(k_);
+            const int64_t avail = available_memory_bytes();
+            if (fresh > 0 && avail >= 0 && double(fresh) * double(bytes) > double(avail)) {
+                std::lock_guard<std::mutex> lock(ex_.pool_mu_);
+                for (auto& a : a_) pool.push_back(std::move(a));
+                throw OutOfMemory("cpu engine: " + std::to_string(fresh) + " working arena(s) of " +
+                                  gib(double(bytes)) + " each (one per thread) exceed the " + gib(double(avail)) +
+                                  " of memory available: use fewer threads or a smaller input");
+            }
             while (static_cast<int>(a_.size()) < n) a_.push_back(std::make_unique<Arena>(ex_.lay_[k_], ex_.gscr_));
         }
         ~Arenas() {
@@ -323,8 +425,10 @@ private:
     // a (T, H, W, C) -> z (T, OH, OW, O) = conv/dense(a) + bias, block by block. Fused per block
     // while it is in cache: the bias is the GEMM's initial C (accumulate), and when a ReLU follows,
     // its output relu_out = max(z, 0) is written in the same sweep (the ReLU op is then skipped).
-    void linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth,
+    // Returns true when z holds NaN/Inf (checked per block while it is in cache, before the ReLU).
+    bool linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth,
                         float* relu_out) const {
+        bool bad = false;
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
@@ -333,6 +437,7 @@ private:
             float* zb = z + r0 * O;
             for (int64_t r = 0; r < m; ++r) std::memcpy(zb + r * O, op.bias.data(), sizeof(float) * O);
             sgemm_packed(m, im2col(a, g, r0, m, ar, gth), Kc, *packs_[i].fwd, zb, O, true, gth);
+            bad = bad || has_nonfinite(zb, m * O);
             if (relu_out) {
                 float* yb = relu_out + r0 * O;
                 split(m, gth, [&](int64_t b, int64_t e) {
@@ -340,6 +445,7 @@ private:
                 });
             }
         }
+        return bad;
     }
 
     // Rows [r0, r0 + m) of im2col(a) (a pointer into a itself when im2col is the identity).
@@ -404,8 +510,10 @@ private:
                 case RuleKind::Epsilon: {  // LRP-eps, Bach et al. 2015: s = R / (z + eps sign z)
                     const bool eps = rule.kind == RuleKind::Epsilon;
                     rows_do([&](int64_t b, int64_t e) {
+                        // safe division for both (as the reference): Epsilon(0) passes nothing where
+                        // z = 0 instead of NaN; for eps > 0 the denominator is never 0 (same values)
                         for (int64_t k = b * O; k < e * O; ++k)
-                            s[k] = eps ? Rr[k] / (zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps))
+                            s[k] = eps ? safe_div(Rr[k], zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps))
                                        : safe_div(Rr[k], zr[k]);
                     });
                     sgemm_packed(m, s, O, *pk.bwd, cc, Kc, false, gth);
@@ -530,6 +638,7 @@ private:
         Arena& ar;
         const ArenaSizes& lay;
         int gth;
+        RunState& st;
     };
 
     int64_t vsize(int64_t v) const { return plan_->values[static_cast<size_t>(v)].size(); }
@@ -553,11 +662,11 @@ private:
     // on all Tg images, forward and backward; then each tile runs its backward pass from the head's
     // input relevance. Without a head (head == L) a group is one tile.
     void run_group(const RunArgs& args, int64_t n0, int64_t Tg, int64_t Ts, Arena& ar, const ArenaSizes& lay,
-                   int gth) const {
+                   int gth, RunState& st) const {
         const Plan& pl = *plan_;
         const size_t L = pl.ops.size();
         const size_t h = std::min(pl.head, L);
-        Ctx c{args, n0, ar, lay, gth};
+        Ctx c{args, n0, ar, lay, gth, st};
         const int64_t ntile = (Tg + Ts - 1) / Ts;
         if (h >= L && ntile > 1) throw std::logic_error("a group of several tiles without a head");
         const Shape& in = pl.input;
@@ -567,6 +676,7 @@ private:
             forward_range(0, h, off, nT, c);
         }
         if (h < L) forward_range(h, L, 0, Tg, c);
+        if (st.stopped()) return;
         // outputs, targets, the starting relevance (or one-hot gradient)
         const int64_t K = pl.num_outputs();
         const float* y = act(c, static_cast<int64_t>(L), 0);
@@ -587,15 +697,23 @@ private:
             if (pl.consumers[v].empty())
                 std::memset(rel(c, static_cast<int64_t>(v), 0), 0, sizeof(float) * static_cast<size_t>(Tg * vsize(v)));
         const size_t top = h < L ? h : 0;
-        for (size_t i = L; i-- > top;) backward_step(i, 0, Tg, c);
+        // the relevance pass is skipped once the forward is known to be non-finite (an error follows)
+        const bool check_rel = st.fwd.load(std::memory_order_relaxed) < 0;
+        for (size_t i = L; i-- > top;) {
+            if (st.stopped()) return;
+            backward_step(i, 0, Tg, c, check_rel);
+        }
         if (top == 0) {
-            finish(0, Tg, c);
+            finish(0, Tg, c, check_rel);
             return;
         }
         for (int64_t j = 0; j < ntile; ++j) {
             const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
-            for (size_t i = h; i-- > 0;) backward_step(i, off, nT, c);
-            finish(off, nT, c);
+            for (size_t i = h; i-- > 0;) {
+                if (st.stopped()) return;
+                backward_step(i, off, nT, c, check_rel);
+            }
+            finish(off, nT, c, check_rel);
         }
     }
 
@@ -620,7 +738,8 @@ private:
         if (s.permuted()) write_user(out, s, dst, n, T);
     }
 
-    void finish(int64_t off, int64_t T, const Ctx& c) const {
+    void finish(int64_t off, int64_t T, const Ctx& c, bool check_rel) const {
+        if (check_rel && has_nonfinite(rel(c, 0, off), T * vsize(0))) c.st.flag_rel(0);
         emit(0, off, T, c.args.relevance, c);
         if (!c.args.layers.empty()) emit(0, off, T, c.args.layers[0], c);
     }
@@ -630,13 +749,18 @@ private:
     void forward_range(size_t i0, size_t i1, int64_t off, int64_t T, const Ctx& c) const {
         const Plan& pl = *plan_;
         for (size_t i = i0; i < i1; ++i) {
+            if (c.st.stopped()) return;
             const bool fuse = pl.fuse_relu[i] && i + 1 < i1;
-            forward_op(i, off, T, c, fuse ? act(c, static_cast<int64_t>(i + 2), off) : nullptr);
+            if (forward_op(i, off, T, c, fuse ? act(c, static_cast<int64_t>(i + 2), off) : nullptr))
+                c.st.flag_fwd(static_cast<int64_t>(i));
             if (fuse) ++i;
         }
     }
 
-    void forward_op(size_t i, int64_t off, int64_t T, const Ctx& c, float* relu_out) const {
+    // Returns true when the op's output (before a fused ReLU) holds NaN/Inf. Ops that only move or
+    // select values (Flatten, Concat, Slice, Upsample, ChannelShuffle, max pooling, ReLU) cannot
+    // create them from finite inputs and are not checked.
+    bool forward_op(size_t i, int64_t off, int64_t T, const Ctx& c, float* relu_out) const {
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         Arena& ar = c.ar;
@@ -654,11 +778,10 @@ private:
 #endif
                     break;
                 }
-                linear_forward(i, a, out, T, ar, gth, relu_out);
-                break;
+                return linear_forward(i, a, out, T, ar, gth, relu_out);
             case OpKind::ReLU:
                 for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;
-                break;
+                return false;
             case OpKind::MaxPool:
                 maxpool_forward(a, g, T, out, argp(c, i, off));
                 break;
@@ -688,23 +811,9 @@ private:
                 }
                 break;
             }
-            case OpKind::LpPool: {
-                const float p = op.p;
-                float* ap = ar.tmp.data();
-                for (int64_t k = 0; k < nin; ++k) ap[k] = std::pow(std::fabs(a[k]), p);
-                if (op.global) {
-                    const int64_t F = op.in.size();
-                    for (int64_t n = 0; n < T; ++n) {
-                        double acc = 0.0;
-                        for (int64_t k = 0; k < F; ++k) acc += ap[n * F + k];
-                        out[n] = static_cast<float>(acc);
-                    }
-                } else {
-                    window_sum(ap, g, T, out);
-                }
-                for (int64_t k = 0; k < nout; ++k) out[k] = std::pow(out[k], 1.0f / p);
+            case OpKind::LpPool:
+                lp_forward(op, a, T, out);
                 break;
-            }
             case OpKind::Flatten:
                 if (op.in.permuted())
                     nhwc_to_nchw(a, out, T, op.in.c, op.in.h, op.in.w);
@@ -719,9 +828,10 @@ private:
                     const float* e = act(c, op.inputs[q], off);
                     for (int64_t k = 0; k < nout; ++k) out[k] += e[k];
                 }
+                const bool bad = has_nonfinite(out, nout);  // before the fused ReLU hides it
                 if (relu_out)
                     for (int64_t k = 0; k < nout; ++k) relu_out[k] = out[k] > 0.0f ? out[k] : 0.0f;
-                break;
+                return bad;
             }
             case OpKind::Concat: {
                 const int64_t P = op.out.pixels(), OC = op.out.c;
@@ -770,6 +880,92 @@ private:
                 shuffle_forward(a, op.in.c, op.groups, T * op.in.pixels(), out);
                 break;
         }
+        switch (op.kind) {
+            case OpKind::Flatten:
+            case OpKind::Concat:
+            case OpKind::Slice:
+            case OpKind::Upsample:
+            case OpKind::ChannelShuffle:
+            case OpKind::MaxPool:
+                return false;
+            default:
+                return has_nonfinite(out, nout);
+        }
+    }
+
+    // LpPool, y = (sum_window |a|^p)^(1/p), computed as m (sum (|a| / m)^p)^(1/p) with m the window's
+    // largest |a| (in double): no term overflows and the largest is 1, so a large p neither
+    // underflows to 0 nor overflows (LpPool(200) on 0.5 was 0). Channels-last, no padding.
+    static void lp_forward(const OpSpec& op, const float* a, int64_t T, float* out) {
+        const double p = op.p, ip = 1.0 / p;
+        if (op.global) {
+            const int64_t F = op.in.size();
+            for (int64_t n = 0; n < T; ++n) {
+                const float* x = a + n * F;
+                double m = 0.0;
+                for (int64_t k = 0; k < F; ++k) m = std::max(m, static_cast<double>(std::fabs(x[k])));
+                double acc = 0.0;
+                if (m > 0.0)
+                    for (int64_t k = 0; k < F; ++k) acc += std::pow(std::fabs(x[k]) / m, p);
+                out[n] = static_cast<float>(m > 0.0 ? m * std::pow(acc, ip) : 0.0);
+            }
+            return;
+        }
+        const Geom& g = op.g;
+        const int64_t C = g.C;
+        std::vector<double> m(static_cast<size_t>(C)), acc(static_cast<size_t>(C));
+        for (int64_t n = 0; n < T; ++n)
+            for (int64_t oh = 0; oh < g.OH; ++oh)
+                for (int64_t ow = 0; ow < g.OW; ++ow) {
+                    std::fill(m.begin(), m.end(), 0.0);
+                    std::fill(acc.begin(), acc.end(), 0.0);
+                    for (int pass = 0; pass < 2; ++pass)
+                        for (int64_t i = 0; i < g.kh; ++i)
+                            for (int64_t j = 0; j < g.kw; ++j) {
+                                const float* x = a + ((n * g.H + oh * g.sh + i) * g.W + ow * g.sw + j) * C;
+                                if (pass == 0)
+                                    for (int64_t ch = 0; ch < C; ++ch)
+                                        m[ch] = std::max(m[ch], static_cast<double>(std::fabs(x[ch])));
+                                else
+                                    for (int64_t ch = 0; ch < C; ++ch)
+                                        if (m[ch] > 0.0) acc[ch] += std::pow(std::fabs(x[ch]) / m[ch], p);
+                            }
+                    float* y = out + ((n * g.OH + oh) * g.OW + ow) * C;
+                    for (int64_t ch = 0; ch < C; ++ch)
+                        y[ch] = static_cast<float>(m[ch] > 0.0 ? m[ch] * std::pow(acc[ch], ip) : 0.0);
+                }
+    }
+
+    // LpPool gradient: d y_j / d a_i = sign(a_i) (|a_i| / y_j)^(p-1) over the windows j holding i
+    // (0 where y_j = 0), the ratio taken first so that neither power underflows.
+    static void lp_gradient(const OpSpec& op, const float* a, const float* y, const float* G, int64_t T,
+                            float* out) {
+        const double pm1 = static_cast<double>(op.p) - 1.0;
+        auto term = [&](float x, double yy, double gy) {
+            if (yy == 0.0 || x == 0.0f) return 0.0;
+            const double r = std::pow(std::fabs(static_cast<double>(x)) / yy, pm1) * gy;
+            return x > 0.0f ? r : -r;
+        };
+        if (op.global) {
+            const int64_t F = op.in.size();
+            for (int64_t n = 0; n < T; ++n)
+                for (int64_t k = 0; k < F; ++k) out[n * F + k] = static_cast<float>(term(a[n * F + k], y[n], G[n]));
+            return;
+        }
+        const Geom& g = op.g;
+        const int64_t C = g.C;
+        std::memset(out, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        for (int64_t n = 0; n < T; ++n)
+            for (int64_t oh = 0; oh < g.OH; ++oh)
+                for (int64_t ow = 0; ow < g.OW; ++ow) {
+                    const int64_t o = ((n * g.OH + oh) * g.OW + ow) * C;
+                    for (int64_t i = 0; i < g.kh; ++i)
+                        for (int64_t j = 0; j < g.kw; ++j) {
+                            const int64_t q = ((n * g.H + oh * g.sh + i) * g.W + ow * g.sw + j) * C;
+                            for (int64_t ch = 0; ch < C; ++ch)
+                                out[q + ch] += static_cast<float>(term(a[q + ch], y[o + ch], G[o + ch]));
+                        }
+                }
     }
 
     static inline float bn(const OpSpec& op, float x, int64_t ch) { return x * op.scale[ch] + op.shift[ch]; }
@@ -800,9 +996,17 @@ private:
 
     // Backward of op i on T images at offset off: emits the (now complete) relevance of its output
     // when asked, then writes (first writer) or adds its inputs' relevances (gradients).
-    void backward_step(size_t i, int64_t off, int64_t T, const Ctx& c) const {
+    void backward_step(size_t i, int64_t off, int64_t T, const Ctx& c, bool check_rel) const {
         const Plan& pl = *plan_;
         const OpSpec& op = pl.ops[i];
+        // the relevance of op i's output is complete here. Checked only when it is handed out (per-
+        // layer outputs): inside the pass NaN/Inf propagates to the input (every backward step
+        // multiplies or adds it) except where a selection by forward values (a ReLU's gradient mask,
+        // Gamma's sign of z, max-pool losers) zeroes it, and the float64 reference zeroes the same
+        // positions, so only the input's relevance (finish) needs the check.
+        if (check_rel && !c.args.layers.empty() &&
+            has_nonfinite(rel(c, static_cast<int64_t>(i + 1), off), T * op.out.size()))
+            c.st.flag_rel(static_cast<int64_t>(i + 1));
         if (!c.args.layers.empty()) emit(static_cast<int64_t>(i + 1), off, T, c.args.layers[i + 1], c);
         const bool rules = pl.mode == Mode::Rules;
         const float* R = rel(c, static_cast<int64_t>(i + 1), off);
@@ -821,7 +1025,7 @@ private:
                 const float* a1 = act(c, op.inputs[1], off);
                 for (int64_t k = 0; k < nout; ++k) sv[k] = a0[k] + a1[k];  // z, summed as the forward
                 for (size_t q = 2; q < m; ++q) add_into(sv, act(c, op.inputs[q], off), nout);
-                for (int64_t k = 0; k < nout; ++k) sv[k] = R[k] / (sv[k] + (sv[k] >= 0.0f ? 1e-6f : -1e-6f));
+                for (int64_t k = 0; k < nout; ++k) sv[k] = safe_div(R[k], sv[k] + (sv[k] >= 0.0f ? 1e-6f : -1e-6f));
                 for (size_t q = 0; q < m; ++q) {
                     const float* a = act(c, op.inputs[q], off);
                     float* d = rel(c, op.inputs[q], off);
@@ -996,7 +1200,7 @@ private:
                 for (int64_t k = 0; k < nin; ++k) {
                     const int64_t ch = k % C;
                     const float yy = bn(op, a[k], ch);
-                    const float sv = eps ? R[k] / (yy + (yy >= 0.0f ? e : -e)) : safe_div(R[k], yy);
+                    const float sv = safe_div(R[k], eps ? yy + (yy >= 0.0f ? e : -e) : yy);  // 0 where 0
                     out[k] = a[k] * op.scale[ch] * sv;
                 }
                 return;
@@ -1083,25 +1287,9 @@ private:
                     for (int64_t k = 0; k < F; ++k) out[n * F + k] = G[n];
                 return;
             }
-            case OpKind::LpPool: {
-                // d/da_i (sum |a|^p)^(1/p) = sign(a_i) |a_i|^(p-1) / y^(p-1)
-                const float p = op.p;
-                float* gy = ar.tmp.data();
-                for (int64_t k = 0; k < nout; ++k) gy[k] = safe_div(G[k], std::pow(y[k], p - 1.0f));
-                if (op.global) {
-                    const int64_t F = op.in.size();
-                    for (int64_t n = 0; n < T; ++n)
-                        for (int64_t k = 0; k < F; ++k) out[n * F + k] = gy[n];
-                } else {
-                    window_scatter(gy, g, T, out);
-                }
-                for (int64_t k = 0; k < nin; ++k) {
-                    const float v = a[k];
-                    const float sg = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
-                    out[k] *= sg * std::pow(std::fabs(v), p - 1.0f);
-                }
+            case OpKind::LpPool:
+                lp_gradient(op, a, y, G, T, out);
                 return;
-            }
             case OpKind::AdaptiveAvgPool:
                 adaptive_scatter(G, op.in, op.out, op.rows.data(), op.cols.data(), T, out, true);
                 return;

@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 
@@ -70,14 +74,80 @@ std::vector<float> derive(const std::vector<float>& Wm, Derived which, float gam
     return out;
 }
 
+int64_t max_plan_bytes() {
+    if (const char* e = std::getenv("DEEPTAYLOR_MAX_PLAN_BYTES")) {
+        char* end = nullptr;
+        const long long v = std::strtoll(e, &end, 10);
+        if (end != e && v > 0) return static_cast<int64_t>(v);
+    }
+    return kMaxPlanBytes;
+}
+
+int64_t available_memory_bytes() {
+    std::FILE* f = std::fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    int64_t kb = -1;
+    while (std::fgets(line, sizeof line, f))
+        if (std::strncmp(line, "MemAvailable:", 13) == 0) {
+            kb = std::strtoll(line + 13, nullptr, 10);
+            break;
+        }
+    std::fclose(f);
+    return kb < 0 ? -1 : kb * 1024;
+}
+
+std::string op_where(size_t i, const OpSpec& op) {
+    std::ostringstream os;
+    os << "op " << i << " (" << op_name(op.kind);
+    if (!op.name.empty()) os << " '" << op.name << "'";
+    os << ")";
+    return os.str();
+}
+
+std::string gib(double bytes) {
+    std::ostringstream os;
+    os.precision(3);
+    if (bytes >= double(int64_t{1} << 30))
+        os << bytes / double(int64_t{1} << 30) << " GiB";
+    else
+        os << bytes / double(1 << 20) << " MiB";
+    return os.str();
+}
+
 namespace {
 
 [[noreturn]] void fail(size_t i, const OpSpec& op, const std::string& msg) {
-    std::ostringstream os;
-    os << "plan: op " << i << " (" << op_name(op.kind);
-    if (!op.name.empty()) os << " '" << op.name << "'";
-    os << "): " << msg;
-    throw std::invalid_argument(os.str());
+    throw std::invalid_argument("plan: " + op_where(i, op) + ": " + msg);
+}
+
+[[noreturn]] void limit(size_t i, const OpSpec& op, const std::string& msg) {
+    throw LimitError("plan: " + op_where(i, op) + ": " + msg);
+}
+
+// Bytes of what the plan and the CPU executor derive for op i beyond copies of its weights: the
+// rule's constant maps and their one-sample temporaries, which grow with the layer's spatial size
+// (a large padding), not with the model file. Estimated from the spec before anything is allocated.
+// (The weights' own layouts are proportional to the file and not limited here.)
+double const_bytes(const OpSpec& op, Mode mode) {
+    const double f = sizeof(float);
+    if (op.kind != OpKind::Dense && op.kind != OpKind::Conv2d && op.kind != OpKind::ConvTranspose2d) return 0.0;
+    const Geom& g = op.g;
+    const double O = double(g.O), Kc = double(g.kh) * double(g.kw) * double(g.C), P = double(g.OH) * double(g.OW);
+    const double in = double(g.H) * double(g.W) * double(g.C), out = P * O;
+    const RuleKind rk = mode == Mode::Rules ? op.rule.kind : RuleKind::None;
+    double b = 0.0;
+    if (rk == RuleKind::WSquare || rk == RuleKind::Flat) b += in + out + (generic_op(op) ? 0.0 : P * Kc);
+    if (rk == RuleKind::ZBox) b += 2.0 * in + 3.0 * out + (generic_op(op) ? 0.0 : 3.0 * P * Kc);
+    return b * f;
+}
+
+// Refuse a per-sample value the engine cannot index (int32 winners, tile offsets).
+void check_value(size_t i, const OpSpec& op, const Shape& s) {
+    const double n = double(s.c) * double(s.h) * double(s.w);
+    if (n > double(kMaxValueFloats))
+        limit(i, op, "a per-sample value of " + std::to_string(static_cast<long long>(n)) +
+                         " floats is beyond the engine's limit of 2^31 per sample");
 }
 
 // user order (C, H, W) -> channels-last (H, W, C) for one sample
@@ -505,8 +575,11 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     const bool rules = mode == Mode::Rules;
     plan->need_in.assign(L, 0);
     plan->need_out.assign(L, 0);
+    const int64_t cap = max_plan_bytes();
+    double consts = 0.0;
     for (size_t i = 0; i < L; ++i) {
-        OpSpec& op = plan->ops[i];
+      OpSpec& op = plan->ops[i];
+      try {
         if (op.inputs.empty()) {  // chain spec
             op.inputs = {static_cast<int64_t>(i)};
             if (op.in_shapes.empty()) op.in_shapes = {op.in};
@@ -543,6 +616,15 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
                 g.OH = op.out.h;
                 g.OW = op.out.w;
                 if (op.rule.kind == RuleKind::None && rules) fail(i, op, "no rule assigned");
+                check_value(i, op, op.out);
+                {
+                    const double b = const_bytes(op, mode);
+                    consts += b;
+                    if (consts > double(cap))
+                        limit(i, op, "the plan's rule constants would need " + gib(consts) +
+                                         " (this op " + gib(b) + "), beyond the limit of " + gib(double(cap)) +
+                                         " per plan (DEEPTAYLOR_MAX_PLAN_BYTES; docs/engine.md \"Limits and failure modes\")");
+                }
                 if (generic_op(op)) {
                     // the generic module validates and prepares it (make_generic_linear); op.weight stays
                     plan->need_in[i] = plan->need_out[i] = rules;
@@ -570,7 +652,10 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
                 nn = nonneg[v0];
                 break;
             case OpKind::LpPool:
-                if (!(op.p >= 1.0f) || !std::isfinite(op.p)) fail(i, op, "p must be finite and >= 1");
+                if (!(op.p >= 1.0f)) fail(i, op, "p must be >= 1");
+                if (!std::isfinite(op.p))
+                    limit(i, op, "p is beyond float32's range (3.4e38): the cpu backend computes in float32 "
+                                 "(use a smaller p, or backend='numpy')");
                 if (!op.global) {
                     if (op.in.rank != 3) fail(i, op, "LpPool with a kernel needs (C, H, W)");
                     window();
@@ -633,10 +718,16 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
             (op.out.rank != 1 || op.out.size() != 1))
             fail(i, op, "global pooling gives (1)");
         check_graph_op(i, op);
+        check_value(i, op, op.out);
         plan->max_size = std::max(plan->max_size, op.out.size());
         nonneg[i + 1] = nn;
         plan->values.push_back(op.out);
+      } catch (const std::bad_alloc&) {
+        throw OutOfMemory("plan: " + op_where(i, op) + ": out of memory while preparing it (the plan's "
+                          "constants so far: about " + gib(consts) + ")");
+      }
     }
+    plan->const_bytes = static_cast<int64_t>(consts);
     if (plan->values.back().rank != 1) throw std::invalid_argument("plan: the network's output must be (N, K)");
     // relevance writers: the consumer with the highest index (lowest slot) writes, the rest accumulate
     plan->first_write.assign(L, {});
@@ -672,6 +763,23 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
     // A tile cut by the budget is rounded down to whole GEMM micro-panels: T = 13 images made every
     // Dense product 12 + 1 rows, and the 1-row panel streamed the whole weight matrix again.
     if (T < kMaxTile && T > kRowMultiple) T -= T % kRowMultiple;
+    if (T == 1) {  // one image's working memory exceeds the budget: it must at least be bounded
+        const double arena = double(arena_sizes(*plan, 1, 1).bytes());
+        if (arena + consts > double(cap)) {
+            size_t big = 0;
+            for (size_t i = 1; i < L; ++i)
+                if (plan->ops[i].out.size() > plan->ops[big].out.size()) big = i;
+            const Shape& sh = plan->ops[big].out;
+            std::ostringstream os;
+ os << "plan: the working memory of one image (" << gib(arena) << ", plus " << gib(consts)
+               << " of rule constants) is beyond the limit of " << gib(double(cap))
+               << " per plan (DEEPTAYLOR_MAX_PLAN_BYTES; docs/engine.md \"Limits and failure modes\"); the largest "
+               << "value is the output of " << op_where(big, plan->ops[big]) << ", shape (" << sh.c;
+            if (sh.rank == 3) os << ", " << sh.h << ", " << sh.w;
+            os << ") per sample: check its padding / kernel / upsampling, or the input size";
+            throw LimitError(os.str());
+        }
+    }
     plan->tile = T;
     plan->group = T;
     // Head groups (chain plans): the trailing rank-1 ops (after the last op with a 3-D input or

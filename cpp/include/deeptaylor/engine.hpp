@@ -4,6 +4,7 @@
 // (upload the Plan's matrices, run per tile on the device) without touching the Python surface.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -21,6 +22,21 @@ struct RunArgs {
     std::vector<float*> layers;        // empty, or L+1 arrays (N, shape of value v) by value id: the
                                        // relevance at the input, then at every op's output
     int threads = 0;                   // <= 0: OpenMP's default
+    // Called on the calling thread between tiles and ops (at most every few ms): true stops the run
+    // (a pending Ctrl-C); the run then returns with RunStatus::interrupted and partial outputs.
+    std::function<bool()> interrupted;
+};
+
+// What a run found (the outputs are complete only when both fields are unset).
+struct RunStatus {
+    // The first op (lowest index, over all tiles) whose forward output held NaN/Inf (float32 overflow
+    // or inf - inf), or -1. The relevance pass is then not trusted either.
+    int64_t nonfinite_op = -1;
+    // With a finite forward: the first value (highest id, i.e. the first reached by the backward pass)
+    // whose relevance (or gradient) held NaN/Inf, among the input (0) and, with per-layer outputs,
+    // every value; or -1.
+    int64_t nonfinite_rel = -1;
+    bool interrupted = false;
 };
 
 class Executor {
@@ -29,8 +45,9 @@ public:
     virtual const char* name() const = 0;
     // Working memory of one thread for a full tile (the liveness layout's slab + scratch), bytes.
     virtual int64_t arena_bytes() const = 0;
-    // Runs without touching Python objects (callers release the GIL).
-    virtual void run(const RunArgs& args) const = 0;
+    // Runs without touching Python objects (callers release the GIL; args.interrupted may take it).
+    // Throws OutOfMemory (with context) when an allocation fails, never terminates.
+    virtual RunStatus run(const RunArgs& args) const = 0;
 };
 
 // Packs the Plan's weight matrices for the CPU GEMM and releases the Plan's copies (LinearPrep::Wm):

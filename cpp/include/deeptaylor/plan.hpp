@@ -9,10 +9,34 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace deeptaylor {
+
+// Errors with a meaning for the caller (the binding maps them to Python, docs/engine.md "Limits and
+// failure modes"): a plan or a run beyond a documented limit, or an input that makes the float32
+// computation non-finite -> deeptaylor.errors.InputError; an allocation that failed -> MemoryError
+// (with what was being allocated). Every other std::invalid_argument is a bad spec (ValueError).
+struct LimitError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+struct OutOfMemory : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The most memory one plan may ask for beyond its weights: the rule constants that grow with a
+// layer's spatial size (w²/flat denominators, zB's bound maps) plus the working memory (arena) of one
+// thread for a tile of one image. Default kMaxPlanBytes; the environment variable
+// DEEPTAYLOR_MAX_PLAN_BYTES (bytes) overrides it. (The weights' packed copies are proportional to the
+// model's own size and not limited.)
+constexpr int64_t kMaxPlanBytes = int64_t{8} << 30;
+int64_t max_plan_bytes();
+// MemAvailable of /proc/meminfo in bytes, or -1 where unknown.
+int64_t available_memory_bytes();
+// Largest per-sample value (floats) a plan accepts: offsets and max-pool winners are int32 per sample.
+constexpr int64_t kMaxValueFloats = int64_t{1} << 31;
 
 enum class OpKind {
     Dense, Conv2d, ReLU, MaxPool, AvgPool, SumPool, GlobalSum, LpPool, Flatten,
@@ -118,6 +142,7 @@ struct Plan {
     size_t head = 0;
     int64_t group = 1;
     int64_t max_size = 1;            // largest per-sample activation (floats)
+    int64_t const_bytes = 0;         // bytes of the spatial rule constants (max_plan_bytes), estimated
     int64_t num_outputs() const { return ops.back().out.size(); }
 
     // ---- the DAG (build_plan) ----
@@ -177,6 +202,9 @@ constexpr int64_t kMinChunkRows = 128;
 constexpr int64_t kRowMultiple = 12;
 
 const char* op_name(OpKind k);
+// "op i (Kind 'name')" for messages; a byte count as "1.5 GiB" / "12 MiB".
+std::string op_where(size_t i, const OpSpec& op);
+std::string gib(double bytes);
 const char* act_name(ActFn f);
 // True for linear ops run by the generic module (linear_generic.hpp): grouped Conv2d, ConvTranspose2d.
 inline bool generic_op(const OpSpec& op) {

@@ -44,7 +44,7 @@ def get_backend(backend: Any, threads: int | None = None) -> Any:
 
         return NumpyBackend()
     if backend == "cpu":
-        from .cpu import CpuBackend
+        from .cpu import CpuBackend  # validates threads (cpu.check_threads: at most cpu.max_threads())
 
         return CpuBackend(threads=threads)
     raise InputError(f"unknown backend {backend!r}; available: {', '.join(available())}")

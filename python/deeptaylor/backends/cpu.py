@@ -8,11 +8,14 @@ over layers and tiles is in C++. See docs/engine.md.
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..layers import (
     ELU,
     GELU,
@@ -66,10 +69,6 @@ def _core() -> Any:
     return _core
 
 
-def _f32(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
 def _rule_spec(rule: Rule, in_shape: tuple[int, ...]) -> dict[str, Any]:
     spec: dict[str, Any] = {"rule": rule.name}
     if isinstance(rule, Epsilon):
@@ -82,7 +81,8 @@ def _rule_spec(rule: Rule, in_shape: tuple[int, ...]) -> dict[str, Any]:
         spec["alpha"], spec["beta"] = rule.alpha, rule.beta
     elif isinstance(rule, ZBox):
         lo, hi = rule.bounds_for(in_shape)
-        spec["low"], spec["high"] = _f32(lo), _f32(hi)
+        # float64 as given: the core converts them, refusing values beyond float32's range by name
+        spec["low"], spec["high"] = np.ascontiguousarray(lo, np.float64), np.ascontiguousarray(hi, np.float64)
     return spec
 
 
@@ -147,6 +147,30 @@ def op_specs(net: Graph, assignment: list[Rule | None] | Method,
     return ops
 
 
+#: compiled plans a CpuBackend keeps (least recently used ones are dropped beyond it)
+PLAN_CACHE_SIZE = 8
+
+
+def max_threads() -> int:
+    """The most OpenMP threads a CpuBackend accepts: ``min(256, max(8, 4 * os.cpu_count()))``. More
+    threads than cores only costs memory (one arena per thread, up to hundreds of MiB each for a large
+    network) and an oversubscribed OpenMP runtime can end the process without a Python exception."""
+    return min(256, max(8, 4 * (os.cpu_count() or 1)))
+
+
+def check_threads(threads: Any) -> int | None:
+    """Validate a ``threads`` argument: None (OpenMP's default) or an int in [1, :func:`max_threads`].
+    Raises :class:`~deeptaylor.errors.InputError` otherwise."""
+    if threads is None:
+        return None
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, (bool, np.bool_)) or threads < 1:
+        raise InputError(f"threads must be a positive int, got {threads!r}")
+    if threads > max_threads():
+        raise InputError(f"threads={int(threads)} is beyond the limit of {max_threads()} for this machine "
+                         f"({os.cpu_count()} cores; the limit is min(256, max(8, 4 x cores)), docs/engine.md)")
+    return int(threads)
+
+
 def _mode(assignment: list[Rule | None] | Method) -> str:
     if isinstance(assignment, Sensitivity):
         return "sensitivity"
@@ -163,8 +187,12 @@ class CpuBackend:
     threads : int, optional
         OpenMP threads (default: OpenMP's default, ``OMP_NUM_THREADS`` or the core count).
 
-    Compiled plans are cached per input sample-shape (``plans`` counts them); an Explainer makes one
-    backend, so its plans live as long as the Explainer.
+    Compiled plans are cached per (network, assignment, input sample-shape), at most
+    :data:`PLAN_CACHE_SIZE` (8) of them, least recently used dropped first (``plans`` counts them,
+    :meth:`clear` drops them all). A backend may be shared by several Explainers and threads: the cache
+    is locked and keyed by the network's and the assignment's identity (the cache holds references to
+    both, so an identity is not reused while its plans live), and a plan runs concurrent calls on
+    separate working memory.
     """
 
     name = "cpu"
@@ -172,15 +200,24 @@ class CpuBackend:
     dtype = np.dtype(np.float32)
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads = check_threads(threads)
         self._core = _core()
-        self._plans: dict[tuple[int, ...], Any] = {}
-        self._owner: tuple[Any, Any] | None = None
+        # key -> (net, assignment, plan): net and assignment are held so that their ids stay unique
+        self._plans: OrderedDict[tuple[Any, ...], tuple[Any, Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def plans(self) -> int:
-        """Number of compiled plans held (one per input sample-shape seen)."""
-        return len(self._plans)
+        """Number of compiled plans held (one per network, assignment and input sample-shape seen,
+        at most :data:`PLAN_CACHE_SIZE`)."""
+        with self._lock:
+            return len(self._plans)
+
+    def clear(self) -> None:
+        """Drop every cached plan (their packed weights and working memory are freed once no running
+        call uses them)."""
+        with self._lock:
+            self._plans.clear()
 
     def check(self, net: Graph, assignment: list[Rule | None] | Method) -> None:
         """Raise :class:`UnsupportedError` naming the node (index, name, type) and rule for a layer,
@@ -201,15 +238,29 @@ class CpuBackend:
                                        "only nearest upsampling")
 
     def plan(self, net: Graph, assignment: list[Rule | None] | Method, sample_shape: tuple[int, ...]) -> Any:
-        """The compiled plan for ``sample_shape`` (the input shape without the batch), cached."""
-        if self._owner is None or self._owner[0] is not net or self._owner[1] is not assignment:
-            self._plans.clear()
-            self._owner = (net, assignment)
-        key = tuple(int(s) for s in sample_shape)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._core.Plan(op_specs(net, assignment, key), key, _mode(assignment))
-            self._plans[key] = plan
+        """The compiled plan of ``net`` under ``assignment`` for ``sample_shape`` (the input shape
+        without the batch), cached (LRU, :data:`PLAN_CACHE_SIZE` plans). Thread-safe: two threads may
+        build the same plan at once (the GIL is released while building); the first one stored wins.
+
+        Raises :class:`~deeptaylor.errors.InputError` for a plan beyond the engine's limits (weights
+        beyond float32's range, working memory beyond ``DEEPTAYLOR_MAX_PLAN_BYTES``) and MemoryError
+        when building it runs out of memory; both name the node."""
+        shape = tuple(int(s) for s in sample_shape)
+        key = (id(net), id(assignment), shape)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0] is net and hit[1] is assignment:
+                self._plans.move_to_end(key)
+                return hit[2]
+        plan = self._core.Plan(op_specs(net, assignment, shape), shape, _mode(assignment))
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0] is net and hit[1] is assignment:
+                self._plans.move_to_end(key)
+                return hit[2]
+            self._plans[key] = (net, assignment, plan)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return plan
 
     def run(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from .. import reference
+from ..errors import InputError
 from ..layers import BUILTIN_LAYERS
 from ..methods import GradientXInput, Method, Sensitivity
 from ..network import Graph
@@ -16,6 +18,51 @@ from ._support import refuse_unsupported
 
 _LAYERS = BUILTIN_LAYERS
 _METHODS = (Sensitivity, GradientXInput)
+
+#: per-sample working floats of the reference beyond the kept activations, in units of its largest
+#: value (a layer's rule temporaries: z, s, the sign-split inputs and their transposes, padded copies)
+WORK_FACTOR = 8
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the OS tells: ``MemAvailable`` of
+    /proc/meminfo (else ``os.sysconf`` available pages), capped by a cgroup v2 ``memory.max`` (minus
+    ``memory.current``). None when unknown (then nothing is refused)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            avail = None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            lim = f.read().strip()
+        if lim != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                used = int(f.read().strip())
+            room = int(lim) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def estimate_bytes(net: Graph, sample_shape: tuple[int, ...], n: int, return_layers: bool) -> int:
+    """Peak bytes :func:`deeptaylor.reference.run` needs for ``n`` samples of ``sample_shape`` (an
+    estimate from the graph's shapes): every value's activation (float64, all kept for the relevance
+    pass), the per-layer relevances when returned, and :data:`WORK_FACTOR` times the largest value
+    for a layer's temporaries."""
+    sizes = [int(np.prod(s[1:], dtype=np.float64)) for s in net.shapes((1,) + tuple(sample_shape))]
+    per_sample = sum(sizes) * (2 if return_layers else 1) + WORK_FACTOR * max(sizes)
+    return int(8 * n * per_sample)
 
 
 class NumpyBackend:
@@ -33,6 +80,22 @@ class NumpyBackend:
 
     def run(self, net: Graph, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
             return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """Forward + relevance in float64: ``(output (N, K), relevance (shape of x), layers | None)``.
+
+        Refuses up front, with :class:`~deeptaylor.errors.InputError`, a batch whose estimated
+        memory (:func:`estimate_bytes`) exceeds what the machine has available
+        (:func:`available_memory`): the reference keeps every activation of the whole batch.
+        """
+        need = estimate_bytes(net, x.shape[1:], x.shape[0], return_layers)
+        avail = available_memory()
+        if avail is not None and need > avail:
+            per = max(1, need // max(1, x.shape[0]))
+            fit = max(1, int(avail // 2 // per))
+            raise InputError(
+                f"backend 'numpy' would need about {need / 2**30:.1f} GiB for {x.shape[0]} samples (float64, "
+                f"every activation of the batch kept), more than the {avail / 2**30:.1f} GiB available: pass "
+                f"batch_size={fit} (or smaller) to explain, or use backend='cpu' (float32, its memory does "
+                "not grow with the batch beyond the outputs)")
         # overflow (inf) and inf - inf (NaN) are not warned about here: the Explainer checks the
         # output and the relevance once after the pass and raises a clear error instead
         with np.errstate(over="ignore", invalid="ignore"):

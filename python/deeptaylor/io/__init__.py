@@ -57,8 +57,41 @@ def _is_torch_pickle(p: str, head: bytes, ext: str) -> bool:
     return ext in _PICKLE_EXTS
 
 
-def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+def _is_path_bytes(data: bytes | bytearray | memoryview) -> bool:
+    """True when ``data`` reads as a file name (short, no NUL, an existing file), not a file's bytes."""
+    b = bytes(data[:4097])
+    return len(b) <= 4096 and b"\0" not in b and not b.startswith((b"PK", b"\x80")) and os.path.isfile(b)
+
+
+def _load_bytes(data: bytes, **kwargs: Any) -> Any:
+    """:func:`load` for a model file's bytes: chosen by content only."""
+    head = data[:4]
+    if head.startswith(b"PK"):
+        import io as _io
+
+        try:
+            with zipfile.ZipFile(_io.BytesIO(data)) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise ModelFormatError(f"<bytes>: not a valid zip archive ({exc})") from None
+        if "__deeptaylor__.npy" not in names and any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise ModelFormatError("<bytes>: a PyTorch torch.save archive (a pickle): deeptaylor never opens one; "
+                                   "load it in PyTorch and convert with deeptaylor.from_torch, or export to ONNX")
+        if kwargs:
+            raise InputTypeError(f"load: a native deeptaylor model takes no keyword arguments (got {sorted(kwargs)})")
+        return load_npz(data)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise ModelFormatError("<bytes>: a Python pickle (e.g. torch.save): deeptaylor never opens one; load it "
+                               "in PyTorch and convert with deeptaylor.from_torch, or export to ONNX")
+    if _looks_like_onnx(head):
+        return load_onnx(data, **kwargs)
+    raise ModelFormatError("<bytes>: unknown model format: expected the bytes of a deeptaylor .npz (zip archive) or "
+                           "of an .onnx file")
+
+
+def load(path: str | os.PathLike[str] | bytes, **kwargs: Any) -> Any:
     """Load a network from ``path``: a deeptaylor ``.npz`` or (with the ``onnx`` extra) an ONNX model.
+    ``path`` may also be the file's contents (``bytes``; then chosen by content alone).
 
     The format is chosen by content (a zip archive is a native ``.npz``; a protobuf starting with
     ``ir_version`` is ONNX), whatever the extension, and only then by extension (``.npz``, ``.onnx``).
@@ -83,12 +116,20 @@ def load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     if unknown:
         raise InputTypeError(f"load: unexpected keyword arguments {unknown}; the only one is input_shape (for "
                              "ONNX models)")
-    p = os.fspath(path)
+    if isinstance(path, (bytes, bytearray, memoryview)) and not _is_path_bytes(path):
+        return _load_bytes(bytes(path), **kwargs)
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise InputTypeError(f"load: expected a file path or the model file's bytes, got "
+                             f"{type(path).__module__}.{type(path).__qualname__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
     try:
         with open(p, "rb") as fh:
             head = fh.read(4)
-    except OSError as exc:
-        raise ModelFormatError(f"cannot read model file {p!r}: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read model file {p!r}: {getattr(exc, 'strerror', None) or exc}") from None
     ext = os.path.splitext(p)[1].lower()
     if _is_torch_pickle(p, head, ext):
         raise ModelFormatError(

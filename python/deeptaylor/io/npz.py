@@ -24,10 +24,16 @@ Layout of the archive (a plain ``numpy.savez`` zip of ``.npy`` members; see docs
   ``node{i}.running_mean/running_var/weight/bias.npy`` (BatchNorm): float32 where float32 holds the
   values exactly, float64 otherwise (version 1: ``layer{i}.weight/bias.npy``).
 
-Reading never unpickles and never trusts a size it has not checked: the zip members are read one by
-one, each ``.npy`` header is parsed with NumPy's literal-only parser, its dtype must be a plain float
-(or uint8 for the description) and ``prod(shape) * itemsize`` must equal the bytes actually present
-before any array is built. Every field of the description is type-checked, arrays are checked against
+Reading never unpickles and never trusts a size it has not checked: first only each member's ``.npy``
+header is decompressed and parsed (NumPy's literal-only parser); its dtype must be a plain float (or
+uint8 for the description) and ``prod(shape) * itemsize`` must equal the member's size in the zip
+directory. The whole model is then built and checked on zero-memory stand-ins of the declared shapes
+(every array against its layer, the graph, the shapes composing, the limits below) before any array
+body is decompressed; each body is then streamed into its preallocated array, never past its declared
+size. Loader limits (a tiny file must not ask for huge work): a kernel side <= 1024, a dilated kernel
+extent <= 4096, strides and dilations <= 1024, a convolution's padding per side at most its dilated
+kernel extent (16 for smaller kernels), Upsample factors <= 64, AdaptiveAvgPool2d outputs <= 4096, at
+most 2**31 values per sample in any activation (for a stored input shape), 16 GiB of arrays. Every field of the description is type-checked, arrays are checked against
 the layers that use them, the graph's structure is checked (names, input ids that refer only to
 earlier values, so no cycle can be written, the arity of every node, no unused node) and the layers
 are checked to compose. Any problem raises :class:`~deeptaylor.errors.ModelFormatError` naming the
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+import lzma
 import os
 import re
 import zipfile
@@ -141,10 +148,22 @@ _SHARED_FIELDS = {"name", "inputs", "shares"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/\-\[\]]{1,256}$")
 #: Hyper-parameters (strides, paddings, sizes) above this are treated as corrupt.
 _MAX_INT = 1 << 24
-#: Largest per-sample activation accepted (elements): far above any model we can run.
-_MAX_VALUES = 1 << 40
+#: Largest per-sample activation accepted (elements): 2**31, 8 GiB of float32 for ONE sample.
+_MAX_VALUES = 1 << 31
+#: Loader limits on hyper-parameters (docs/importing.md): a convolution's or pool's kernel side, its
+#: dilated extent ``d * (k - 1) + 1``, strides and dilations, Upsample's factor; a convolution's
+#: padding per side is at most its dilated kernel extent (or 16 for small kernels): more only adds
+#: outputs that see nothing but zeros, and lets a tiny file ask for huge work.
+_MAX_KERNEL = 1024
+_MAX_EXTENT = 4096
+_MAX_STRIDE = 1024
+_MAX_DILATION = 1024
+_MAX_UPSAMPLE = 64
+_MIN_PAD_LIMIT = 16
 #: Largest archive member accepted (bytes, uncompressed): 16 GiB, far above any model we can run.
 _MAX_MEMBER = 1 << 34
+#: Largest sum of the members' declared sizes (bytes, uncompressed).
+_MAX_TOTAL = 1 << 34
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -281,80 +300,180 @@ def save_npz(net: Graph, path: Any, input_shape: Any = None) -> None:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_npy(member: str, data: bytes, where: str) -> np.ndarray:
-    """Parse one ``.npy`` member from its bytes without trusting its header."""
-    fh = _io.BytesIO(data)
-    try:
-        major, _minor = np.lib.format.read_magic(fh)
-        if major == 1:
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif major in (2, 3):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f"unsupported .npy version {major}")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
-        raise ModelFormatError(f"{where}: corrupt array header in {member!r}: {exc}") from None
+class _Member:
+    """One ``.npy`` member of the archive whose header was read and checked (its body is not)."""
+
+    __slots__ = ("dtype", "fortran", "info", "offset", "shape")
+
+    def __init__(self, info: zipfile.ZipInfo, offset: int, shape: tuple[int, ...], fortran: bool,
+                 dtype: np.dtype) -> None:
+        self.info, self.offset, self.shape, self.fortran, self.dtype = info, offset, shape, fortran, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.file_size - self.offset
+
+    def stand_in(self) -> np.ndarray:
+        """A read-only array of the declared shape and dtype that costs no memory (all strides 0):
+        enough to build and check the network before any body is decompressed."""
+        base = np.zeros(1, dtype=self.dtype.newbyteorder("="))
+        view = np.lib.stride_tricks.as_strided(base, shape=self.shape, strides=(0,) * len(self.shape),
+                                               writeable=False)
+        return view.view(_StandIn)
+
+
+def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> _Member:
+    """Parse one ``.npy`` member's header from the start of its stream (at most a few KiB are
+    decompressed), check its dtype and shape, and that the size it declares is the member's size
+    in the zip directory. Nothing else of the member is read."""
+    member = info.filename
+    with zf.open(info) as raw:
+        fh = _io.BufferedReader(raw, buffer_size=1 << 16)  # type: ignore[arg-type]
+        try:
+            major, _minor = np.lib.format.read_magic(fh)
+            if major == 1:
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif major in (2, 3):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=1 << 16)
+            else:
+                raise ValueError(f"unsupported .npy version {major}")
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+            raise ModelFormatError(f"{where}: corrupt array header in {member!r}: {exc}") from None
+        offset = fh.tell()
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise ModelFormatError(f"{where}: array {member!r} has a non-numeric dtype {dtype} (refused)")
     if dtype.kind not in "fu" or dtype.itemsize > 8:
         raise ModelFormatError(f"{where}: array {member!r} has unsupported dtype {dtype}")
-    if not all(isinstance(s, int) and 0 <= s < 1 << 40 for s in shape) or len(shape) > 8:
+    if not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape) or len(shape) > 8:
         raise ModelFormatError(f"{where}: array {member!r} has an invalid shape {shape!r}")
     count = 1
-    for s in shape:
-        count *= s
-    body = data[fh.tell():]
-    if count * dtype.itemsize != len(body):
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != info.file_size - offset:
         raise ModelFormatError(f"{where}: array {member!r} declares shape {shape} ({count * dtype.itemsize} "
-                               f"bytes of {dtype}) but holds {len(body)} bytes (truncated or corrupt)")
-    arr = np.frombuffer(body, dtype=dtype)
-    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    return np.array(arr, dtype=arr.dtype.newbyteorder("="))
+                               f"bytes of {dtype}) but holds {info.file_size - offset} bytes (truncated or corrupt)")
+    return _Member(info, offset, tuple(shape), bool(fortran), dtype)
 
 
-def _read_archive(source: str | os.PathLike[str] | bytes, where: str) -> dict[str, np.ndarray]:
+_CHUNK = 1 << 22
+
+
+def _read_body(zf: zipfile.ZipFile, m: _Member, where: str) -> np.ndarray:
+    """Decompress member ``m`` straight into a preallocated array of its declared size (in chunks of
+    4 MiB, never more than declared), check that the stream ends there (and its CRC), and return it
+    in native byte order."""
+    arr = np.empty(m.shape[::-1] if m.fortran else m.shape, dtype=m.dtype)
+    buf = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
+    with zf.open(m.info) as fh:
+        skip = fh.read(m.offset)
+        if len(skip) != m.offset:
+            raise ModelFormatError(f"{where}: array {m.info.filename!r} is truncated")
+        pos, total = 0, len(buf)
+        while pos < total:
+            chunk = fh.read(min(_CHUNK, total - pos))
+            if not chunk:
+                raise ModelFormatError(f"{where}: array {m.info.filename!r} holds fewer bytes than its header "
+                                       "declares (truncated or corrupt)")
+            buf[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+        if fh.read(1):  # also makes zipfile check the member's CRC
+            raise ModelFormatError(f"{where}: array {m.info.filename!r} holds more bytes than its header declares")
+    if m.fortran:
+        arr = arr.T
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+#: Largest model description accepted (bytes of JSON).
+_MAX_META = 1 << 24
+
+
+def _archive_errors() -> tuple[type[BaseException], ...]:
+    return (zipfile.BadZipFile, zlib.error, lzma.LZMAError, ValueError, OSError, EOFError, KeyError, RuntimeError,
+            NotImplementedError, OverflowError, IndexError, UnicodeDecodeError, MemoryError)
+
+
+def _open_archive(source: str | os.PathLike[str] | bytes, where: str) -> tuple[zipfile.ZipFile, dict[str, _Member]]:
+    """Open the zip and read every member's ``.npy`` header (no body)."""
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
-            raw = bytes(source)
+            fh: Any = _io.BytesIO(bytes(source))
         else:
-            with open(source, "rb") as fh:
-                raw = fh.read()
+            fh = open(source, "rb")  # noqa: SIM115 - closed with the ZipFile (or below on error)
     except OSError as exc:
         raise ModelFormatError(f"cannot open model file {where}: {exc.strerror or exc}") from None
-    arrays: dict[str, np.ndarray] = {}
     try:
-        with zipfile.ZipFile(_io.BytesIO(raw)) as zf:
-            infos = zf.infolist()
-            names = [info.filename for info in infos]
-            if len(set(names)) != len(names):
-                raise ModelFormatError(f"{where}: the archive has duplicate members")
-            for info in infos:
-                if not info.filename.endswith(".npy"):
-                    raise ModelFormatError(f"{where}: unexpected archive member {info.filename!r} "
-                                           "(a deeptaylor model holds only .npy arrays)")
-                if info.file_size > _MAX_MEMBER or info.file_size > 2048 * max(info.compress_size, 1):
-                    raise ModelFormatError(f"{where}: archive member {info.filename!r} declares an implausible "
-                                           f"size ({info.file_size} bytes)")
-                data = zf.read(info)
-                arrays[info.filename[:-4]] = _read_npy(info.filename, data, where)
+        zf = zipfile.ZipFile(fh)
+        zf._deeptaylor_fh = fh  # type: ignore[attr-defined]  # closed by _close
+        infos = zf.infolist()
+        names = [info.filename for info in infos]
+        if len(set(names)) != len(names):
+            raise ModelFormatError(f"{where}: the archive has duplicate members")
+        members: dict[str, _Member] = {}
+        total = 0
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                raise ModelFormatError(f"{where}: unexpected archive member {info.filename!r} "
+                                       "(a deeptaylor model holds only .npy arrays)")
+            if info.file_size > _MAX_MEMBER or info.file_size > 2048 * max(info.compress_size, 1):
+                raise ModelFormatError(f"{where}: archive member {info.filename!r} declares an implausible "
+                                       f"size ({info.file_size} bytes from {info.compress_size} compressed)")
+            if info.filename == _META + ".npy" and info.file_size > _MAX_META:
+                raise ModelFormatError(f"{where}: the model description is implausibly large "
+                                       f"({info.file_size} bytes)")
+            total += info.file_size
+            if total > _MAX_TOTAL:
+                raise ModelFormatError(f"{where}: the archive's members declare more than {_MAX_TOTAL} bytes "
+                                       "in all (the limit of a model file)")
+            members[info.filename[:-4]] = _read_header(zf, info, where)
+    except ModelFormatError:
+        fh.close()
+        raise
+    except _archive_errors() as exc:
+        fh.close()
+        raise ModelFormatError(f"{where}: corrupt or truncated model file ({type(exc).__name__}: {exc})") from None
+    return zf, members
+
+
+def _read_bodies(zf: zipfile.ZipFile, members: dict[str, _Member], where: str) -> dict[str, np.ndarray]:
+    try:
+        return {name: _read_body(zf, m, where) for name, m in members.items()}
     except ModelFormatError:
         raise
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, RuntimeError,
-            NotImplementedError, OverflowError, IndexError, UnicodeDecodeError, MemoryError) as exc:
+    except _archive_errors() as exc:
         raise ModelFormatError(f"{where}: corrupt or truncated model file ({type(exc).__name__}: {exc})") from None
-    return arrays
 
 
-def _int(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_INT:
-        raise ModelFormatError(f"{what} must be an int in [{minimum}, {_MAX_INT}], got {value!r:.100}")
+def _close(zf: zipfile.ZipFile) -> None:
+    zf.close()
+    zf._deeptaylor_fh.close()  # type: ignore[attr-defined]
+
+
+def _int(value: Any, what: str, minimum: int, maximum: int = 0) -> int:
+    maximum = maximum or _MAX_INT
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        limit = " (the loader's limit)" if maximum != _MAX_INT else ""
+        raise ModelFormatError(f"{what} must be an int in [{minimum}, {maximum}]{limit}, got {value!r:.100}")
     return value
 
 
-def _ints(value: Any, what: str, n: int, minimum: int) -> tuple[int, ...]:
+def _ints(value: Any, what: str, n: int, minimum: int, maximum: int = 0) -> tuple[int, ...]:
     if not (isinstance(value, list) and len(value) == n):
         raise ModelFormatError(f"{what} must be a list of {n} ints, got {value!r:.100}")
-    return tuple(_int(v, what, minimum) for v in value)
+    return tuple(_int(v, what, minimum, maximum) for v in value)
+
+
+class _StandIn(np.ndarray):
+    """Marks the zero-memory arrays of the dry run (:meth:`_Member.stand_in`)."""
+
+
+def _shape_only(cls: type, **attrs: Any) -> Any:
+    """A layer of type ``cls`` holding ``attrs`` as they are (stand-in arrays): it answers
+    ``output_shape`` like the real layer, so the graph can be checked before any array is read."""
+    layer = cls.__new__(cls)
+    layer._set(**attrs)
+    return layer
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -397,34 +516,65 @@ def _build(kind: str, params: dict[str, Any], arrays: dict[str, np.ndarray], pre
         if (kind == "Dense" or kind == "Conv2d") and b.shape[0] != w.shape[0]:
             raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} are inconsistent "
                                    f"(expected a {ndim}-D weight and a bias of its first dimension)")
+        dry = isinstance(w, _StandIn)
         if kind == "Dense":
-            return Dense(w, b)
-        kw: dict[str, Any] = {"stride": _ints(p["stride"], f"{where} stride", 2, 1),
+            return _shape_only(Dense, weight=w, bias=b) if dry else Dense(w, b)
+        kw: dict[str, Any] = {"stride": _ints(p["stride"], f"{where} stride", 2, 1, _MAX_STRIDE),
                               "padding": _ints(p["padding"], f"{where} padding", 4, 0),
-                              "dilation": _ints(p["dilation"], f"{where} dilation", 2, 1)}
+                              "dilation": _ints(p["dilation"], f"{where} dilation", 2, 1, _MAX_DILATION)}
+        kernel = tuple(int(k) for k in w.shape[2:])
+        extent = [kw["dilation"][i] * (kernel[i] - 1) + 1 for i in (0, 1)]
+        if max(kernel) > _MAX_KERNEL or max(extent) > _MAX_EXTENT:
+            raise ModelFormatError(f"{where}: kernel {kernel} with dilation {kw['dilation']} is beyond the loader's "
+                                   f"limits (kernel <= {_MAX_KERNEL}, dilated extent <= {_MAX_EXTENT})")
+        t, bt, lf, rt = kw["padding"]
+        if max(t, bt) > max(extent[0], _MIN_PAD_LIMIT) or max(lf, rt) > max(extent[1], _MIN_PAD_LIMIT):
+            raise ModelFormatError(
+                f"{where}: padding {kw['padding']} is beyond the loader's limit for a {kernel[0]}x{kernel[1]} "
+                f"kernel with dilation {kw['dilation']}: at most the dilated kernel extent "
+                f"({extent[0]}x{extent[1]}; {_MIN_PAD_LIMIT} for small kernels) per side")
+        groups = _int(p["groups"], f"{where} groups", 1) if "groups" in p else 1
         if "groups" in p:
-            kw["groups"] = _int(p["groups"], f"{where} groups", 1)
+            kw["groups"] = groups
         if kind == "Conv2d":
+            if dry:
+                if w.shape[0] % groups:
+                    raise ModelFormatError(f"{where}: {w.shape[0]} output channels are not divisible by "
+                                           f"groups={groups}")
+                return _shape_only(Conv2d, weight=w, bias=b, stride=kw["stride"], padding=kw["padding"],
+                                   dilation=kw["dilation"], groups=groups)
             return Conv2d(w, b, **kw)
-        return ConvTranspose2d(w, b, output_padding=_ints(p["output_padding"], f"{where} output_padding", 2, 0), **kw)
+        op = _ints(p["output_padding"], f"{where} output_padding", 2, 0, _MAX_STRIDE)
+        if dry:
+            if w.shape[0] % groups or b.shape[0] != w.shape[1] * groups:
+                raise ModelFormatError(f"{where}: weight shape {w.shape} / bias shape {b.shape} / groups {groups} "
+                                       "are inconsistent")
+            return _shape_only(ConvTranspose2d, weight=w, bias=b, stride=kw["stride"], padding=kw["padding"],
+                               output_padding=op, dilation=kw["dilation"], groups=groups)
+        return ConvTranspose2d(w, b, output_padding=op, **kw)
     if kind in ("MaxPool2d", "AvgPool2d", "SumPool2d"):
-        kw = {"stride": _ints(p["stride"], f"{where} stride", 2, 1),
-              "padding": _ints(p["padding"], f"{where} padding", 4, 0)}
+        kw = {"stride": _ints(p["stride"], f"{where} stride", 2, 1, _MAX_STRIDE),
+              "padding": _ints(p["padding"], f"{where} padding", 4, 0, _MAX_KERNEL)}
         if "ceil_mode" in p:
             kw["ceil_mode"] = _bool(p["ceil_mode"], f"{where} ceil_mode")
         if "count_include_pad" in p:
             kw["count_include_pad"] = _bool(p["count_include_pad"], f"{where} count_include_pad")
-        return _KINDS[kind](_ints(p["kernel_size"], f"{where} kernel_size", 2, 1), **kw)
+        return _KINDS[kind](_ints(p["kernel_size"], f"{where} kernel_size", 2, 1, _MAX_KERNEL), **kw)
     if kind == "LpPool":
         pp = p["p"]
         if isinstance(pp, bool) or not isinstance(pp, (int, float)):
             raise ModelFormatError(f"{where}: p must be a number, got {pp!r:.100}")
         k, s = p["kernel_size"], p["stride"]
-        return LpPool(pp, None if k is None else _ints(k, f"{where} kernel_size", 2, 1),
-                      None if s is None else _ints(s, f"{where} stride", 2, 1))
+        return LpPool(pp, None if k is None else _ints(k, f"{where} kernel_size", 2, 1, _MAX_KERNEL),
+                      None if s is None else _ints(s, f"{where} stride", 2, 1, _MAX_STRIDE))
     if kind in ("BatchNorm2d", "BatchNorm1d"):
         vals = [_array(arrays, f"{prefix}.{n}", where, 1) for n in _ARRAYS[kind]]
         eps = _float(p["eps"], f"{where} eps")
+        if isinstance(vals[0], _StandIn):
+            if len({v.shape for v in vals}) != 1:
+                raise ModelFormatError(f"{where}: the BatchNorm arrays have different lengths "
+                                       f"{[v.shape[0] for v in vals]}")
+            return _shape_only(_KINDS[kind], **dict(zip(_ARRAYS[kind], vals, strict=True)), eps=eps)
         return _KINDS[kind](*vals, eps=eps)
     if kind == "LeakyReLU":
         return LeakyReLU(_float(p["negative_slope"], f"{where} negative_slope"))
@@ -433,9 +583,9 @@ def _build(kind: str, params: dict[str, Any], arrays: dict[str, np.ndarray], pre
     if kind == "GELU":
         return GELU(_str(p["approximate"], f"{where} approximate", ("none", "tanh")))
     if kind == "AdaptiveAvgPool2d":
-        return AdaptiveAvgPool2d(_ints(p["output_size"], f"{where} output_size", 2, 1))
+        return AdaptiveAvgPool2d(_ints(p["output_size"], f"{where} output_size", 2, 1, _MAX_EXTENT))
     if kind == "Upsample":
-        return Upsample(_ints(p["scale_factor"], f"{where} scale_factor", 2, 1),
+        return Upsample(_ints(p["scale_factor"], f"{where} scale_factor", 2, 1, _MAX_UPSAMPLE),
                         mode=_str(p["mode"], f"{where} mode", ("nearest",)))
     if kind == "ChannelShuffle":
         return ChannelShuffle(_int(p["groups"], f"{where} groups", 1))
@@ -613,17 +763,16 @@ def _load_v2(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Graph
     return net, shape
 
 
-def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[Graph, dict[str, Any]]:
-    """Read a model file and its description: ``(net, info)`` with ``info`` holding ``"version"``
-    (int), ``"network"`` (``"Graph"`` or ``"Sequential"``) and ``"input_shape"`` (tuple or None: the
-    stored per-sample shape, or the first Dense layer's features). Raises as :func:`load_npz`."""
-    where = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else repr(os.fspath(source))
-    arrays = _read_archive(source, where)
-    if _META not in arrays:
+def _read_model(zf: zipfile.ZipFile, members: dict[str, _Member], where: str) -> tuple[Graph, int, list[int] | None]:
+    """Read the description, check the whole model on zero-memory stand-ins of the declared array
+    shapes (every array against its layer, the graph's structure, the shapes composing), and only
+    then decompress the arrays and build the model."""
+    if _META not in members:
         raise ModelFormatError(f"{where}: not a deeptaylor model (the archive has no '{_META}' entry)")
-    meta_arr = arrays.pop(_META)
-    if meta_arr.dtype != np.uint8 or meta_arr.ndim != 1:
+    meta_m = members.pop(_META)
+    if meta_m.dtype != np.uint8 or len(meta_m.shape) != 1:
         raise ModelFormatError(f"{where}: corrupt model file: '{_META}' must be a 1-D uint8 array")
+    meta_arr = _read_bodies(zf, {_META: meta_m}, where)[_META]
     try:
         meta = json.loads(meta_arr.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -638,15 +787,32 @@ def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[Graph, dict[str, A
                                f"understands ({VERSION}); upgrade deeptaylor")
     if version < 1:
         raise ModelFormatError(f"{where}: invalid model format version {version}")
-    for name, arr in arrays.items():
-        if arr.dtype.kind != "f":
-            raise ModelFormatError(f"{where}: array {name!r} has dtype {arr.dtype}, expected float")
+    for name, m in members.items():
+        if m.dtype.kind != "f":
+            raise ModelFormatError(f"{where}: array {name!r} has dtype {m.dtype}, expected float")
+    load = _load_v1 if version == 1 else _load_v2
     try:
-        net, shape = (_load_v1 if version == 1 else _load_v2)(meta, arrays)
+        load(meta, {name: m.stand_in() for name, m in members.items()})  # the dry run: nothing decompressed
+        net, shape = load(meta, _read_bodies(zf, members, where))
     except ModelFormatError as exc:
+        if str(exc).startswith(where):
+            raise
         raise ModelFormatError(f"{where}: {exc}") from None
     except RecursionError:  # pragma: no cover - the JSON parser refuses deep nesting first
         raise ModelFormatError(f"{where}: model description nested too deeply") from None
+    return net, version, shape
+
+
+def read_npz(source: str | os.PathLike[str] | bytes) -> tuple[Graph, dict[str, Any]]:
+    """Read a model file and its description: ``(net, info)`` with ``info`` holding ``"version"``
+    (int), ``"network"`` (``"Graph"`` or ``"Sequential"``) and ``"input_shape"`` (tuple or None: the
+    stored per-sample shape, or the first Dense layer's features). Raises as :func:`load_npz`."""
+    where = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else repr(os.fspath(source))
+    zf, members = _open_archive(source, where)
+    try:
+        net, version, shape = _read_model(zf, members, where)
+    finally:
+        _close(zf)
     info = {"version": version, "network": "Sequential" if isinstance(net, Sequential) else "Graph",
             "input_shape": None if shape is None else tuple(shape)}
     return net, info
