@@ -201,8 +201,10 @@ class _Converter:
         self.dynamic: dict[Any, bool] = {}
         for n in self.graph.nodes:
             self.dynamic[n] = n.op == "placeholder" or any(self.dynamic[a] for a in n.all_input_nodes)
-        dtype = next((p.dtype for p in list(self.module.parameters()) + list(self.module.buffers())
-                      if p.is_floating_point()), torch.float32)
+        first = next((p for p in list(self.module.parameters()) + list(self.module.buffers())
+                      if p.is_floating_point()), None)
+        dtype = torch.float32 if first is None else first.dtype
+        device = "cpu" if first is None else first.device
         self.info: dict[Any, Any] = {}
         conv = self
 
@@ -218,7 +220,7 @@ class _Converter:
                 conv.info[n] = conv._summary(n, result)
                 return result
 
-        x = torch.zeros((_B, *self.shape), dtype=dtype)
+        x = torch.zeros((_B, *self.shape), dtype=dtype, device=device)
         with torch.no_grad():
             Recorder(self.gm).run(x)
 
