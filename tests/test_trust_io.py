@@ -346,3 +346,240 @@ def test_load_onnx_bytes():
     assert onnx.load_from_string(data).graph.node
     net = dt.load(data)
     np.testing.assert_array_equal(net[0].weight, w)
+
+
+# ------------------------------------------------------------- item 9: the fallback PNG reader's limit
+
+
+def _png(w: int, h: int, rows: bytes | None = None, ctype: int = 0) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    data = zlib.compress(rows if rows is not None else b"\0" * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, ctype, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_read_png_refuses_huge_images_from_the_header(tmp_path):
+    from deeptaylor import heatmap as hm
+
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png(50000, 50000))
+    with pytest.raises(dt.InputError, match="limit"):
+        hm.read_png(p)
+    p.write_bytes(_png(5000, 5000))                 # the audit's 14.7 s file: refused by default
+    with pytest.raises(dt.InputError, match="limit"):
+        hm.read_png(p)
+    # within the limit (or with the limit raised) an image decodes; Sub-filtered rows decode exactly
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    sub = np.concatenate([img[:, :1], (img[:, 1:].astype(np.int16) - img[:, :-1]) % 256], axis=1).astype(np.uint8)
+    rows = b"".join(b"\x01" + r.tobytes() for r in sub)
+    p.write_bytes(_png(5, 6, rows, ctype=2))
+    np.testing.assert_array_equal(hm.read_png(p), img)
+    np.testing.assert_array_equal(hm.read_png(p, max_pixels=None), img)
+    with pytest.raises(dt.InputError, match="limit"):
+        hm.read_png(p, max_pixels=29)
+
+
+def test_read_png_does_not_inflate_past_the_declared_size(tmp_path):
+    from deeptaylor import heatmap as hm
+
+    p = tmp_path / "long.png"
+    p.write_bytes(_png(4, 4, b"\0" * (64 << 20)))  # 64 MiB of rows behind a 4x4 header
+    with pytest.raises(dt.InputError, match="expected"):
+        assert _peak_mib(lambda: hm.read_png(p)) < 8
+    assert _peak_mib(lambda: pytest.raises(dt.InputError, hm.read_png, p)) < 8
+
+
+# ------------------------------------------------------------- item 11: the command line, one line and 2
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    from deeptaylor.cli import main
+
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _one_line_error(rc: int, err: str) -> str:
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("deeptaylor: error:")
+    return lines[0]
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    rng = np.random.default_rng(0)
+    net = dt.Sequential([dt.Flatten(), dt.Dense(rng.normal(size=(3, 16)), -np.abs(rng.normal(size=3))), dt.ReLU(),
+                         dt.Dense(rng.normal(size=(2, 3)), np.zeros(2))])
+    path = tmp_path / "m.npz"
+    dt.save(net, path, input_shape=(1, 4, 4))
+    return path
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "bad_data", "bomb", "warn_bomb"])
+def test_cli_bad_images_one_line(tmp_path, model_file, capsys, case):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    good = _png(4, 4, b"".join(b"\0" + bytes(range(4)) for _ in range(4)))
+    data = {"garbage": b"\x89PNG\r\n\x1a\n" + bytes(range(137)),            # 145 bytes
+            "truncated": good[:45],
+            "bad_data": good[:33] + _png(4, 4, b"\x07" * 3)[33:],
+            "bomb": _png(30000, 30000),
+            "warn_bomb": _png(10000, 10000)}[case]
+    (d / "a.png").write_bytes(data)
+    rc, _, err = _cli(["explain", "--model", model_file, "--input", d, "--out", tmp_path / "o"], capsys)
+    line = _one_line_error(rc, err)
+    assert "a.png" in line
+    assert "internal error" not in line
+
+
+def test_cli_npy_header_declaring_a_huge_array(tmp_path, model_file, capsys):
+    p = tmp_path / "x.npy"
+    with open(p, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 784)})
+        fh.write(bytes(64))
+    rc, _, err = _cli(["explain", "--model", model_file, "--input", p, "--out", tmp_path / "o"], capsys)
+    assert "declares shape" in _one_line_error(rc, err)
+
+
+def test_cli_bad_image_shape_and_scale(tmp_path, model_file, capsys):
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((2, 16), 0.5, np.float32))
+    base = ["explain", "--model", model_file, "--input", x, "--out", tmp_path / "o"]
+    for shape in ("0,5", "5,0", "-4,-4"):
+        rc, _, err = _cli([*base, f"--image-shape={shape}"], capsys)
+        assert "--image-shape" in _one_line_error(rc, err)
+    rc, _, err = _cli([*base, "--scale", str(10**9)], capsys)
+    assert rc == 2
+    assert "--scale" in err
+    assert "Traceback" not in err
+    rc, _, err = _cli([*base, "--scale", "64", "--image-shape", "2000,2000"], capsys)
+    # (2000 x 2000 does not divide 16 values: a clear error either way, never an allocation)
+    _one_line_error(rc, err)
+
+
+def test_cli_corrupt_lzma_model(tmp_path, model_file, capsys):
+    import io
+    import zipfile
+
+    src = zipfile.ZipFile(model_file)
+    members = {i.filename: src.read(i) for i in src.infolist()}
+    members["node1.weight.npy"] += b""
+    good = _zip(members, compression=zipfile.ZIP_LZMA)
+    info = zipfile.ZipFile(io.BytesIO(good)).getinfo("node1.weight.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    bad = bytearray(good)
+    for k in range(start + 6, start + info.compress_size - 2):
+        bad[k] ^= 0x33
+    model = tmp_path / "bad.npz"
+    model.write_bytes(bytes(bad))
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((2, 16), 0.5, np.float32))
+    rc, _, err = _cli(["explain", "--model", model, "--input", x, "--out", tmp_path / "o"], capsys)
+    assert "corrupt" in _one_line_error(rc, err)
+
+
+def test_cli_flat_input_reshaped_to_the_stored_image_shape(tmp_path, model_file, capsys):
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((3, 16), 0.5, np.float32))
+    rc, _, err = _cli(["explain", "--model", model_file, "--input", x, "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    assert np.load(tmp_path / "o" / "relevance.npy").shape == (3, 16)
+
+
+def test_cli_version(capsys):
+    from deeptaylor.cli import main
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deeptaylor ")
+    assert out.split()[1][0].isdigit()
+
+
+def test_cli_composite_help_lists_every_name(capsys):
+    from deeptaylor.cli import main
+
+    assert main(["explain", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())   # argparse wraps lines, also at hyphens
+    for name in dt.composites.names():
+        assert name in text, name
+    assert "..." not in text
+
+
+def test_cli_broken_pipe_is_quiet(tmp_path, model_file):
+    """`deeptaylor explain ... | head -c 1`: no 'Broken pipe' message, no traceback."""
+    import subprocess
+    import sys
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((3, 16), 0.5, np.float32))
+    code = ("import sys, os; from deeptaylor.cli import main; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "explain", "--model", str(model_file), "--input", str(x),
+                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.stderr == ""
+    assert proc.returncode == 141
+
+
+# ---------------------------------------------- item 16: the CLI and the experiment say when they fall back
+
+
+def _refuse_on_cpu(monkeypatch):
+    from deeptaylor.backends.cpu import CpuBackend
+
+    def refuse(self, net, assignment):
+        raise dt.UnsupportedError("backend 'cpu' does not support layer 1 (Dense) [simulated]")
+
+    monkeypatch.setattr(CpuBackend, "check", refuse)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="compiled core not built")
+def test_cli_runs_on_cpu_and_says_when_it_falls_back(tmp_path, model_file, capsys, monkeypatch):
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((3, 16), 0.5, np.float32))
+    base = ["explain", "--model", model_file, "--input", x, "--out", tmp_path / "o", "--no-progress"]
+    rc, out, err = _cli(base, capsys)
+    assert rc == 0, err
+    assert "on backend cpu" in out
+    assert err == ""
+    rc, out, err = _cli([*base, "--backend", "cpu"], capsys)
+    assert rc == 0, err
+    assert "on backend cpu" in out
+    _refuse_on_cpu(monkeypatch)
+    rc, out, err = _cli(base, capsys)
+    assert rc == 0, err
+    assert "on backend numpy" in out
+    assert err.startswith("deeptaylor: note: backend='auto' uses the NumPy reference")
+    assert "simulated" in err
+    rc, out, err = _cli([*base, "--backend", "cpu"], capsys)    # explicit: no silent fallback
+    assert "simulated" in _one_line_error(rc, err)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="compiled core not built")
+def test_experiment_methods_run_on_cpu_and_warn_on_fallback(monkeypatch):
+    from deeptaylor import datasets as ds
+    from deeptaylor.experiment import explain_methods
+
+    net = ds.load_detection_model()
+    images, labels = ds.load_sample()
+    x = ds.mnist_detection(images, labels, 8, seed=0).flat().astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = explain_methods(net, x)
+    assert {r.backend for r in res.values()} == {"cpu"}
+    _refuse_on_cpu(monkeypatch)
+    with pytest.warns(BackendFallbackWarning, match="simulated"):
+        res = explain_methods(net, x, methods=("z+",))
+    assert res["z+"].backend == "numpy"
+    with pytest.raises(dt.UnsupportedError):
+        explain_methods(net, x, backend="cpu", methods=("z+",))

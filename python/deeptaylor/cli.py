@@ -17,18 +17,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DeepTaylorError, InputError, InputTypeError, ShapeError
+from .errors import DeepTaylorError, DeepTaylorWarning, InputError, InputTypeError, ShapeError
 from .heatmap import CMAPS
 
 __all__ = ["build_parser", "describe", "main"]
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+#: --scale's upper bound, and the largest heatmap PNG written (pixels)
+MAX_SCALE = 64
+MAX_PNG_PIXELS = 1 << 26
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -61,17 +68,41 @@ def _fraction(text: str) -> float | None:
     return v
 
 
+def _scale(text: str) -> int:
+    v = _positive(text)
+    if v > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_SCALE}], got {text!r}")
+    return v
+
+
+def _version() -> str:
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        return version("deeptaylor")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
+        return __version__
+
+
+_BACKEND_HELP = ("auto (default: the compiled engine, or the float64 NumPy reference with a note on stderr "
+                 "where the engine cannot run the model), cpu (the compiled engine only) or numpy (the reference)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deeptaylor`` command."""
+    from .composites import names as composite_names
+
     p = argparse.ArgumentParser(prog="deeptaylor", description="Deep Taylor Decomposition / LRP heatmaps.")
+    p.add_argument("--version", action="version", version=f"deeptaylor {_version()}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     d = sub.add_parser("demo", help="heatmaps of bundled MNIST digits from the bundled detection model")
     d.add_argument("--out", default="deeptaylor-demo", help="output directory (default: ./deeptaylor-demo)")
-    d.add_argument("--backend", default="cpu", choices=["cpu", "numpy"],
-                   help="cpu (compiled, float32; numpy where unsupported) or numpy (float64 reference)")
+    d.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
     d.add_argument("-n", type=_positive, default=200, help="detection images for the checks (default 200)")
     d.add_argument("--show", type=_positive, default=6, help="images in the PNG grid (default 6)")
     d.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
@@ -81,20 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--input", required=True,
                    help=".npy array (N,F) / (N,H,W) / (N,C,H,W), float or uint8 (scaled by 1/255), "
                         "or a directory of images")
-    e.add_argument("--composite", default="deep-taylor",
-                   help="deep-taylor, deep-taylor-unbounded, epsilon-plus, epsilon-plus-flat, epsilon-alpha2-beta1, "
-                        "epsilon-alpha2-beta1-flat, epsilon-gamma-box, sensitivity, gradient-x-input (default "
-                        "deep-taylor; --low/--high give the box of deep-taylor and epsilon-gamma-box)")
+    e.add_argument("--composite", default="deep-taylor", metavar="NAME",
+                   help="one of: " + ", ".join(composite_names()) + " (default deep-taylor; --low/--high give the "
+                        "box of deep-taylor and epsilon-gamma-box)")
     e.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--backend", default="cpu", choices=["cpu", "numpy"])
+    e.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
     e.add_argument("--batch-size", type=_positive, default=None, help="explain in chunks of this size")
     e.add_argument("--low", type=float, default=0.0, help="lower input bound of the zB rule (default 0)")
     e.add_argument("--high", type=float, default=1.0, help="upper input bound of the zB rule (default 1)")
     e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
     e.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map of the heatmaps (default bwr)")
-    e.add_argument("--scale", type=_positive, default=4, metavar="K",
-                   help="enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size)")
+    e.add_argument("--scale", type=_scale, default=4, metavar="K",
+                   help=f"enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size, at most "
+                        f"{MAX_SCALE})")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="describe a saved model: its nodes, their inputs and output shapes")
@@ -109,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--mnist", default=None, help="directory with the MNIST IDX files (default: search)")
     x.add_argument("--out", default="deeptaylor-mnist-detection", help="output directory")
     x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--backend", default="cpu", choices=["cpu", "numpy"])
+    x.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
     x.add_argument("--n-train", type=_positive, default=60000, help="generated training images (default 60000)")
     x.add_argument("--n-test", type=_positive, default=1000, help="generated test images (default 1000)")
     x.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
@@ -123,7 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ input
 
 
+def _check_npy_header(path: Path) -> None:
+    """Read only the ``.npy`` header and check that the array it declares is what the file holds, so
+    that a header declaring (10**12, 784) fails at once instead of allocating."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                return  # not a .npy (np.load says what it is)
+            fh.seek(0)
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read(fh)
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as exc:
+        raise InputError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise InputTypeError(f"{str(path)!r}: dtype {dtype} holds Python objects (pickles); not loaded")
+    count = math.prod(int(d) for d in shape)
+    if count * dtype.itemsize != size - offset:
+        raise InputError(f"{str(path)!r}: the .npy header declares shape {tuple(shape)} of {dtype} "
+                         f"({count * dtype.itemsize} bytes) but the file holds {size - offset} bytes of data "
+                         "(truncated or corrupt)")
+
+
 def _load_npy(path: Path) -> np.ndarray:
+    _check_npy_header(path)
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -157,10 +213,15 @@ def _read_image(path: Path, rgb: bool) -> np.ndarray:
             img = np.round(img @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
         return img
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB" if rgb else "L"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read image {str(path)!r}: {exc}") from None
+        with warnings.catch_warnings():
+            # Pillow warns beyond Image.MAX_IMAGE_PIXELS and raises beyond twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB" if rgb else "L"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"image {str(path)!r} is too large (a decompression bomb?): {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise InputError(f"cannot read image {str(path)!r} (corrupt or unsupported: {exc})") from None
 
 
 def _load_images(directory: Path, rgb: bool) -> tuple[np.ndarray, list[Path]]:
@@ -191,14 +252,15 @@ def _input_channels(net: Any) -> int | None:
     return None
 
 
-def _fit_input(net: Any, x: np.ndarray, image_shape: tuple[int, int] | None) -> tuple[np.ndarray, tuple | None]:
-    """Reshape ``x`` to what the network takes (a Graph's declared input shape, else the first
-    layer's); return it and the (H, W) to draw heatmaps."""
+def _fit_input(net: Any, x: np.ndarray, image_shape: tuple[int, int] | None,
+               stored: tuple[int, ...] | None = None) -> tuple[np.ndarray, tuple | None]:
+    """Reshape ``x`` to what the network takes (a Graph's declared input shape, the shape stored in
+    the model file, else the first layer's); return it and the (H, W) to draw heatmaps."""
     from .layers import Dense
 
     if x.ndim < 2 or x.shape[0] == 0:
         raise ShapeError(f"input must hold a batch (N, ...) with N >= 1, got shape {x.shape}")
-    declared = tuple(getattr(net, "input_shape", ()))
+    declared = tuple(getattr(net, "input_shape", ())) or tuple(stored or ())
     first = net[0]
     draw = None
     if x.ndim == 3:
@@ -252,15 +314,11 @@ def _composite(name: str, low: float, high: float) -> Any:
 
 
 def _explainer(net: Any, method: Any, backend: str) -> Any:
-    from .errors import UnsupportedError
+    """The Explainer on ``backend``; with "auto" a fallback to the reference is said on stderr (the
+    :class:`~deeptaylor.errors.BackendFallbackWarning`, as a note: see :func:`main`)."""
     from .explain import Explainer
 
-    if backend == "cpu":
-        try:
-            return Explainer(net, method, backend="cpu")
-        except UnsupportedError as exc:
-            print(f"deeptaylor: note: {exc}; using the numpy backend", file=sys.stderr)
-    return Explainer(net, method, backend="numpy")
+    return Explainer(net, method, backend=backend)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -283,10 +341,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             h, w = (int(v) for v in args.image_shape.split(","))
         except ValueError:
             raise InputError(f"--image-shape must be H,W, got {args.image_shape!r}") from None
+        if h < 1 or w < 1:
+            raise InputError(f"--image-shape must be H,W of positive integers, got {args.image_shape!r}")
         image_shape = (h, w)
     target = _parse_target(args.target)
     method = _composite(args.composite, args.low, args.high)
-    net = load(model)
+    stored = None
+    with open(model, "rb") as fh:
+        native = fh.read(2) == b"PK"
+    if native:
+        from .io.npz import read_npz
+
+        net, meta = read_npz(model)
+        stored = meta["input_shape"]
+    else:
+        net = load(model)
     names: list[str] | None = None
     if src.is_dir():
         rgb = _input_channels(net) == 3
@@ -297,9 +366,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     else:
         raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
     in_shape = x.shape
-    x, draw = _fit_input(net, x, image_shape)
+    x, draw = _fit_input(net, x, image_shape, stored)
     if draw is not None and int(np.prod(x.shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
         raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(x.shape[1:]))} values per sample")
+    if draw is not None and draw[0] * draw[1] * args.scale ** 2 > MAX_PNG_PIXELS:
+        raise InputError(f"heatmaps of {draw[0]}x{draw[1]} enlarged {args.scale} times would be "
+                         f"{draw[0] * args.scale}x{draw[1] * args.scale} pixels, beyond the limit of {MAX_PNG_PIXELS} "
+                         "pixels per PNG: pass a smaller --scale")
     ex = _explainer(net, method, args.backend)
     res = ex.explain(x, target=target, batch_size=args.batch_size, progress=not args.no_progress)
     out = Path(args.out)
@@ -454,6 +527,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+          line: str | None = None) -> None:
+    """``warnings.showwarning`` of the command line: ``deeptaylor: note: <message>`` on stderr."""
+    what = "note" if issubclass(category, DeepTaylorWarning) else f"warning ({category.__name__})"
+    try:
+        print(f"deeptaylor: {what}: {message}", file=sys.stderr)
+    except (OSError, ValueError):  # pragma: no cover - stderr closed
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -463,10 +546,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     commands = {"demo": _cmd_demo, "explain": _cmd_explain, "info": _cmd_info, "experiment": _cmd_experiment}
     try:
-        return commands[args.command](args)
-    except (DeepTaylorError, OSError, ValueError, TypeError, NotImplementedError) as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _note   # a backend fallback (and any other warning): one line on stderr
+            warnings.simplefilter("default", DeepTaylorWarning)
+            return commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`deeptaylor ... | head`): stop quietly, as a SIGPIPE-killed tool does; point
+        # stdout at /dev/null so that the interpreter's final flush does not complain either
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - stdout without a descriptor
+            pass
+        return 141
+    except (DeepTaylorError, OSError, ValueError, TypeError, NotImplementedError, MemoryError) as exc:
         if args.debug:
             raise
+        if isinstance(exc, MemoryError):
+            exc = MemoryError(f"out of memory ({exc or 'allocation failed'}); try a smaller --batch-size or input")
         msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
             f"{exc.strerror or exc}: {exc.filename!r}"
         print(f"deeptaylor: error: {msg}", file=sys.stderr)

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from . import heatmap as hm
-from .errors import UnsupportedError
 from .explain import Explainer, Explanation
 from .methods import Sensitivity
 from .network import Sequential
@@ -65,18 +64,15 @@ DEFAULT_STEPS = (0, 100, 1000, 10000)
 PAPER_STEPS = (0, 100, 1000, 10000, 100000, 300000)
 
 
-def make_explainer(net: Sequential, method: Any, backend: str = "cpu") -> Explainer:
-    """An Explainer on ``backend``, falling back to ``"numpy"`` where that backend cannot run
-    ``method`` (UnsupportedError) or is not built."""
-    if backend != "numpy":
-        try:
-            return Explainer(net, method, backend=backend)
-        except UnsupportedError:
-            pass
-    return Explainer(net, method, backend="numpy")
+def make_explainer(net: Sequential, method: Any, backend: str = "auto") -> Explainer:
+    """An Explainer on ``backend``: ``"auto"`` falls back to ``"numpy"`` where the compiled engine
+    cannot run ``method`` or is not built, with a :class:`~deeptaylor.errors.BackendFallbackWarning`
+    saying why (the command line prints it as a note on stderr); ``"cpu"`` raises
+    :class:`~deeptaylor.errors.UnsupportedError` instead."""
+    return Explainer(net, method, backend=backend)
 
 
-def explain_methods(net: Sequential, x: np.ndarray, backend: str = "cpu",
+def explain_methods(net: Sequential, x: np.ndarray, backend: str = "auto",
                     methods: Sequence[str] = tuple(METHODS)) -> dict[str, Explanation]:
     """Explain ``x`` (N, F) with each of ``methods`` (keys of :data:`METHODS`); returns name -> Explanation."""
     return {name: make_explainer(net, METHODS[name](), backend).explain(x) for name in methods}
@@ -240,7 +236,7 @@ def dead_network_warning(steps: int, f: np.ndarray, lr: float | None = None) -> 
 
 
 def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFAULT_STEPS,
-                        mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "cpu",
+                        mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "auto",
                         n_train: int = 60000, n_test: int = 1000, n_show: int = 6, lr: float = 0.005,
                         positive_fraction: float | None = 0.5, progress: bool = True, save_model: bool = True,
                         log: Callable[[str], None] = print,
@@ -255,7 +251,8 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     steps : step counts to report (minibatches of 20); the paper trains 300,000
     mnist : directory of the MNIST IDX files (default: :func:`deeptaylor.datasets.find_mnist`)
     seed : seeds the data sets (``seed + 1``, ``seed + 2``) and the training run (``seed``)
-    backend : ``"cpu"`` (falls back to ``"numpy"`` per method where unsupported) or ``"numpy"``
+    backend : ``"auto"`` (the compiled engine; per method the NumPy reference where it cannot run, with a
+        :class:`~deeptaylor.errors.BackendFallbackWarning`), ``"cpu"`` or ``"numpy"``
     n_train / n_test : sizes of the generated training set (from MNIST train) and test set (from t10k)
     n_show : test images in each PNG grid (see :func:`pick_rows`)
     lr : SGD learning rate

@@ -386,11 +386,20 @@ def _paeth(a: int, b: int, c: int) -> int:
     return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
 
 
-def read_png(path: str | os.PathLike[str]) -> np.ndarray:
+#: Largest image :func:`read_png` decodes (pixels): 4096 x 4096. Pillow refuses decompression bombs
+#: beyond ``Image.MAX_IMAGE_PIXELS`` (about 89 million); this pure-Python reader is slower, so its limit
+#: is lower. Pass ``max_pixels`` to raise it.
+MAX_PNG_PIXELS = 4096 * 4096
+
+
+def read_png(path: str | os.PathLike[str], max_pixels: int | None = MAX_PNG_PIXELS) -> np.ndarray:
     """Decode an 8-bit, non-interlaced grey / grey+alpha / RGB / RGBA PNG (alpha dropped), checking CRCs.
 
     A dependency-free reader for what :func:`save_png` and most tools write; other PNG variants
     (palette, 16-bit, interlaced) raise :class:`~deeptaylor.errors.InputError` - use Pillow for those.
+    An image of more than ``max_pixels`` pixels (default :data:`MAX_PNG_PIXELS`; None: no limit) is
+    refused from its header, before anything is decompressed, and the image data is never
+    decompressed beyond the size the header declares (decompression bombs).
 
     Returns
     -------
@@ -425,11 +434,18 @@ def read_png(path: str | os.PathLike[str]) -> np.ndarray:
     if depth != 8 or channels is None or interlace != 0:
         raise InputError(f"{p!r}: only 8-bit non-interlaced grey/RGB(A) PNGs are supported without Pillow "
                          f"(bit depth {depth}, colour type {ctype}, interlace {interlace})")
+    if w < 1 or h < 1:
+        raise InputError(f"{p!r}: PNG of size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise InputError(f"{p!r}: PNG of {w}x{h} = {w * h} pixels is beyond the reader's limit of {max_pixels} "
+                         "pixels (a decompression bomb?); pass max_pixels to read it anyway, or use Pillow")
+    stride = w * channels
+    expected = h * (stride + 1)
     try:
-        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+        d = zlib.decompressobj()
+        raw = np.frombuffer(d.decompress(b"".join(idat), expected + 1), dtype=np.uint8)
     except zlib.error as exc:
         raise InputError(f"{p!r}: corrupt PNG image data ({exc})") from None
-    stride = w * channels
     if raw.size != h * (stride + 1):
         raise InputError(f"{p!r}: PNG image data has {raw.size} bytes, expected {h * (stride + 1)}")
     rows = raw.reshape(h, stride + 1)
@@ -437,12 +453,12 @@ def read_png(path: str | os.PathLike[str]) -> np.ndarray:
     prev = np.zeros(stride, dtype=np.uint8)
     for y in range(h):
         ftype, line = rows[y, 0], rows[y, 1:].copy()
-        if ftype == 1 or ftype == 3 or ftype == 4:  # depend on the reconstructed left neighbour: per pixel
+        if ftype == 1:  # Sub: a running sum per channel, modulo 256
+            line = (np.cumsum(line.reshape(w, channels).astype(np.int64), axis=0) & 0xFF).astype(np.uint8).reshape(-1)
+        elif ftype == 3 or ftype == 4:  # depend on the reconstructed left neighbour: per pixel
             for x in range(stride):
                 left = line[x - channels] if x >= channels else 0
-                if ftype == 1:
-                    line[x] = (int(line[x]) + int(left)) & 0xFF
-                elif ftype == 3:
+                if ftype == 3:
                     line[x] = (int(line[x]) + (int(left) + int(prev[x])) // 2) & 0xFF
                 else:
                     ul = prev[x - channels] if x >= channels else 0
