@@ -583,3 +583,10 @@ def test_experiment_methods_run_on_cpu_and_warn_on_fallback(monkeypatch):
     assert res["z+"].backend == "numpy"
     with pytest.raises(dt.UnsupportedError):
         explain_methods(net, x, backend="cpu", methods=("z+",))
+
+
+def test_flatten_output_shape_overflow_is_a_shape_error():
+    with pytest.raises(dt.ShapeError, match="overflows int64"):
+        dt.Flatten().output_shape((1, 2**40, 2**40, 2**40))
+    assert dt.Flatten().output_shape((2, 3, 4, 5)) == (2, 60)
+    assert dt.Flatten().output_shape((2, 2**31, 2**31, 1)) == (2, 2**62)

@@ -18,6 +18,7 @@ Every layer's :meth:`Layer.output_shape` takes a full input shape *including the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,9 @@ __all__ = [
     "Mul",
     "BUILTIN_LAYERS",
 ]
+
+
+_MAX_INT64 = int(np.iinfo(np.int64).max)
 
 
 def _param(value: Any, name: str, layer: str, ndim: int, keep_float32: bool = False) -> np.ndarray:
@@ -488,7 +492,11 @@ class Flatten(Layer):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(input_shape) not in (2, 4):
             raise ShapeError(f"Flatten expects (N, F) or (N, C, H, W), got {tuple(input_shape)}")
-        return (input_shape[0], int(np.prod(input_shape[1:])))
+        features = math.prod(int(d) for d in input_shape[1:])   # exact (np.prod wraps around in int64)
+        if features > _MAX_INT64:
+            raise ShapeError(f"Flatten: {' x '.join(str(int(d)) for d in input_shape[1:])} = {features} features "
+                             "per sample overflows int64")
+        return (input_shape[0], features)
 
 
 class ConvTranspose2d(Layer):
