@@ -2,15 +2,19 @@
 
 ::
 
+    deeptaylor --version
     deeptaylor demo [--out DIR] [--cmap NAME]         # bundled model + digits -> heatmap PNGs, checks
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
-                       [--target INT|pred] [--backend cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
+                       [--target INT|pred] [--backend auto|cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
     deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
                           [--positive-fraction P|natural]
 
-Errors (missing files, unreadable images, shape mismatches, unknown composites...) print one line
-``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug`` shows the traceback instead.
+Errors (missing files, unreadable or oversized images, corrupt models, shape mismatches, unknown
+composites...) print one line ``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug``
+shows the traceback instead. ``--backend auto`` (the default) runs the compiled engine and says on
+stderr (``deeptaylor: note: ...``) when it falls back to the NumPy reference; ``--backend cpu`` never
+falls back. Output cut short by a closed pipe (``| head``) ends quietly with status 141.
 """
 
 from __future__ import annotations
