@@ -129,6 +129,16 @@ def test_auto_falls_back_with_a_warning_that_says_why(monkeypatch):
     assert res.relevance.dtype == np.float64
 
 
+def test_auto_raises_without_a_warning_when_no_backend_can_run_it():
+    class MyZPlus(dt.rules.ZPlus):
+        __slots__ = ()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(dt.UnsupportedError, match="MyZPlus"):
+            dt.Explainer(_dense_net(), MyZPlus())
+
+
 def test_auto_falls_back_when_the_core_is_not_built(monkeypatch):
     import sys
 

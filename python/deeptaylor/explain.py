@@ -378,12 +378,12 @@ class Explainer:
                 return b
             except UnsupportedError as exc:
                 reason = str(exc)
+        b = get_backend("numpy")
+        b.check(self.graph, self.assignment)   # neither can run it: the reference's UnsupportedError, no warning
         self.fallback_reason = reason
         warnings.warn(f"backend='auto' uses the NumPy reference (float64, slower): {reason}. Pass "
                       "backend='numpy' to choose it explicitly (and silence this warning)",
                       BackendFallbackWarning, stacklevel=3)
-        b = get_backend("numpy")
-        b.check(self.graph, self.assignment)
         return b
 
     @property
