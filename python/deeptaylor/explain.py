@@ -13,10 +13,17 @@ import numpy as np
 
 from .composites import Composite
 from .composites import get as _get_composite
-from .errors import BackendFallbackWarning, InputError, InputTypeError, RuleError, ShapeError, UnsupportedError
+from .errors import (
+    BackendFallbackWarning,
+    InputError,
+    InputTypeError,
+    RuleError,
+    ShapeError,
+    UnsupportedError,
+)
 from .layers import (
-    Add,
     AdaptiveAvgPool2d,
+    Add,
     AvgPool2d,
     ChannelShuffle,
     Concat,
