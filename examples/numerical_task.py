@@ -82,7 +82,7 @@ def run(seed: int = DEFAULT_SEED, verbose: bool = True) -> dict[str, np.ndarray]
     out["hidden"] = np.maximum(out["z"], 0.0)
     checks: dict[str, tuple[dt.checks.ConservationReport, dt.checks.PositivityReport]] = {}
     for key, method in METHODS.items():
-        res = dt.Explainer(net, method).explain(x, return_layers=True)
+        res = dt.Explainer(net, method, backend="numpy").explain(x, return_layers=True)
         checks[key] = (dt.checks.conservation(res), dt.checks.positivity(res))
         # layers[0]: input of the Dense layer (R_i); layers[1] = layers[2]: the hidden units (R_j);
         # layers[3]: the output (R_k).
@@ -91,7 +91,7 @@ def run(seed: int = DEFAULT_SEED, verbose: bool = True) -> dict[str, np.ndarray]
         out[f"R_k/{key}"] = res.layers[3][0]
         out["f"] = res.output[0]
         out[f"conservation/{key}"] = np.array([checks[key][0].max_abs_error])
-    sens = dt.Explainer(net, dt.methods.Sensitivity()).explain(x)
+    sens = dt.Explainer(net, dt.methods.Sensitivity(), backend="numpy").explain(x)
     out["sensitivity"] = sens.relevance[0]
     if verbose:
         report(out, seed, checks)
