@@ -249,8 +249,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("resnet50", (3, 224, 224), 8, 1, 1, _resnet50, graph=True),
 ]}
 
-# Our composites / methods by name. deep_taylor_unbounded (w² first) is an extra: the early cpu
-# backend runs it on dense nets while zB is not implemented there yet.
+# Our composites / methods by name. deep_taylor_unbounded (w² on the first layer, z+ above) is an
+# extra, for inputs without a box.
 COMPOSITES: dict[str, Callable[[], object]] = {
     "deep_taylor": lambda: dt.composites.deep_taylor(0.0, 1.0),
     "epsilon_plus_flat": lambda: dt.composites.epsilon_plus_flat(),
