@@ -280,17 +280,19 @@ def test_imported_forward_matches_torch():
 # -- where Zennit does something else --------------------------------------------------------------
 
 
+# (residual=True, pool=False) is not asserted: with the residuals canonized and only the pool left as
+# a gradient, the heatmaps measured 1.8e-4 apart on this model and input (2026-12-02), contrary to the
+# O(1) expected; not yet explained, so no claim is tested either way.
 @pytest.mark.parametrize(("residual", "pool"), [
-    (False, False), pytest.param(True, False, marks=pytest.mark.slow),
-    pytest.param(False, True, marks=pytest.mark.slow)])
+    (False, False), pytest.param(False, True, marks=pytest.mark.slow)])
 def test_mobilenet_v2_functional_add_and_pool_are_gradients_in_zennit(residual, pool):
     """With Zennit's own canonizer only (``SequentialMergeBatchNorm``: no Zennit canonizer knows
     MobileNetV2) Zennit takes the plain gradient through the functional residual ``+`` (the whole R to
     both summands, relevance duplicated at each of the 10 shortcuts) and through
     ``F.adaptive_avg_pool2d`` (R / HW to every pixel, whatever its activation): the heatmaps differ
     from deeptaylor's (Norm at both, as Zennit's Sum / AvgPool) by O(1) max-normalised (measured
-    0.999). Each half of MobileNetV2Canonizer alone still leaves an O(1) difference; both together agree
-    to 1e-4 (the main test above)."""
+    0.999). Canonizing the pool alone still leaves an O(1) difference; both halves together agree to 1e-4
+    (the main test above)."""
     c = _cached("mobilenet_v2")
     x = make_input()
     canon = MobileNetV2Canonizer(residual, pool) if residual or pool else SequentialMergeBatchNorm()
