@@ -33,6 +33,7 @@
 #include "deeptaylor/engine.hpp"
 #include "deeptaylor/gemm.hpp"
 #include "deeptaylor/ops.hpp"
+#include "deeptaylor/parallel.hpp"
 #include "deeptaylor/plan.hpp"
 
 // The generic linear module (grouped / transposed convolutions) when it is part of the build.
@@ -88,7 +89,6 @@ struct Packs {
     int width = 1;   // w: 1, or 2 for the two-denominator rules (Gamma, AlphaBeta)
 };
 
-inline float safe_div(float num, float den) { return den != 0.0f ? num / den : 0.0f; }
 
 // True when any of p[0, n) is NaN or +-Inf (exponent bits all set). Integer max over the magnitudes:
 // vectorises, and stays correct under -ffast-math, unlike std::isfinite.
@@ -145,25 +145,6 @@ struct RunState {
         stop.store(true);
     }
 };
-
-// f(begin, end) over [0, n), split into contiguous ranges across gth threads; serial when gth == 1
-// (the parallel-over-tiles path, which must not nest) or when there is too little to split.
-template <class F>
-void split(int64_t n, int gth, const F& f) {
-    if (gth <= 1 || n < 2 * gth) {
-        f(int64_t{0}, n);
-        return;
-    }
-#pragma omp parallel num_threads(gth)
-    {
-        int64_t nt = 1, id = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        f(n * id / nt, n * (id + 1) / nt);
-    }
-}
 
 // One thread's working memory: the slab that holds every live activation, relevance and max-pool
 // winner buffer at the offsets of the plan's liveness layout, and the per-step scratch buffers.

@@ -18,33 +18,13 @@
 
 #include "deeptaylor/gemm.hpp"
 #include "deeptaylor/ops.hpp"
+#include "deeptaylor/parallel.hpp"
 
 namespace deeptaylor {
 
 namespace {
 
 std::atomic<int> g_direct_mode{-1};
-
-inline float safe_div(float num, float den) { return den != 0.0f ? num / den : 0.0f; }
-
-// f(begin, end) over [0, n) in contiguous ranges on gth threads (serial for gth == 1, so no OpenMP
-// region is opened when the caller already parallelises).
-template <class F>
-void split(int64_t n, int gth, const F& f) {
-    if (gth <= 1 || n < 2 * gth) {
-        f(int64_t{0}, n);
-        return;
-    }
-#pragma omp parallel num_threads(gth)
-    {
-        int64_t nt = 1, id = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        f(n * id / nt, n * (id + 1) / nt);
-    }
-}
 
 // The underlying convolution X (Hx, Wx, Cx) -> Y (Hy, Wy, Cy), channels-last, G groups.
 struct ConvGeom {
