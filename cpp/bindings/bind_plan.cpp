@@ -268,8 +268,10 @@ void register_plan(py::module_& m) {
                      md = Mode::Sensitivity;
                  else if (mode == "gradient_x_input")
                      md = Mode::GradientXInput;
+                 else if (mode == "gradient")
+                     md = Mode::Gradient;
                  else if (mode != "rules")
-                     throw py::value_error("plan: mode must be rules, sensitivity or gradient_x_input");
+                     throw py::value_error("plan: mode must be rules, sensitivity, gradient_x_input or gradient");
                  const Shape in = to_shape(input_shape);
                  auto p = std::make_unique<PyPlan>();
                  {
@@ -281,7 +283,7 @@ void register_plan(py::module_& m) {
                  return p;
              }),
              py::arg("ops"), py::arg("input_shape"), py::arg("mode"),
-             "ops: list of op dicts; input_shape: per-sample shape; mode: rules|sensitivity|gradient_x_input.")
+             "ops: list of op dicts; input_shape: per-sample shape; mode: rules|sensitivity|gradient_x_input|gradient.")
         .def_property_readonly("tile", [](const PyPlan& p) { return p.plan->tile; },
                                "Images per batch tile (fixed at plan time, independent of threads).")
         .def_property_readonly("arena_bytes",
@@ -305,7 +307,7 @@ void register_plan(py::module_& m) {
         .def(
             "run",
             [](const PyPlan& p, const py::array& x_, const py::object& targets_, bool return_layers,
-               int threads) {
+               int threads, bool forward_only) {
                 const Plan& pl = *p.plan;
                 const Shape& in = pl.input;
                 auto x = checked(x_, "x", in.rank == 1 ? 2 : 4);
@@ -324,15 +326,18 @@ void register_plan(py::module_& m) {
                             throw py::value_error("targets out of range");
                 }
                 farray output({N, K});
-                farray relevance(full_shape(N, in));
+                if (forward_only && return_layers)
+                    throw py::value_error("forward_only runs no relevance pass: return_layers must be false");
+                farray relevance(forward_only ? std::vector<py::ssize_t>{0} : full_shape(N, in));
                 py::list layers;
                 RunArgs a;
                 a.x = x.data();
                 a.N = N;
                 a.targets = targets_.is_none() ? nullptr : targets.data();
                 a.output = output.mutable_data();
-                a.relevance = relevance.mutable_data();
+                a.relevance = forward_only ? nullptr : relevance.mutable_data();
                 a.threads = threads;
+                a.forward_only = forward_only;
                 if (return_layers) {
                     for (size_t i = 0; i < pl.values.size(); ++i) {  // by value id
                         farray li(full_shape(N, pl.values[i]));
@@ -379,12 +384,14 @@ void register_plan(py::module_& m) {
                                 "rule with a larger epsilon, scale the input or the weights down, or use "
                                 "backend='numpy' (float64)");
                 }
-                return py::make_tuple(output, relevance, return_layers ? py::object(layers) : py::none());
+                return py::make_tuple(output, forward_only ? py::object(py::none()) : py::object(relevance),
+                                      return_layers ? py::object(layers) : py::none());
             },
             py::arg("x"), py::arg("targets") = py::none(), py::arg("return_layers") = false,
-            py::arg("threads") = 0,
+            py::arg("threads") = 0, py::arg("forward_only") = false,
             "x (N, input...) C-contiguous float32; targets (N,) int64 or None (argmax); threads <= 0: OpenMP's "
-            "default. Returns (output (N, K), relevance (shape of x), layers list or None).");
+            "default; forward_only: outputs only (no relevance pass). Returns (output (N, K), relevance (shape "
+            "of x) or None with forward_only, layers list or None).");
     m.def("default_threads", &default_threads, "OpenMP's default thread count (1 without OpenMP).");
 }
 

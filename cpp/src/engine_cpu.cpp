@@ -662,6 +662,7 @@ private:
         const int64_t K = pl.num_outputs();
         const float* y = act(c, static_cast<int64_t>(L), 0);
         std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(Tg * K));
+        if (args.forward_only) return;
         float* R = rel(c, static_cast<int64_t>(L), 0);
         std::memset(R, 0, sizeof(float) * static_cast<size_t>(Tg * K));
         for (int64_t n = 0; n < Tg; ++n) {
@@ -704,7 +705,7 @@ private:
         const Shape& s = pl.values[static_cast<size_t>(v)];
         const float* gr = rel(c, v, off);
         const int64_t n = c.n0 + off;
-        if (pl.mode == Mode::Rules) {
+        if (pl.mode == Mode::Rules || pl.mode == Mode::Gradient) {
             write_user(gr, s, dst, n, T);
             return;
         }

@@ -308,7 +308,7 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from .methods import GradientXInput, Sensitivity
+    from .methods import Gradient, GradientXInput, Sensitivity
 
     register("deep_taylor", deep_taylor)
     register("deep_taylor_unbounded", deep_taylor_unbounded)
@@ -319,6 +319,7 @@ def _register_builtins() -> None:
     register("epsilon_gamma_box", epsilon_gamma_box)
     register("sensitivity", Sensitivity)
     register("gradient_x_input", GradientXInput)
+    register("gradient", Gradient)
 
 
 _register_builtins()

@@ -40,7 +40,7 @@ from .layers import (
     SumPool2d,
     Upsample,
 )
-from .methods import Method
+from .methods import CompoundMethod, Gradient, Method, Passes
 from .network import Graph, Sequential
 from .passes import canonicalize
 from .rules import Flat, Rule, WSquare, ZBox, ZPlus
@@ -99,6 +99,9 @@ class Explanation:
     #: the canonical graph that was explained (:attr:`Explainer.graph`); :func:`deeptaylor.checks.conservation`
     #: uses it to compare per-node relevance totals with f(x)
     graph: Graph | None = field(default=None, repr=False)
+    #: what a compound method (:class:`~deeptaylor.methods.CompoundMethod`: Taylor, integrated
+    #: gradients...) reports besides the relevance, per sample (first axis N), by name; empty otherwise
+    extras: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return (f"Explanation(relevance={self.relevance.shape} {self.relevance.dtype}, output={self.output.shape}, "
@@ -360,6 +363,9 @@ class Explainer:
         self.assignment: list[Rule | None] | Method = (
             self.composite if isinstance(self.composite, Method) else self.composite.resolve(self.graph)
         )
+        # what the backend runs: a compound method's passes are gradient passes
+        self._engine_assignment: list[Rule | None] | Method = (
+            Gradient() if isinstance(self.assignment, CompoundMethod) else self.assignment)
         #: why ``backend="auto"`` chose the NumPy reference (None when it did not fall back)
         self.fallback_reason: str | None = None
         self.backend = self._choose_backend(backend, threads)
@@ -372,7 +378,7 @@ class Explainer:
 
         if not (isinstance(backend, str) and backend == "auto"):
             b = get_backend(backend, threads=threads)
-            b.check(self.graph, self.assignment)
+            b.check(self.graph, self._engine_assignment)
             return b
         try:
             importlib.import_module(f"{__package__}._core")
@@ -381,12 +387,12 @@ class Explainer:
         else:
             try:
                 b = get_backend("cpu", threads=threads)
-                b.check(self.graph, self.assignment)
+                b.check(self.graph, self._engine_assignment)
                 return b
             except UnsupportedError as exc:
                 reason = str(exc)
         b = get_backend("numpy")
-        b.check(self.graph, self.assignment)   # neither can run it: the reference's UnsupportedError, no warning
+        b.check(self.graph, self._engine_assignment)   # neither can run it: the reference's UnsupportedError, no warning
         self.fallback_reason = reason
         warnings.warn(f"backend='auto' uses the NumPy reference (float64, slower): {reason}. Pass "
                       "backend='numpy' to choose it explicitly (and silence this warning)",
@@ -494,10 +500,22 @@ class Explainer:
                 starts = tqdm(starts, desc="explaining", unit="batch")
             except ImportError:
                 pass
+        compound = isinstance(self.assignment, CompoundMethod)
+        if compound and return_layers:
+            raise UnsupportedError(f"return_layers is not available for {self.assignment!r}: a compound method "
+                                   "combines several passes and has no per-layer relevance")
         parts = []
+        extras: list[dict[str, np.ndarray]] = []
         for s in starts:
             t = None if targets is None else targets[s:s + batch_size]
-            parts.append(self.backend.run(self.graph, self.assignment, x[s:s + batch_size], t, return_layers))
+            xs = x[s:s + batch_size]
+            if compound:
+                xs = xs.astype(self.backend.dtype, copy=False)
+                out_s, rel_s, ext_s = self.assignment.compute(self._passes(), xs, t)
+                parts.append((out_s, rel_s, None))
+                extras.append(ext_s)
+            else:
+                parts.append(self.backend.run(self.graph, self.assignment, xs, t, return_layers))
         if len(parts) == 1:
             output, relevance, layers = parts[0]
         else:
@@ -505,6 +523,7 @@ class Explainer:
             relevance = np.concatenate([p[1] for p in parts])
             layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
                 if return_layers else None
+        extra = {key: np.concatenate([e[key] for e in extras]) for key in extras[0]} if extras else {}
         self._check_finite(output, "forward", "the network output")
         self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
@@ -519,7 +538,40 @@ class Explainer:
             layers = named
         return Explanation(relevance=relevance, output=output, target=tgt, explained=explained,
                            layers=layers if return_layers else None, method=self.method_name,
-                           backend=self.backend.name, conservative_expected=conservative, graph=self.graph)
+                           backend=self.backend.name, conservative_expected=conservative, graph=self.graph,
+                           extras=extra)
+
+    def _passes(self) -> Passes:
+        return Passes(self.graph, self.backend, self._engine_assignment)
+
+    def forward(self, x: Any, batch_size: int | None = None) -> np.ndarray:
+        """The network's output for a batch, without a relevance pass.
+
+        Parameters
+        ----------
+        x : float32/float64 array (N, F) or (N, C, H, W), or a CPU torch tensor
+            Validated as in :meth:`explain`.
+        batch_size : int, optional
+            Chunks of this many samples (bounds the numpy backend's memory; the compiled engine tiles
+            any batch in bounded memory).
+
+        Returns
+        -------
+        ndarray (N, K)
+            The outputs (logits), float32 for the cpu backend, float64 for numpy.
+        """
+        x, shapes = validate_input(self.graph, x)
+        n = shapes[-1][0]
+        self._check_range(x)
+        if batch_size is None:
+            batch_size = n
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        outs = [self.backend.forward(self.graph, self._engine_assignment, x[s:s + batch_size])
+                for s in range(0, n, batch_size)]
+        output = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        self._check_finite(output, "forward", "the network output")
+        return output
 
     def __repr__(self) -> str:
         what = "layers" if isinstance(self.graph, Sequential) else "nodes"

@@ -22,6 +22,7 @@ struct RunArgs {
     std::vector<float*> layers;        // empty, or L+1 arrays (N, shape of value v) by value id: the
                                        // relevance at the input, then at every op's output
     int threads = 0;                   // <= 0: OpenMP's default
+    bool forward_only = false;         // outputs only: no relevance pass (relevance may be null)
     // Called on the calling thread between tiles and ops (at most every few ms): true stops the run
     // (a pending Ctrl-C); the run then returns with RunStatus::interrupted and partial outputs.
     std::function<bool()> interrupted;

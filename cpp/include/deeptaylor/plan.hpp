@@ -52,7 +52,8 @@ enum class ActFn { LeakyReLU, ReLU6, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Ta
 enum class RuleKind { None, Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox };
 
 // Relevance rules (per linear layer) or a plain gradient method for the whole network.
-enum class Mode { Rules, Sensitivity, GradientXInput };
+// Gradient: the plain gradient df_t/dx (signed); the gradient methods differ only in what is emitted.
+enum class Mode { Rules, Sensitivity, GradientXInput, Gradient };
 
 // A per-sample shape as the user sees it: rank 1 (F) -> c = F, h = w = 1; rank 3 (C, H, W).
 struct Shape {

@@ -48,7 +48,7 @@ from ..layers import (
     Tanh,
     Upsample,
 )
-from ..methods import GradientXInput, Method, Sensitivity
+from ..methods import Gradient, GradientXInput, Method, Sensitivity
 from ..network import Graph
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, Z, ZBox, ZPlus
 from ._support import refuse_unsupported
@@ -57,7 +57,7 @@ _LAYERS = (Dense, Conv2d, ConvTranspose2d, ReLU, MaxPool2d, AvgPool2d, SumPool2d
            BatchNorm2d, BatchNorm1d, LeakyReLU, ReLU6, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Tanh, Sigmoid,
            AdaptiveAvgPool2d, GlobalAvgPool, Upsample, ChannelShuffle, Add, Concat, Slice, Mul)
 _RULES = (Z, Epsilon, ZPlus, Gamma, AlphaBeta, WSquare, Flat, ZBox)
-_METHODS = (Sensitivity, GradientXInput)
+_METHODS = (Sensitivity, GradientXInput, Gradient)
 
 
 def _core() -> Any:
@@ -176,6 +176,8 @@ def _mode(assignment: list[Rule | None] | Method) -> str:
         return "sensitivity"
     if isinstance(assignment, GradientXInput):
         return "gradient_x_input"
+    if isinstance(assignment, Gradient):
+        return "gradient"
     return "rules"
 
 
@@ -273,4 +275,13 @@ class CpuBackend:
         t = None if targets is None else np.ascontiguousarray(targets, dtype=np.int64)
         output, relevance, layers = plan.run(xc, t, bool(return_layers), int(self.threads or 0))
         return output, relevance, layers
+
+    def forward(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray) -> np.ndarray:
+        """The network's output ``(N, K)`` float32 for x (N, ...): the forward pass of the plan of
+        ``(net, assignment)`` only (tiles, bounded memory; no relevance pass). ``assignment`` only picks
+        the cached plan: the forward pass is the same under every rule and method."""
+        plan = self.plan(net, assignment, x.shape[1:])
+        xc = np.ascontiguousarray(x, dtype=np.float32)
+        output, _, _ = plan.run(xc, None, False, int(self.threads or 0), True)
+        return output
 

@@ -10,14 +10,14 @@ import numpy as np
 from .. import reference
 from ..errors import InputError
 from ..layers import BUILTIN_LAYERS
-from ..methods import GradientXInput, Method, Sensitivity
+from ..methods import Gradient, GradientXInput, Method, Sensitivity
 from ..network import Graph
 from ..reference.relevance import RULE_FUNCTIONS
 from ..rules import Rule
 from ._support import refuse_unsupported
 
 _LAYERS = BUILTIN_LAYERS
-_METHODS = (Sensitivity, GradientXInput)
+_METHODS = (Sensitivity, GradientXInput, Gradient)
 
 #: per-sample working floats of the reference beyond the kept activations, in units of its largest
 #: value (a layer's rule temporaries: z, s, the sign-split inputs and their transposes, padded copies)
@@ -101,3 +101,10 @@ class NumpyBackend:
         with np.errstate(over="ignore", invalid="ignore"):
             p = reference.run(net, assignment, x.astype(np.float64, copy=False), targets)
         return p.output, p.relevance, (p.layers if return_layers else None)
+
+    def forward(self, net: Graph, assignment: Any, x: np.ndarray) -> np.ndarray:
+        """The network's output ``(N, K)`` float64 for x (N, ...), every activation freed after its last
+        reader (:func:`deeptaylor.reference.forward`). ``assignment`` is ignored (the forward pass is the
+        same under every rule)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return reference.forward(net, x.astype(np.float64, copy=False))
