@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,8 @@ from .methods import CompoundMethod, Gradient, Method, Passes
 from .network import Graph, Sequential
 from .passes import canonicalize
 from .rules import Flat, Rule, WSquare, ZBox, ZPlus
+from .stream import all_finite as _windowed_all_finite
+from .stream import first_nonfinite, min_max, progress_bar, release
 
 __all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
 
@@ -158,19 +160,25 @@ def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]
         raise ShapeError(f"the network's output must be (N, K) to be explained, got {shapes[-1]} "
                          "(end the network with Flatten/Dense or a global pooling)")
     if not _all_finite(x):
-        bad = ~np.isfinite(x)
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"input contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")
+        count, first = first_nonfinite(x)
+        raise InputError(f"input contains {count} NaN/Inf value(s), first at index {first}")
     return x, shapes
+
+
+def _relevance_shape(x_shape: tuple[int, ...], targets: np.ndarray | None) -> tuple[int, ...]:
+    """The relevance's shape for input ``x_shape`` (N, *sample) and validated targets: the input's
+    shape, or (N, K, *sample) for a 2-D target array (N, K) (K targets per sample)."""
+    if targets is None or np.ndim(targets) <= 1:
+        return tuple(x_shape)
+    return (x_shape[0], *np.shape(targets)[1:], *x_shape[1:])
 
 
 def _all_finite(x: np.ndarray) -> bool:
     """True if every element of the float array ``x`` is finite. One pass and no temporary array on
     the common path: NaN and Inf propagate through a sum, so a finite sum proves every element finite;
-    only a sum that overflowed (or a real NaN/Inf) takes the element-wise check."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(x, axis=None)
-    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
+    only a sum that overflowed (or a real NaN/Inf) takes the element-wise check. Windows of 32 MiB
+    along the batch axis; a memory map's pages are released after each (:mod:`deeptaylor.stream`)."""
+    return _windowed_all_finite(x)
 
 
 def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
@@ -414,22 +422,23 @@ class Explainer:
         if x.dtype != np.float64 or dtype is None or np.dtype(dtype) != np.float32:
             return
         big = float(np.finfo(np.float32).max)
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = (float(v) for v in min_max(x))
         if hi > big or lo < -big:
             raise InputError(
                 f"input has values in [{lo:.4g}, {hi:.4g}], beyond float32's range (+-{big:.4g}): backend "
                 f"'{self.backend.name}' computes in float32 (rescale the input or use backend='numpy')")
 
-    def _check_finite(self, a: np.ndarray, stage: str, what: str) -> None:
+    def _check_finite(self, a: np.ndarray, stage: str, what: str, offset: int = 0) -> None:
         """NaN/Inf after the pass means it overflowed the backend's precision: an error, never a NaN
-        heatmap. One reduction on the common path (:func:`_all_finite`)."""
+        heatmap. One reduction on the common path (:func:`_all_finite`). ``offset``: the index of
+        ``a``'s first sample in the batch (for a chunk)."""
         if _all_finite(a):
             return
         bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
         samples = np.flatnonzero(bad)
         raise InputError(
             f"the {stage} pass overflowed {a.dtype} (backend '{self.backend.name}'): {what} has NaN/Inf "
-            f"values for {samples.size} sample(s), first sample {int(samples[0])}; scale the input or "
+            f"values for {samples.size} sample(s), first sample {int(samples[0]) + offset}; scale the input or "
             "the weights down" + (" or use backend='numpy' (float64)" if a.dtype == np.float32 else ""))
 
     def _check_domains(self, x: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
@@ -450,19 +459,38 @@ class Explainer:
                 continue
             a = x.reshape(shape)
             tol = 1e-6 * max(1.0, float(np.max(np.abs(hi))), float(np.max(np.abs(lo))))
-            # reductions over the batch (sample-sized results, no batch-sized temporaries)
+            # reductions over the batch in windows (sample-sized results, no batch-sized temporaries)
             if rule.low.size == 1 and rule.high.size == 1:
-                outside = a.min() < lo.flat[0] - tol or a.max() > hi.flat[0] + tol
+                amin, amax = min_max(a)
+                outside = amin < lo.flat[0] - tol or amax > hi.flat[0] + tol
             else:
-                outside = bool(np.any(a.min(axis=0) < lo - tol) or np.any(a.max(axis=0) > hi + tol))
+                smin, smax = min_max(a, axis0=True)
+                outside = bool(np.any(smin < lo - tol) or np.any(smax > hi + tol))
+                amin, amax = smin.min(), smax.max()
             if outside:
                 raise InputError(
                     f"ZBox on {self.graph._where(i)} needs inputs within [low, high]; got values in "
-                    f"[{a.min():.4g}, {a.max():.4g}] (rescale the input or pass the right low/high)"
+                    f"[{amin:.4g}, {amax:.4g}] (rescale the input or pass the right low/high)"
                 )
 
+    def _check_out(self, out: Any, x: np.ndarray, shape: tuple[int, ...]) -> None:
+        """``out`` of :meth:`explain`: a writable float32/float64 array of the relevance's ``shape``
+        that does not overlap ``x``; checked before any work."""
+        if not isinstance(out, np.ndarray) or isinstance(out, (np.ma.MaskedArray, np.matrix)):
+            raise InputTypeError(f"out must be a NumPy array or np.memmap, got {type(out).__module__}."
+                                 f"{type(out).__qualname__}")
+        if out.dtype not in _FLOAT_DTYPES or not out.dtype.isnative:
+            raise InputTypeError(f"out has dtype {out.dtype}: use float32 or float64 (native byte order)")
+        if not out.flags.writeable:
+            raise InputError("out is read-only (a memory map opened with mode 'r'?): pass a writable array, "
+                             "e.g. np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=...)")
+        if tuple(out.shape) != tuple(shape):
+            raise ShapeError(f"out has shape {tuple(out.shape)}, but the relevance has shape {tuple(shape)}")
+        if np.may_share_memory(out, x):
+            raise InputError("out overlaps the input x: pass a separate array")
+
     def explain(self, x: Any, target: Any = None, return_layers: bool = False,
-                batch_size: int | None = None, progress: bool = False) -> Explanation:
+                batch_size: int | None = None, progress: bool = False, out: Any = None) -> Explanation:
         """Heatmaps for a batch.
 
         Parameters
@@ -476,7 +504,15 @@ class Explainer:
         batch_size : int, optional
             Process the batch in chunks of this size (bounds the memory of the numpy backend).
         progress : bool
-            Show a progress bar over chunks (needs ``tqdm``; silently off without it).
+            Show a progress bar in images/s when there is more than one chunk (needs ``tqdm``;
+            silently off without it).
+        out : writable float32/float64 array, optional
+            Write the heatmaps here (an ``np.memmap``, e.g. ``np.lib.format.open_memmap(path, "w+",
+            ...)``, or any writable array) of the relevance's shape (that of x; values cast to
+            ``out``'s dtype), chunk by chunk (``batch_size``); the result's ``relevance`` is ``out``
+            itself. With x and ``out`` both memory-mapped files the process holds only a chunk: the
+            pages of a shared ``np.memmap`` (x's and ``out``'s) are released from memory as each
+            chunk is done (:func:`deeptaylor.stream.release`). ``out`` must not overlap x.
 
         Returns
         -------
@@ -492,14 +528,10 @@ class Explainer:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if out is not None:
+            self._check_out(out, x, _relevance_shape(x.shape, targets))
         starts = range(0, n, batch_size)
-        if progress and len(starts) > 1:
-            try:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="explaining", unit="batch")
-            except ImportError:
-                pass
+        bar = progress_bar(n, progress and len(starts) > 1)
         compound = isinstance(self.assignment, CompoundMethod)
         if compound and return_layers:
             raise UnsupportedError(f"return_layers is not available for {self.assignment!r}: a compound method "
@@ -516,7 +548,26 @@ class Explainer:
                 extras.append(ext_s)
             else:
                 parts.append(self.backend.run(self.graph, self.assignment, xs, t, return_layers))
-        if len(parts) == 1:
+            self._check_finite(parts[-1][0], "forward", "the network output", offset=s)
+            self._check_finite(parts[-1][1], "relevance", "the relevance", offset=s)
+            if out is not None:   # into the caller's array; drop the chunk's pages of memory maps
+                rel_s = parts[-1][1]
+                if rel_s.shape[1:] != out.shape[1:]:
+                    raise ShapeError(f"out has shape {out.shape}, but the relevance has shape "
+                                     f"{(n, *rel_s.shape[1:])}")
+                out[s:s + len(rel_s)] = rel_s
+                release(out[s:s + len(rel_s)])
+                release(x[s:s + len(rel_s)])
+                parts[-1] = (parts[-1][0], None, parts[-1][2])
+            bar.update(len(xs))
+        bar.close()
+        if out is not None:
+            relevance = out
+            output = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+            layers = None if not return_layers else (parts[0][2] if len(parts) == 1 else
+                                                     [np.concatenate([p[2][i] for p in parts])
+                                                      for i in range(len(parts[0][2]))])
+        elif len(parts) == 1:
             output, relevance, layers = parts[0]
         else:
             output = np.concatenate([p[0] for p in parts])
@@ -524,13 +575,11 @@ class Explainer:
             layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
                 if return_layers else None
         extra = {key: np.concatenate([e[key] for e in extras]) for key in extras[0]} if extras else {}
-        self._check_finite(output, "forward", "the network output")
-        self._check_finite(relevance, "relevance", "the relevance")
         tgt = np.argmax(output, axis=1) if targets is None else targets
         explained = output[np.arange(n), tgt].astype(np.float64)
         holds, needs_nonnegative, needs_input = self._premises
         conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0))) and (
-            not needs_input or float(x.min()) >= 0)
+            not needs_input or float(min_max(x)[0]) >= 0)
         if return_layers and layers is not None and not isinstance(self.graph, Sequential):
             named = {"input": layers[0]}
             for i, node in enumerate(self.graph.nodes):
@@ -540,6 +589,109 @@ class Explainer:
                            layers=layers if return_layers else None, method=self.method_name,
                            backend=self.backend.name, conservative_expected=conservative, graph=self.graph,
                            extras=extra)
+
+    def explain_batches(self, batches: Any, batch_size: int = 256, target: Any = None,
+                        return_layers: bool = False, progress: bool = False,
+                        total: int | None = None) -> Iterator[tuple[int, Explanation]]:
+        """Explain a stream of inputs (a data loader, a directory walk) in batches, with bounded memory.
+
+        Parameters
+        ----------
+        batches : iterable
+            Items are samples ``(F,)`` / ``(C, H, W)`` or batches ``(B, F)`` / ``(B, C, H, W)`` (float32/
+            float64 arrays or CPU torch tensors), in any mix; they are regrouped into batches of
+            ``batch_size`` samples (the last one shorter). At most ``batch_size`` samples plus one item
+            are held at a time.
+        batch_size : int
+            Samples per explained batch (default 256).
+        target : None, int, or an array indexable by stream position
+            None: the largest output; an int: that output for every sample; an array whose rows
+            ``target[i:i + B]`` are the targets of the samples ``i .. i + B - 1`` of the stream
+            (e.g. the labels as an (N,) array), passed to :meth:`explain` batch by batch.
+        return_layers : bool
+            As in :meth:`explain`.
+        progress : bool
+            A progress bar in images/s (needs ``tqdm``; silently off without it).
+        total : int, optional
+            The number of samples in the stream, for the progress bar (else it counts up).
+
+        Yields
+        ------
+        (index, Explanation)
+            ``index``: the stream position of the batch's first sample (0, B, 2B, ...); the
+            Explanation of samples ``index .. index + len(batch) - 1``, as :meth:`explain` gives it.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        per_sample = target is not None and not (isinstance(target, (int, np.integer))
+                                                 and not isinstance(target, (bool, np.bool_)))
+        tgt = np.asarray(target) if per_sample else target
+        pending: list[np.ndarray] = []
+        held = 0
+        index = 0
+        sample_shape: tuple[int, ...] | None = None
+        bar = progress_bar(total, progress)
+
+        def batch_of(rows: int) -> np.ndarray:
+            nonlocal pending, held
+            parts, got = [], 0
+            while got < rows:
+                a = pending[0]
+                take = min(rows - got, len(a))
+                parts.append(a[:take])
+                got += take
+                if take == len(a):
+                    pending.pop(0)
+                else:
+                    pending[0] = a[take:]
+            held -= rows
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        def run(xb: np.ndarray) -> Explanation:
+            t = tgt
+            if per_sample:
+                t = tgt[index:index + len(xb)]
+                if len(t) != len(xb):
+                    raise ShapeError(f"target has {len(tgt)} entries, but the stream has more samples "
+                                     f"(batch {index}..{index + len(xb) - 1})")
+            return self.explain(xb, target=t, return_layers=return_layers)
+
+        try:
+            for item in batches:
+                torch = sys.modules.get("torch")
+                if torch is not None and isinstance(item, torch.Tensor):
+                    from .io.torch import as_array
+
+                    item = as_array(item)
+                a = item if isinstance(item, np.ndarray) else np.asarray(item)
+                if a.ndim in (1, 3):
+                    a = a[None]
+                elif a.ndim not in (2, 4):
+                    raise ShapeError(f"explain_batches: an item must be a sample (F,) / (C, H, W) or a batch "
+                                     f"(B, F) / (B, C, H, W), got shape {a.shape} (item at stream position "
+                                     f"{index + held})")
+                if sample_shape is None:
+                    sample_shape = a.shape[1:]
+                elif a.shape[1:] != sample_shape:
+                    raise ShapeError(f"explain_batches: item at stream position {index + held} has samples of "
+                                     f"shape {a.shape[1:]}, earlier ones {sample_shape}")
+                if len(a) == 0:
+                    continue
+                pending.append(a)
+                held += len(a)
+                while held >= batch_size:
+                    xb = batch_of(batch_size)
+                    res = run(xb)
+                    yield index, res
+                    index += len(xb)
+                    bar.update(len(xb))
+            if held:
+                xb = batch_of(held)
+                res = run(xb)
+                yield index, res
+                bar.update(len(xb))
+        finally:
+            bar.close()
 
     def _passes(self) -> Passes:
         return Passes(self.graph, self.backend, self._engine_assignment)
