@@ -725,6 +725,17 @@ class Explainer:
         self._check_finite(output, "forward", "the network output")
         return output
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        """Pickle support: an Explainer travels (to a Dask worker, a process pool) as the bytes of
+        deeptaylor's own format -- its network as a native model file, its composite or method, its
+        backend's name and threads (:func:`deeptaylor.io.payload.dumps_explainer`) -- never as a pickle
+        of its internals; unpickling rebuilds it (:func:`deeptaylor.io.payload.loads_explainer`,
+        which refuses a tampered payload with :class:`~deeptaylor.errors.ModelFormatError` and keeps
+        the last few Explainers it built per process, so their plans are built once)."""
+        from .io.payload import dumps_explainer, loads_explainer
+
+        return (loads_explainer, (dumps_explainer(self),))
+
     def __repr__(self) -> str:
         what = "layers" if isinstance(self.graph, Sequential) else "nodes"
         return f"Explainer({len(self.graph)} {what}, {self.composite!r}, backend={self.backend.name!r})"

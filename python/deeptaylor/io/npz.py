@@ -246,6 +246,18 @@ def save_npz(net: Graph, path: Any, input_shape: Any = None) -> None:
     ShapeError
         The layers do not compose for ``input_shape``, or it differs from the Graph's declared one.
     """
+    arrays = model_arrays(net, input_shape)
+    if hasattr(path, "write"):  # a binary file object
+        np.savez(path, **arrays)
+        return
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def model_arrays(net: Graph, input_shape: Any = None) -> dict[str, np.ndarray]:
+    """The members of ``net``'s native file, by name (without ``.npy``): the description
+    (``__deeptaylor__``, UTF-8 JSON as uint8) and every parameter array; what :func:`save_npz` writes.
+    Raises as :func:`save_npz`."""
     from ..errors import InputTypeError, ShapeError
 
     if not isinstance(net, Graph):
@@ -290,11 +302,7 @@ def save_npz(net: Graph, path: Any, input_shape: Any = None) -> None:
                             "network": "Sequential" if isinstance(net, Sequential) else "Graph",
                             "input_shape": shape, "nodes": nodes}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    if hasattr(path, "write"):  # a binary file object
-        np.savez(path, **arrays)
-        return
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+    return arrays
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -838,3 +846,61 @@ def load_npz(source: str | os.PathLike[str] | bytes) -> Graph:
         do not compose). The message names the node. Nothing is ever unpickled or executed.
     """
     return read_npz(source)[0]
+
+
+# ------------------------------------------------------------------------------------- explainer payloads
+
+#: the member holding an explainer's description (UTF-8 JSON as uint8) in a payload
+EXPLAINER_META = "__explainer__"
+#: prefix of the members holding an explainer's arrays (ZBox bounds, method parameters)
+EXPLAINER_PREFIX = "explainer."
+#: largest explainer description accepted (bytes of JSON)
+_MAX_EXPLAINER_META = 1 << 20
+
+
+def write_payload(arrays: dict[str, np.ndarray]) -> bytes:
+    """A zip archive of ``.npy`` members (uncompressed, as :func:`numpy.savez`) with fixed member
+    timestamps, so the same arrays always give the same bytes (a payload's hash identifies it)."""
+    buf = _io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_payload(data: bytes) -> tuple[Graph, dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """Read a payload written by :func:`write_payload` from a model's :func:`model_arrays` plus an
+    explainer description (``__explainer__``) and its arrays (``explainer.*``): ``(net, info, spec,
+    arrays)``. The model part is read and checked exactly as a model file (:func:`read_npz`); the
+    description must be a JSON object with ``"format": "deeptaylor.explainer"`` and the arrays plain
+    floats. Anything else raises :class:`~deeptaylor.errors.ModelFormatError`; nothing is unpickled."""
+    where = "<explainer payload>"
+    zf, members = _open_archive(data, where)
+    try:
+        if EXPLAINER_META not in members:
+            raise ModelFormatError(f"{where}: not an explainer payload (no '{EXPLAINER_META}' entry)")
+        meta_m = members.pop(EXPLAINER_META)
+        if meta_m.dtype != np.uint8 or len(meta_m.shape) != 1 or meta_m.nbytes > _MAX_EXPLAINER_META:
+            raise ModelFormatError(f"{where}: '{EXPLAINER_META}' must be a 1-D uint8 array of at most "
+                                   f"{_MAX_EXPLAINER_META} bytes")
+        mine = {k: members.pop(k) for k in list(members) if k.startswith(EXPLAINER_PREFIX)}
+        for name, m in mine.items():
+            if m.dtype.kind != "f":
+                raise ModelFormatError(f"{where}: array {name!r} has dtype {m.dtype}, expected float")
+        raw = _read_bodies(zf, {EXPLAINER_META: meta_m}, where)[EXPLAINER_META]
+        try:
+            spec = json.loads(raw.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ModelFormatError(f"{where}: corrupt explainer description (bad JSON: {exc})") from None
+        if not isinstance(spec, dict) or spec.get("format") != "deeptaylor.explainer":
+            raise ModelFormatError(f"{where}: not an explainer description (format field missing or wrong)")
+        net, version, shape = _read_model(zf, members, where)
+        arrays = _read_bodies(zf, mine, where)
+    finally:
+        _close(zf)
+    info = {"version": version, "network": "Sequential" if isinstance(net, Sequential) else "Graph",
+            "input_shape": None if shape is None else tuple(shape)}
+    return net, info, spec, arrays
