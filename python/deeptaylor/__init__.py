@@ -70,6 +70,10 @@ def __getattr__(name: str):  # PEP 562: torch is imported only when the interop 
         from .io import torch as _torch_io
 
         return getattr(_torch_io, name)
+    if name in ("dask", "stream"):  # dt.dask.explain: Dask itself is imported only when it is called
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'deeptaylor' has no attribute {name!r}")
 
 

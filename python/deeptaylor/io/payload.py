@@ -48,7 +48,7 @@ import numpy as np
 from ..errors import DeepTaylorError, ModelFormatError, UnsupportedError
 from .npz import _KINDS, EXPLAINER_META, EXPLAINER_PREFIX, model_arrays, read_payload, write_payload
 
-__all__ = ["CACHE_SIZE", "clear_cache", "dumps_explainer", "loads_explainer", "payload_key"]
+__all__ = ["CACHE_SIZE", "clear_cache", "dumps_explainer", "loads_explainer", "payload_key", "remember"]
 
 #: Explainers :func:`loads_explainer` keeps per process, by payload hash (least recently used dropped)
 CACHE_SIZE = 4
@@ -336,6 +336,16 @@ def loads_explainer(data: bytes) -> Any:
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     return ex
+
+
+def remember(ex: Any, key: str) -> None:
+    """Keep Explainer ``ex`` in this process's cache under payload hash ``key`` (the hash of
+    ``dumps_explainer(ex)``), so that loading that payload here returns ``ex`` itself."""
+    with _LOCK:
+        _CACHE[key] = ex
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 def clear_cache() -> None:
