@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Method", "Sensitivity", "GradientXInput", "Gradient", "CompoundMethod", "Passes"]
+__all__ = ["Method", "Sensitivity", "GradientXInput", "Gradient", "CompoundMethod", "Passes",
+           "IntegratedGradients", "SmoothGrad", "Occlusion"]
 
 
 class Method:
@@ -160,3 +161,6 @@ def _same(a: Any, b: Any) -> bool:
         return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and bool(
             np.array_equal(a, b))
     return bool(a == b)
+
+
+from .attribution import IntegratedGradients, Occlusion, SmoothGrad  # noqa: E402
