@@ -5,7 +5,8 @@
     deeptaylor --version
     deeptaylor demo [--out DIR] [--cmap NAME]         # bundled model + digits -> heatmap PNGs, checks
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
-                       [--target INT|pred] [--backend auto|cpu|numpy] [--batch-size B] [--scale K] [--cmap NAME]
+                       [--target INT|pred] [--backend auto|cpu|numpy] [--batch-size B] [--png all|N|none]
+                       [--scale K] [--cmap NAME] [--no-progress]
     deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
                           [--positive-fraction P|natural]
@@ -15,6 +16,12 @@ composites...) print one line ``deeptaylor: error: ...`` on stderr and exit with
 shows the traceback instead. ``--backend auto`` (the default) runs the compiled engine and says on
 stderr (``deeptaylor: note: ...``) when it falls back to the NumPy reference; ``--backend cpu`` never
 falls back. Output cut short by a closed pipe (``| head``) ends quietly with status 141.
+
+``explain`` streams: a ``.npy`` input is memory-mapped, an image directory read window by window,
+``relevance.npy`` and ``output.npy`` are written through memory maps as the windows finish, and the
+pages of those maps are released from memory behind the stream (:mod:`deeptaylor.stream`), so the
+process's memory does not grow with the archive. PNGs are written for the first 64 inputs unless
+``--png all|N|none`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,6 +87,22 @@ def _scale(text: str) -> int:
     return v
 
 
+def _png_count(text: str) -> int | None:
+    """``--png``: ``all`` (None: every input), ``none`` (0) or a count."""
+    t = text.strip().lower()
+    if t == "all":
+        return None
+    if t == "none":
+        return 0
+    try:
+        v = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, none or a number of PNGs, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected all, none or a number >= 0, got {text!r}")
+    return v
+
+
 def _version() -> str:
     from . import __version__
 
@@ -122,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
-    e.add_argument("--batch-size", type=_positive, default=None, help="explain in chunks of this size")
+    e.add_argument("--batch-size", type=_positive, default=None,
+                   help="inputs per window of the stream (default: about 16 MiB of input per window)")
     e.add_argument("--low", type=float, default=0.0, help="lower input bound of the zB rule (default 0)")
     e.add_argument("--high", type=float, default=1.0, help="upper input bound of the zB rule (default 1)")
     e.add_argument("--image-shape", default=None, help="H,W to draw flat (N,F) inputs as images")
@@ -130,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scale", type=_scale, default=4, metavar="K",
                    help=f"enlarge the heatmap PNGs K times (nearest neighbour; default 4, 1 = native size, at most "
                         f"{MAX_SCALE})")
+    e.add_argument("--png", type=_png_count, default=64, metavar="all|N|none",
+                   help="heatmap PNGs for all inputs, the first N, or none (default: the first 64)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="describe a saved model: its nodes, their inputs and output shapes")
@@ -182,20 +209,64 @@ def _check_npy_header(path: Path) -> None:
                          "(truncated or corrupt)")
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _open_npy(path: Path) -> np.ndarray:
+    """The ``.npy`` array at ``path`` as a read-only memory map (nothing read yet): float16/32/64 or
+    uint8 (converted window by window, :func:`_as_float`)."""
     _check_npy_header(path)
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
     if not isinstance(arr, np.ndarray):
         raise InputError(f"{str(path)!r} is an .npz archive; save a single array with np.save")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255)
-    if arr.dtype.kind == "f":
-        return arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr
+    if arr.dtype == np.uint8 or arr.dtype.kind == "f":
+        return arr
     raise InputTypeError(f"{str(path)!r}: dtype {arr.dtype} is not supported; use float32/float64, or uint8 "
                          "images (scaled by 1/255)")
+
+
+def _as_float(w: np.ndarray) -> np.ndarray:
+    """A window of raw input as the float array the Explainer takes: uint8 scaled by 1/255, float16
+    widened to float32, float32/float64 as they are (a view of the memory map)."""
+    if w.dtype == np.uint8:
+        return w.astype(np.float32) / np.float32(255)
+    if w.dtype.kind == "f" and w.dtype.itemsize < 4:
+        return w.astype(np.float32)
+    return w
+
+
+def _stand_in(shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of ``shape`` that costs no memory (zero strides): for shape logic only."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=shape, strides=(0,) * len(shape),
+                                           writeable=False)
+
+
+class _ImageDir:
+    """A directory of images read lazily, window by window: ``files`` (sorted), ``shape`` (N, H, W) or
+    (N, 3, H, W) as the network takes them, ``read(s, e)`` -> float32 in [0, 1]."""
+
+    def __init__(self, directory: Path, rgb: bool) -> None:
+        self.files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS)
+        if not self.files:
+            raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) in directory {str(directory)!r}")
+        self.rgb = rgb
+        first = _read_image(self.files[0], rgb)
+        self.image_shape = first.shape
+        n = len(self.files)
+        self.shape = (n, 3, *first.shape[:2]) if rgb else (n, *first.shape)
+
+    def read(self, s: int, e: int) -> np.ndarray:
+        imgs = []
+        for f in self.files[s:e]:
+            im = _read_image(f, self.rgb)
+            if im.shape != self.image_shape:
+                raise ShapeError(f"image {f.name!r} is {im.shape[1]}x{im.shape[0]}, but {self.files[0].name!r} is "
+                                 f"{self.image_shape[1]}x{self.image_shape[0]}: all images must have the same size")
+            imgs.append(im)
+        arr = np.stack(imgs).astype(np.float32) / np.float32(255)
+        if self.rgb:
+            arr = arr.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(arr)
 
 
 def _read_image(path: Path, rgb: bool) -> np.ndarray:
@@ -226,21 +297,6 @@ def _read_image(path: Path, rgb: bool) -> np.ndarray:
         raise InputError(f"image {str(path)!r} is too large (a decompression bomb?): {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise InputError(f"cannot read image {str(path)!r} (corrupt or unsupported: {exc})") from None
-
-
-def _load_images(directory: Path, rgb: bool) -> tuple[np.ndarray, list[Path]]:
-    files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS)
-    if not files:
-        raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) in directory {str(directory)!r}")
-    imgs = [_read_image(f, rgb) for f in files]
-    for f, im in zip(files, imgs, strict=False):
-        if im.shape != imgs[0].shape:
-            raise ShapeError(f"image {f.name!r} is {im.shape[1]}x{im.shape[0]}, but {files[0].name!r} is "
-                             f"{imgs[0].shape[1]}x{imgs[0].shape[0]}: all images must have the same size")
-    arr = np.stack(imgs).astype(np.float32) / np.float32(255)
-    if rgb:
-        arr = arr.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(arr), files
 
 
 def _input_channels(net: Any) -> int | None:
@@ -329,8 +385,8 @@ def _explainer(net: Any, method: Any, backend: str) -> Any:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from . import checks
     from . import heatmap as hm
+    from . import stream
     from .io import load
 
     model = Path(args.model)
@@ -360,48 +416,93 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         stored = meta["input_shape"]
     else:
         net = load(model)
-    names: list[str] | None = None
+    images: _ImageDir | None = None
+    raw: np.ndarray | None = None
     if src.is_dir():
-        rgb = _input_channels(net) == 3
-        x, files = _load_images(src, rgb)
-        names = [f.stem for f in files]
+        images = _ImageDir(src, _input_channels(net) == 3)
+        in_shape = images.shape
     elif src.suffix.lower() == ".npy":
-        x = _load_npy(src)
+        raw = _open_npy(src)
+        in_shape = raw.shape
     else:
         raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
-    in_shape = x.shape
-    x, draw = _fit_input(net, x, image_shape, stored)
-    if draw is not None and int(np.prod(x.shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
-        raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(x.shape[1:]))} values per sample")
+    fitted, draw = _fit_input(net, _stand_in(tuple(in_shape)), image_shape, stored)
+    fit_shape = fitted.shape
+    if draw is not None and int(np.prod(fit_shape[1:])) % int(np.prod(draw)) != 0:  # (C, H, W) in C order
+        raise ShapeError(f"--image-shape {draw} does not match {int(np.prod(fit_shape[1:]))} values per sample")
     if draw is not None and draw[0] * draw[1] * args.scale ** 2 > MAX_PNG_PIXELS:
         raise InputError(f"heatmaps of {draw[0]}x{draw[1]} enlarged {args.scale} times would be "
                          f"{draw[0] * args.scale}x{draw[1] * args.scale} pixels, beyond the limit of {MAX_PNG_PIXELS} "
                          "pixels per PNG: pass a smaller --scale")
+    x = None if raw is None else raw.reshape(fit_shape)  # a view of the memory map (C order)
     ex = _explainer(net, method, args.backend)
-    res = ex.explain(x, target=target, batch_size=args.batch_size, progress=not args.no_progress)
+    n = int(fit_shape[0])
+    k = int(ex.graph.shapes((1, *fit_shape[1:]))[-1][1])
+    if target is not None and target >= k:
+        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), got {target}")
+    dtype = np.dtype(getattr(ex.backend, "dtype", np.float32))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    relevance = res.relevance.reshape(in_shape)  # one value per input value, in the input's own shape
-    np.save(out / "relevance.npy", relevance)
-    np.save(out / "output.npy", res.output)
+    # written through memory maps as the stream goes, in the input's own shape (one value per input value)
+    rel_file = np.lib.format.open_memmap(out / "relevance.npy", mode="w+", dtype=dtype, shape=tuple(in_shape))
+    out_file = np.lib.format.open_memmap(out / "output.npy", mode="w+", dtype=dtype, shape=(n, k))
+    rel_fit = rel_file.reshape(fit_shape)
+    n_png = n if args.png is None else min(args.png, n) if draw is not None else 0
+    sample_bytes = 4 * int(np.prod(fit_shape[1:]))
+    step = args.batch_size or max(1, stream.WINDOW_BYTES // 2 // sample_bytes)
     written = [out / "relevance.npy", out / "output.npy"]
-    if draw is not None:
-        n = res.relevance.shape[0]
-        maps = res.relevance.reshape((n, -1) + tuple(draw)).sum(axis=1)  # channels summed
-        rgb = hm.to_rgb(maps, cmap=args.cmap)
-        for i in range(n):
-            stem = names[i] if names else f"{i:04d}"
-            written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", hm.upscale(rgb[i], args.scale))))
-    cons = checks.conservation(res)
-    pos = checks.positivity(res)
-    print(f"explained {res.relevance.shape[0]} input(s) with {res.method} on backend {res.backend}")
-    print(f"  f(x) mean {float(res.explained.mean()):.6g}   sum R mean {float(cons.total.mean()):.6g}   "
-          f"max |sum R - f(x)| {cons.max_abs_error:.3e}   negative relevance mass {100 * pos.negative_mass:.2f} %")
+    totals = np.empty(n, np.float64)
+    explained = np.empty(n, np.float64)
+    neg_mass = abs_mass = 0.0
+    method_name, backend_name = ex.method_name, ex.backend.name
+    bar = stream.progress_bar(n, not args.no_progress)
+    start = time.perf_counter()
+    try:
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            xw = images.read(s, e).reshape((e - s, *fit_shape[1:])) if images is not None else _as_float(x[s:e])
+            res = ex.explain(xw, target=target)
+            rel = res.relevance
+            flat = rel.reshape(e - s, -1)
+            totals[s:e] = flat.sum(axis=1, dtype=np.float64)
+            explained[s:e] = res.explained
+            neg_mass += float(-flat[flat < 0].sum(dtype=np.float64))
+            abs_mass += float(np.abs(flat).sum(dtype=np.float64))
+            rel_fit[s:e] = rel
+            out_file[s:e] = res.output
+            method_name, backend_name = res.method, res.backend
+            for a in (rel_fit[s:e], out_file[s:e], None if x is None else x[s:e]):
+                stream.release(a)   # the memory maps' pages of this window: in the files, not in this process
+            if s < n_png:
+                m = min(e, n_png) - s
+                maps = rel[:m].reshape((m, -1) + tuple(draw)).sum(axis=1)  # channels summed
+                rgb = hm.to_rgb(maps, cmap=args.cmap)
+                for i in range(m):
+                    stem = images.files[s + i].stem if images is not None else f"{s + i:04d}"
+                    written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", hm.upscale(rgb[i], args.scale))))
+            bar.update(e - s)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    rel_file.flush()
+    out_file.flush()
+    del rel_file, out_file, rel_fit
+    err = np.abs(totals - explained)
+    print(f"explained {n} input(s) with {method_name} on backend {backend_name} in {elapsed:.2f} s "
+          f"({n / max(elapsed, 1e-9):.0f} images/s)")
+    print(f"  f(x) mean {float(explained.mean()):.6g}   sum R mean {float(totals.mean()):.6g}   "
+          f"max |sum R - f(x)| {float(err.max()):.3e}   negative relevance mass "
+          f"{100 * (neg_mass / abs_mass if abs_mass > 0 else 0.0):.2f} %")
     pngs = sum(1 for w in written if w.suffix == ".png")
     size = f" ({draw[1] * args.scale}x{draw[0] * args.scale} pixels)" if draw is not None else ""
-    print(f"wrote {out / 'relevance.npy'} {relevance.shape}, {out / 'output.npy'}"
-          + (f" and {pngs} heatmap PNG(s) heatmap_*.png{size}" if pngs else
-             " (no PNGs: pass --image-shape H,W to draw flat inputs)"))
+    if pngs:
+        more = f" for the first {pngs} of {n} inputs (--png all for every one)" if pngs < n else ""
+        tail = f" and {pngs} heatmap PNG(s) heatmap_*.png{size}{more}"
+    elif draw is None:
+        tail = " (no PNGs: pass --image-shape H,W to draw flat inputs)"
+    else:
+        tail = " (no PNGs: --png none)"
+    print(f"wrote {out / 'relevance.npy'} {tuple(in_shape)}, {out / 'output.npy'}" + tail)
     return 0
 
 
