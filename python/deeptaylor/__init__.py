@@ -19,6 +19,8 @@ from .errors import (
     InputError,
     InputTypeError,
     ModelFormatError,
+    RootNotFoundError,
+    RootNotFoundWarning,
     RuleError,
     ShapeError,
     UnsupportedError,
@@ -144,4 +146,6 @@ __all__ = [
     "ModelFormatError",
     "DeepTaylorWarning",
     "BackendFallbackWarning",
+    "RootNotFoundError",
+    "RootNotFoundWarning",
 ]

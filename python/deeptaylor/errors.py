@@ -17,6 +17,8 @@ __all__ = [
     "ModelFormatError",
     "DeepTaylorWarning",
     "BackendFallbackWarning",
+    "RootNotFoundError",
+    "RootNotFoundWarning",
 ]
 
 
@@ -60,3 +62,13 @@ class BackendFallbackWarning(DeepTaylorWarning):
     built or cannot run this network and these rules; the message says why. Shown once per reason
     (Python's default warning filter); pass ``backend="numpy"`` or ``backend="cpu"`` to choose
     explicitly."""
+
+
+class RootNotFoundError(DeepTaylorError, RuntimeError):
+    """``dt.methods.Taylor(root="nearest", on_failure="raise")`` found no root point ``f(ξ) = 0`` within
+    its tolerance for some sample (the message names how many and the first one)."""
+
+
+class RootNotFoundWarning(DeepTaylorWarning):
+    """``dt.methods.Taylor(root="nearest")`` (default ``on_failure="warn"``) found no root point for some
+    sample; their relevance is computed at the last iterate and ``extras["root_found"]`` is False."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Method", "Sensitivity", "GradientXInput", "Gradient", "CompoundMethod", "Passes",
+__all__ = ["Method", "Sensitivity", "GradientXInput", "Gradient", "CompoundMethod", "Passes", "Taylor",
            "IntegratedGradients", "SmoothGrad", "Occlusion"]
 
 
@@ -163,4 +163,5 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+from .taylor import Taylor  # noqa: E402
 from .attribution import IntegratedGradients, Occlusion, SmoothGrad  # noqa: E402
