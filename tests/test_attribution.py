@@ -231,8 +231,12 @@ def test_bad_shapes(model, data):
     x, _ = data
     with pytest.raises(dt.ShapeError, match="baseline"):
         dt.Explainer(net, IntegratedGradients(steps=2, baseline=np.zeros(3)), backend="numpy").explain(x)
-    with pytest.raises(dt.ShapeError, match="window"):
-        dt.Explainer(net, Occlusion(9), backend="numpy").explain(x)
+    # a window beyond the input is cut to it (Zennit's convention): one window, the whole image
+    big = dt.Explainer(net, Occlusion((9, 20)), backend="numpy").explain(x).relevance
+    np.testing.assert_array_equal(big, dt.Explainer(net, Occlusion(8), backend="numpy").explain(x).relevance)
+    with pytest.raises(dt.ShapeError, match="single ints"):
+        dt.Explainer(dt.Sequential([dt.Dense(np.ones((2, 5)), np.zeros(2))]), Occlusion((2, 3)),
+                     backend="numpy").explain(np.ones((1, 5)))
     with pytest.raises(dt.InputError, match="target"):
         dt.Explainer(net, SmoothGrad(n=2), backend="numpy").explain(x, target=5)
 

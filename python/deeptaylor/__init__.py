@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from . import checks, composites, init, io, methods, reference, rules
-from . import datasets, heatmap, train  # NumPy only at import time; optional extras load lazily
+from . import datasets, evaluate, heatmap, train  # NumPy only at import time; optional extras load lazily
 from .backends import available as available_backends
 from .composites import Composite
 from .errors import (
@@ -87,6 +87,7 @@ __all__ = [
     "datasets",
     "heatmap",
     "train",
+    "evaluate",
     "init",
     "io",
     "load",

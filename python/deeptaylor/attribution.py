@@ -319,7 +319,8 @@ class Occlusion(CompoundMethod):
     Parameters
     ----------
     window : int or (int, int)
-        Window size in pixels (or features; default 8).
+        Window size in pixels (or features; default 8); a window larger than the input is cut to the
+        input's size (as Zennit does), and its stride with it.
     stride : int or (int, int), optional
         Step between windows, 1 <= stride <= window (default: the window, non-overlapping).
     baseline : float or array broadcastable to the sample shape
@@ -352,14 +353,12 @@ class Occlusion(CompoundMethod):
             (size,) = sample
             if self.window[0] != self.window[1] or self.stride[0] != self.stride[1]:
                 raise ShapeError("flat input (N, F): window and stride must be single ints")
-            if self.window[0] > size:
-                raise ShapeError(f"window {self.window[0]} is larger than the {size} input features")
-            return [(slice(a, b),) for a, b in _windows(size, self.window[0], self.stride[0])]
+            win = min(self.window[0], size)
+            return [(slice(a, b),) for a, b in _windows(size, win, min(self.stride[0], win))]
         _, h, w = sample
-        if self.window[0] > h or self.window[1] > w:
-            raise ShapeError(f"window {self.window} is larger than the {h}x{w} input")
-        rows = _windows(h, self.window[0], self.stride[0])
-        cols = _windows(w, self.window[1], self.stride[1])
+        wh, ww = min(self.window[0], h), min(self.window[1], w)
+        rows = _windows(h, wh, min(self.stride[0], wh))
+        cols = _windows(w, ww, min(self.stride[1], ww))
         return [(slice(None), slice(r0, r1), slice(c0, c1)) for r0, r1 in rows for c0, c1 in cols]
 
     def compute(self, passes: Passes, x: np.ndarray, targets: np.ndarray | None

@@ -10,6 +10,9 @@
     deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
                           [--positive-fraction P|natural]
+    deeptaylor evaluate --model M --input X.npy|DIR --methods deep-taylor,sensitivity,random --out DIR
+                        [--measure pixel-flipping|region-perturbation] [--steps L] [--features-per-step F]
+                        [--region-size K] [--order morf|lerf] [--baseline 0|mean|uniform] [--target INT|pred]
 
 Errors (missing files, unreadable or oversized images, corrupt models, shape mismatches, unknown
 composites...) print one line ``deeptaylor: error: ...`` on stderr and exit with status 2; ``--debug``
@@ -179,6 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of images with a target digit 0-3 (default 0.5, exact), or 'natural': every "
                         "image is a digit of any class next to a distractor 4-9 (about 41%% positive)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("evaluate", help="faithfulness of heatmaps: pixel flipping / region perturbation curves "
+                                        "and AOPC per method (evaluation.json, curves.npz, curves.png)")
+    v.add_argument("--model", required=True, help="model file (deeptaylor .npz, or .onnx with the onnx extra)")
+    v.add_argument("--input", required=True, help=".npy array or a directory of images (as for explain)")
+    v.add_argument("--methods", default="deep-taylor,sensitivity,random",
+                   help="comma-separated composites/methods (as --composite of explain), integrated-gradients, "
+                        "smoothgrad, occlusion, and random (the random order); default deep-taylor,sensitivity,random")
+    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--measure", default="pixel-flipping", choices=["pixel-flipping", "region-perturbation"])
+    v.add_argument("--steps", type=_positive, default=None,
+                   help="perturbation steps (default: until everything is replaced)")
+    v.add_argument("--features-per-step", type=_positive, default=None,
+                   help="pixels replaced per step (default: enough for 100 steps over the image)")
+    v.add_argument("--region-size", type=_positive, default=9, help="region side for region-perturbation (default 9)")
+    v.add_argument("--order", default="morf", choices=["morf", "lerf"], help="most (default) or least relevant first")
+    v.add_argument("--baseline", default="0", help="replacement value: a number, mean or uniform (default 0)")
+    v.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random order and the uniform baseline")
+    v.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
+    v.add_argument("--batch-size", type=_positive, default=None, help="perturbed inputs per forward pass")
+    v.add_argument("--low", type=float, default=0.0, help="lower input bound of the zB rule (default 0)")
+    v.add_argument("--high", type=float, default=1.0, help="upper input bound of the zB rule (default 1)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -632,6 +659,87 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import evaluate as ev
+    from .io import load
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise InputError(f"model file {str(model)!r} not found")
+    src = Path(args.input)
+    if not src.exists():
+        raise InputError(f"input {str(src)!r} not found")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise InputError("--methods is empty")
+    methods = {m: ev.resolve_method(m, args.low, args.high) for m in names}   # unknown names fail before work
+    try:
+        baseline: Any = float(args.baseline)
+    except ValueError:
+        baseline = args.baseline.strip().lower()
+        if baseline not in ("mean", "uniform"):
+            raise InputError(f"--baseline must be a number, mean or uniform, got {args.baseline!r}") from None
+    target = _parse_target(args.target)
+    stored = None
+    with open(model, "rb") as fh:
+        native = fh.read(2) == b"PK"
+    if native:
+        from .io.npz import read_npz
+
+        net, meta = read_npz(model)
+        stored = meta["input_shape"]
+    else:
+        net = load(model)
+    if src.is_dir():
+        images = _ImageDir(src, _input_channels(net) == 3)
+        raw = images.read(0, images.shape[0])
+    elif src.suffix.lower() == ".npy":
+        raw = _as_float(np.asarray(_open_npy(src)))
+    else:
+        raise InputError(f"input {str(src)!r} must be a .npy file or a directory of images")
+    x, _ = _fit_input(net, np.ascontiguousarray(raw), None, stored)
+    positions = x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
+    kwargs: dict[str, Any] = {"steps": args.steps, "order": args.order, "baseline": baseline, "seed": args.seed,
+                              "batch_size": args.batch_size}
+    if args.measure == "pixel-flipping":
+        kwargs["features_per_step"] = args.features_per_step or max(1, -(-positions // 100))
+    else:
+        kwargs["region_size"] = args.region_size
+        if args.features_per_step is not None:
+            raise InputError("--features-per-step is for pixel-flipping (region-perturbation replaces one region "
+                             "per step)")
+    results = ev.compare(net, x, methods, target, measure=args.measure, backend=args.backend,
+                         progress=not args.no_progress, **kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ev.summary(results)
+    report.update({"measure": args.measure, "model": str(model), "input": str(src), "samples": int(x.shape[0]),
+                   "baseline": baseline, "seed": args.seed, "backend": args.backend,
+                   **{k: v for k, v in kwargs.items() if k in ("features_per_step", "region_size")}})
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    first = next(iter(results.values()))
+    np.savez(out / "curves.npz", removed=first.removed, target=first.target,
+             **{name: r.curves for name, r in results.items()})
+    written = [out / "evaluation.json", out / "curves.npz"]
+    try:
+        written.append(Path(ev.plot_curves(results, out / "curves.png")))
+    except NotImplementedError:
+        pass  # no matplotlib: no plot
+    steps = first.curves.shape[1] - 1
+    unit = "positions" if first.kind == "pixel_flipping" else f"{args.region_size}x{args.region_size} regions"
+    print(f"{args.measure} on {x.shape[0]} input(s): {steps} steps, {first.removed[-1]} of {first.units} {unit} "
+          f"replaced by {baseline}, order {args.order}")
+    print(f"{'method':<24} {'AOPC':>10} {'+-sem':>9} {'f(x)':>10} {'f(last)':>10}")
+    for name, r in results.items():
+        sem = report["methods"][name]["aopc_sem"]
+        print(f"{name:<24} {r.mean_aopc:>10.4g} {sem if sem is not None else float('nan'):>9.2g} "
+              f"{r.mean_curve[0]:>10.4g} {r.mean_curve[-1]:>10.4g}")
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
           line: str | None = None) -> None:
     """``warnings.showwarning`` of the command line: ``deeptaylor: note: <message>`` on stderr."""
@@ -649,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return int(exc.code or 0)
-    commands = {"demo": _cmd_demo, "explain": _cmd_explain, "info": _cmd_info, "experiment": _cmd_experiment}
+    commands = {"demo": _cmd_demo, "explain": _cmd_explain, "info": _cmd_info, "experiment": _cmd_experiment,
+                "evaluate": _cmd_evaluate}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _note   # a backend fallback (and any other warning): one line on stderr
