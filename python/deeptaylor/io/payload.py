@@ -197,9 +197,22 @@ def _build(kind: str, registry: Any, base: type, entry: dict[str, Any], arrays: 
         raise ModelFormatError(f"explainer payload: {what}: params must be an object of named values")
     kwargs = {k: _param(v, arrays, f"{what} parameter {k!r}") for k, v in params.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (DeepTaylorError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"explainer payload: {what}: invalid {name} parameters ({exc})") from None
+    # canonical form only: the object must hold exactly the values given, of the types written
+    back = obj.params() if hasattr(obj, "params") else {}
+    if set(back) != set(kwargs) or not all(_same_param(back[k], v) for k, v in kwargs.items()):
+        raise ModelFormatError(f"explainer payload: {what}: {name} parameters {params!r:.200} are not what "
+                               "deeptaylor writes")
+    return obj
+
+
+def _same_param(held: Any, given: Any) -> bool:
+    if isinstance(given, np.ndarray) or isinstance(held, np.ndarray):
+        return (isinstance(held, np.ndarray) and isinstance(given, np.ndarray) and held.shape == given.shape
+                and bool(np.array_equal(held, given)))
+    return type(held) is type(given) and held == given
 
 
 def _rule(entry: Any, arrays: dict[str, np.ndarray], what: str) -> Any:
