@@ -128,6 +128,53 @@ def test_residual_shrinks_quadratically_with_distance_to_root(rng, act):
     assert resid[-1].sum() < 1e-3 * resid[0].sum()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_zero_root_of_bias_free_relu_net_is_gradient_x_input_and_conservative(rng, backend):
+    # f is positively homogeneous: f(x) = x·∇f(x), and ∇f is constant on the ray from 0 to x. The
+    # gradient at ξ = 0 itself is 0 (every ReLU at its kink, ReLU'(0) = 0); approached from x it is ∇f(x).
+    net = dt.Sequential([dt.Dense(rng.normal(size=(12, 8)), np.zeros(12)), dt.ReLU(),
+                         dt.Dense(rng.normal(size=(3, 12)), np.zeros(3))])
+    x = rng.normal(size=(6, 8))
+    res = dt.Explainer(net, Taylor("zero"), backend=backend).explain(x)
+    gxi = dt.Explainer(net, dt.methods.GradientXInput(), backend=backend).explain(x)
+    tol = 1e-12 if backend == "numpy" else 1e-5
+    np.testing.assert_allclose(res.relevance, gxi.relevance, rtol=tol, atol=tol)
+    np.testing.assert_allclose(res.relevance.sum(1), res.explained, rtol=tol * 10, atol=tol * 10)
+    assert res.extras["root_found"].all() and np.abs(res.relevance).max() > 0.1
+
+
+def test_flat_zero_set_root_on_its_boundary(rng):
+    # a detection-pooling network f = sum_j max(0, z_j), b <= 0: f >= 0, and f = 0 on a region with
+    # interior (every unit off), where the gradient is 0. The root must lie on the region's boundary,
+    # and the relevance is the first-order term of the units that switch on from there towards x.
+    w, b = rng.normal(size=(30, 20)), -np.abs(rng.normal(size=30)) * 0.5
+    net = dt.Sequential([dt.Dense(w, b), dt.ReLU(), dt.GlobalSumPool()])
+    x = rng.normal(size=(10, 20))
+    res = dt.Explainer(net, Taylor(), backend="numpy").explain(x)
+    e = res.extras
+    assert e["root_found"].all() and np.all(np.abs(e["f_root"]) <= 1e-9 * res.explained)
+    near = e["root"] + 2.0 ** -24 * (x - e["root"])        # where Taylor takes the gradient
+    assert np.all(_f(net, near, res.target) > 0)          # on the boundary: f > 0 just towards x
+    z_root = e["root"] @ w.T + b
+    assert np.all(z_root.max(1) <= 1e-9) and np.all(z_root.max(1) > -1e-6)   # tight units, none (really) on
+    # R = the gradient from x's side (the units tight at the root that switch on towards x) times x - ξ
+    on = (near @ w.T + b) > 0
+    np.testing.assert_allclose(res.relevance, (x - e["root"]) * (on @ w), rtol=1e-9, atol=1e-12)
+    assert np.all(np.abs(res.relevance).sum(1) > 0)
+    # the reported residual: the units on at x that are not tight at the root are missed
+    np.testing.assert_allclose(e["residual"], res.explained - res.relevance.sum(1), rtol=1e-12, atol=1e-12)
+    # f(0) = 0 (b <= 0): the segment from x to 0 holds a root at t* (bisection here); the search
+    # starts from it and keeps a closer root when it finds one
+    lo, hi = np.zeros(10), np.ones(10)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        zero = _f(net, x * (1 - mid)[:, None], res.target) <= 0
+        lo, hi = np.where(zero, lo, mid), np.where(zero, mid, hi)
+    d_seg = hi * np.linalg.norm(x, axis=1)
+    assert np.all(e["root_distance"] <= d_seg * (1 + 1e-9))
+    assert np.mean(e["root_distance"] < 0.95 * d_seg) >= 0.5
+
+
 def test_cpu_agrees_with_numpy(rng):
     net = _mlp(rng, dt.Tanh)
     x = rng.normal(size=(12, 10))

@@ -26,6 +26,9 @@ and takes one of two steps:
    first one, from x, is the projection of x onto the tangent hyperplane). Backtracking line search
    on ``ξ_k + t (y − ξ_k)``, ``t = 1, 1/2, 1/4, ...`` (at most ``max_halvings`` halvings, forward
    passes only), accepting Armijo's decrease ``|f(new)| ≤ (1 − 10⁻⁴ t) |f(ξ_k)|`` or ``|f(new)| ≤ tol``.
+   A full step that falls short (``f`` keeps its sign, as for a convex ``f`` such as a sum of ReLUs,
+   where Newton steps approach the zero set only linearly) is doubled, up to 6 times, while ``|f|``
+   keeps decreasing.
 2. **Refinement step** once ``|f(ξ_k)| ≤ tol`` (on the zero set): towards the point of the linearised
    zero set nearest to *x*, ``y = x − c g``, ``c = (f(ξ_k) + g·(x − ξ_k)) / ‖g‖²`` (it slides along
    the set towards x; its fixed points are the Karush-Kuhn-Tucker points of
@@ -33,14 +36,37 @@ and takes one of two steps:
    the new point is closer to x than the best root so far and ``|f| ≤ max(tol, 0.1 |f(x)|)``
    (at most 8 halvings); a Newton step then brings the iterate back onto the set.
 
+When a Newton step reaches the zero set, the root is **pulled back** towards x: bisection on the
+segment from ξ to x (forward passes; 30 halvings in float64, 20 in float32) for the farthest point
+where ``|f|`` is still at most ``|f(ξ)|``. Where ``f`` crosses zero transversally ξ barely moves;
+where the zero set is a flat region (``f = 0`` on a set with interior -- a detection-pooling
+network ``Σ_j max(0, z_j)`` with every unit off), a Newton step overshoots into the region's
+interior, where the gradient is 0, and the pull-back moves the root to the region's boundary.
+
+Before the iteration, the segment from x to the origin (the box point nearest to it, with a box)
+is searched by bisection (forward passes; 45 halvings in float64, 24 in float32) wherever ``f``
+changes sign on it; a root found there is the first candidate. (For a network with ``f(0) = 0``
+such as ReLU layers with ``b ≤ 0`` this guarantees a root where the Newton iteration is blocked by
+kinks.)
+
 With a box, coordinates that a step would push beyond a bound are fixed at it and the step is
 recomputed over the free coordinates (active-set projection). The result is the closest root seen
 (``|f| ≤ tol``), so refinement never makes it worse than the plain Newton iteration.
 
+The gradient at the root
+------------------------
+The relevance uses the gradient **approached from x**, at ``ξ + η (x − ξ)`` with ``η = 2⁻²⁴``
+(float64) or ``2⁻¹⁶`` (float32), for every kind of root (refinement steps use it too). For a smooth
+``f`` this changes the relevance by a relative ``O(η)``; at a kink of a ReLU network (a root on the
+boundary of a flat zero region, or ``ξ = 0`` for a bias-free network, where ``ReLU'(0) = 0`` would
+give a zero gradient) it is the one-sided derivative along the segment, the one the first-order
+expansion ``f(ξ + t (x − ξ))`` for small ``t > 0`` uses.
+
 Stopping rule, per sample: stop when on the zero set and the refinement step is at most
-``xtol · ‖x − ξ_k‖``, or no refinement step is accepted, or three iterations in a row bring no root
-closer to x by more than the fraction ``xtol``; **fail** when off the set and the line search finds
-no decrease, or the gradient vanishes (and no coordinate is at a bound), or the step is zero; in any
+``xtol · ‖x − ξ_k‖``, or no refinement step is accepted, or three iterations on the set in a row
+bring no root closer to x by more than the fraction ``max(xtol, 10⁻³)``; stop off the set when the
+line search finds no decrease, or three Newton steps in a row are cut below ``2⁻¹⁰`` (a kink blocks
+the way), or the gradient vanishes (and no coordinate is at a bound), or the step is zero; in any
 case stop after ``max_iter`` iterations. ``tol = rtol · |f(x)| + atol``. Defaults by the backend's
 precision: float64 (numpy) ``rtol = 1e-9``, ``xtol = 1e-7``; float32 (cpu) ``rtol = 1e-4``,
 ``xtol = 1e-3`` (a float32 forward pass carries relative errors of ~1e-6 of the magnitudes it sums,
@@ -85,14 +111,26 @@ __all__ = ["Taylor"]
 #: default tolerances by the backend's precision: (rtol, xtol)
 _DEFAULT_TOL = {np.dtype(np.float64): (1e-9, 1e-7), np.dtype(np.float32): (1e-4, 1e-3)}
 _ARMIJO = 1e-4
+#: the gradient is taken at ξ + η (x − ξ): at the root, approached from x's side (one-sided where ξ
+#: lies on a kink); η by the backend's precision
+_ETA = {np.dtype(np.float64): 2.0 ** -24, np.dtype(np.float32): 2.0 ** -16}
+#: bisection steps of the pull-back along the segment ξ -> x (bracket 2^-k of the segment, below η)
+_BISECTIONS = {np.dtype(np.float64): 30, np.dtype(np.float32): 20}
 #: a refinement step (on the zero set, towards x) may leave the set by up to this fraction of |f(x)|;
 #: the next Newton step brings the iterate back, and only roots closer to x than the best are kept
 _RELAX = 0.1
-#: the search stops after this many iterations on the zero set that bring no root closer to x by more
-#: than xtol (relative)
+#: the search stops after _STALL iterations on the zero set in a row that bring no root closer to x by
+#: more than the fraction max(xtol, _MIN_GAIN)
 _STALL = 3
+_MIN_GAIN = 1e-3
 #: most halvings of a refinement step
 _REFINE_HALVINGS = 8
+#: most doublings of a Newton step that fell short of the zero set
+_EXPANSIONS = 6
+#: a Newton step cut below this size counts as blocked (_STALL in a row stop the sample)
+_SHORT = 2.0 ** -10
+#: bisection steps on the segment from x to the origin
+_SEGMENT_BISECTIONS = {np.dtype(np.float64): 45, np.dtype(np.float32): 24}
 
 
 def _as_float(value: Any, name: str, positive: bool = False, allow_none: bool = False) -> float | None:
@@ -265,18 +303,19 @@ class Taylor(CompoundMethod):
             f0 = out0[rows, tgt].astype(np.float64)
             tol = rtol * np.abs(f0) + self.atol
             low, high = self._bounds(x)
-            xi, f_root, grad, iters = self._search(passes, x, tgt, f0, g0, tol, xtol, low, high)
+            xi, f_root, iters = self._search(passes, x, tgt, f0, g0, tol, xtol, low, high)
         else:
             out0 = passes.forward(x)
             tgt = np.argmax(out0, axis=1) if targets is None else np.asarray(targets)
             f0 = out0[rows, tgt].astype(np.float64)
             tol = rtol * np.abs(f0) + self.atol
             xi = self._given_root(x)
-            out_r, grad = passes.gradient(xi.astype(dtype), tgt)
-            f_root = out_r[rows, tgt].astype(np.float64)
+            f_root = passes.forward(xi.astype(dtype))[rows, tgt].astype(np.float64)
             iters = np.zeros(n, dtype=np.int64)
         x64 = x.astype(np.float64)
         diff = x64 - xi
+        # the gradient at the root, approached from x (one-sided along the segment ξ -> x)
+        _, grad = passes.gradient((xi + _ETA[np.dtype(dtype)] * diff).astype(dtype), tgt)
         rel64 = grad.astype(np.float64) * diff
         relevance = rel64.astype(dtype)
         found = np.abs(f_root) <= tol
@@ -364,52 +403,62 @@ class Taylor(CompoundMethod):
 
     def _search(self, passes: Passes, x: np.ndarray, tgt: np.ndarray, f0: np.ndarray, g0: np.ndarray,
                 tol: np.ndarray, xtol: float, low: np.ndarray | None, high: np.ndarray | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The batched nearest-root search. Returns ``(ξ float64 shape of x, f(ξ) (N,), ∇f(ξ) shape
-        of x, iterations (N,))``: the closest iterate to x with ``|f| <= tol`` if there is one, else
-        the last iterate."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batched nearest-root search. Returns ``(ξ float64 shape of x, f(ξ) (N,), iterations
+        (N,))``: the closest iterate to x with ``|f| <= tol`` if there is one, else the last iterate."""
         n = x.shape[0]
         shape = x.shape
         dtype = passes.dtype
+        eta = _ETA[np.dtype(dtype)]
         xf = x.reshape(n, -1).astype(np.float64)
         lo = None if low is None else low.reshape(1, -1)
         hi = None if high is None else high.reshape(1, -1)
         xi = xf.copy()
-        f = f0.copy()
+        f = f0.copy()                              # f at the current iterate
         grad = g0.reshape(n, -1).astype(np.float64)
-        fresh = np.ones(n, dtype=bool)             # grad is the gradient at the current xi
+        fresh = np.ones(n, dtype=bool)             # grad is the gradient at the current iterate
         iters = np.zeros(n, dtype=np.int64)
-        best_xi, best_f, best_g = xi.copy(), f.copy(), grad.copy()
+        best_xi, best_f = xi.copy(), f.copy()
         best_dist = np.full(n, np.inf)
         relax = np.maximum(_RELAX * np.abs(f0), tol)   # how far a refinement step may leave the zero set
         active = np.ones(n, dtype=bool)
+        stall = np.zeros(n, dtype=np.int64)        # iterations on the zero set without a better root
+        crawl = np.zeros(n, dtype=np.int64)        # Newton steps in a row cut below _SHORT
 
-        stall = np.zeros(n, dtype=np.int64)    # iterations on the zero set without a better root
-
-        def refresh(idx: np.ndarray) -> None:
-            """Gradient pass at the current iterate of the samples ``idx`` whose gradient is stale, then
-            record the feasible iterates closer to x than the best so far."""
-            stale = idx[~fresh[idx]]
-            if stale.size:
-                at = xi[stale].reshape((stale.size,) + shape[1:]).astype(dtype)
-                out, g = passes.gradient(at, tgt[stale])
-                f[stale] = out[np.arange(stale.size), tgt[stale]]
-                grad[stale] = g.reshape(stale.size, -1)
-                fresh[stale] = True
+        def record(idx: np.ndarray) -> None:
+            """Keep the roots (``|f| <= tol``) among the iterates of ``idx`` closer to x than the best."""
             dist = np.sqrt(((xf[idx] - xi[idx]) ** 2).sum(axis=1))
             feasible = np.abs(f[idx]) <= tol[idx]
-            gain = feasible & (dist < (1.0 - xtol) * best_dist[idx])
+            gain = feasible & (dist < (1.0 - max(xtol, _MIN_GAIN)) * best_dist[idx])
             stall[idx[feasible & ~gain]] += 1
             stall[idx[gain]] = 0
-            better = idx[feasible & (dist < best_dist[idx])]
-            best_xi[better], best_f[better], best_g[better] = xi[better], f[better], grad[better]
-            best_dist[better] = dist[idx.searchsorted(better)]
+            better = feasible & (dist < best_dist[idx])
+            b = idx[better]
+            best_xi[b], best_f[b], best_dist[b] = xi[b], f[b], dist[better]
+
+        # the segment from x to the origin (the box point nearest to it): where f changes sign on it, a
+        # root on it by bisection is a first candidate (the Newton iteration keeps it only if it finds
+        # no closer root)
+        origin = np.zeros((1, xf.shape[1])) if lo is None else np.clip(0.0, lo, hi)
+        seg, f_seg = self._segment_root(passes, shape, tgt, xf, f0, np.broadcast_to(origin, xf.shape), tol)
+        have = np.abs(f_seg) <= tol
+        if have.any():
+            d_seg = np.sqrt(((xf - seg) ** 2).sum(axis=1))
+            best_xi[have], best_f[have], best_dist[have] = seg[have], f_seg[have], d_seg[have]
 
         for _ in range(self.max_iter):
             idx = np.flatnonzero(active)
             if idx.size == 0:
                 break
-            refresh(idx)
+            stale = idx[~fresh[idx]]
+            if stale.size:   # one gradient pass for every sample still searching
+                # on the zero set the gradient approached from x (one-sided at a kink), else at ξ
+                shift = np.where(np.abs(f[stale]) <= tol[stale], eta, 0.0)
+                at = xi[stale] + shift[:, None] * (xf[stale] - xi[stale])
+                _, g = passes.gradient(at.reshape((stale.size,) + shape[1:]).astype(dtype), tgt[stale])
+                grad[stale] = g.reshape(stale.size, -1)
+                fresh[stale] = True
+            record(idx)
             on_set = np.abs(f[idx]) <= tol[idx]
             # off the zero set: a Newton step along the gradient; on it: the projection of x onto the
             # linearised zero set (moves along the set towards x)
@@ -425,7 +474,7 @@ class Taylor(CompoundMethod):
             idx, step, on_set = idx[keep], step[keep], on_set[keep]
             if idx.size == 0:
                 continue
-            accepted, new_xi, new_f = self._line_search(passes, shape, tgt[idx], xi[idx], xf[idx], f[idx],
+            accepted, new_xi, new_f, t = self._line_search(passes, shape, tgt[idx], xi[idx], xf[idx], f[idx],
                                                         step, on_set, best_dist[idx], tol[idx], relax[idx],
                                                         lo, hi)
             iters[idx] += 1
@@ -433,23 +482,84 @@ class Taylor(CompoundMethod):
             xi[acc], f[acc] = new_xi[accepted], new_f[accepted]
             fresh[acc] = False
             active[idx[~accepted]] = False      # no step size helps: on the zero set, done; off it, failed
-        stale = np.flatnonzero(~fresh)
-        if stale.size:
-            refresh(stale)
+            # Newton steps cut down to slivers: a kink of f blocks the way (f decreases along the step by
+            # next to nothing); after _STALL such steps in a row the sample stops
+            short = ~on_set & (t < _SHORT)
+            crawl[idx[short]] += 1
+            crawl[idx[~short]] = 0
+            active[idx[crawl[idx] >= _STALL]] = False
+            # a Newton step that reached the zero set: pull the root back towards x along the segment
+            entered = idx[accepted & ~on_set & (np.abs(new_f) <= tol[idx])]
+            if entered.size:
+                xi[entered], f[entered] = self._pull_back(passes, shape, tgt[entered], xi[entered],
+                                                          xf[entered], f[entered])
+        record(np.arange(n))
         use = np.isfinite(best_dist)
-        xi[use], f[use], grad[use] = best_xi[use], best_f[use], best_g[use]
-        return xi.reshape(shape), f, grad.reshape(shape), iters
+        xi[use], f[use] = best_xi[use], best_f[use]
+        return xi.reshape(shape), f, iters
+
+    @staticmethod
+    def _segment_root(passes: Passes, shape: tuple[int, ...], tgt: np.ndarray, x: np.ndarray, fx: np.ndarray,
+                      o: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bisection for a root on the segment from ``x`` (m, P) to ``o`` (m, P) where ``f(o)`` is 0 or of
+        the other sign than ``f(x)`` (one forward pass at ``o``, then bisection steps on those samples).
+        Returns ``(point, f(point))``: the end of the final bracket on ``o``'s side (``f`` there is 0 or of
+        the other sign), or ``x`` and ``f(x)`` where f does not change sign."""
+        m = x.shape[0]
+        dtype = passes.dtype
+        point, fp = x.copy(), fx.copy()
+        fo = passes.forward(o.reshape((m,) + shape[1:]).astype(dtype))[np.arange(m), tgt].astype(np.float64)
+        idx = np.flatnonzero((fo * fx <= 0) & (np.abs(fx) > tol))
+        if idx.size == 0:
+            return point, fp
+        a, b = np.zeros(idx.size), np.ones(idx.size)          # f(x + a (o - x)) has f(x)'s sign; b: not
+        fb = fo[idx]
+        xs, d = x[idx], o[idx] - x[idx]
+        for _ in range(_SEGMENT_BISECTIONS[np.dtype(dtype)]):
+            mid = 0.5 * (a + b)
+            fm = passes.forward((xs + mid[:, None] * d).reshape((idx.size,) + shape[1:]).astype(dtype))
+            fm = fm[np.arange(idx.size), tgt[idx]].astype(np.float64)
+            same = fm * fx[idx] > 0
+            a = np.where(same, mid, a)
+            b = np.where(same, b, mid)
+            fb = np.where(same, fb, fm)
+        point[idx] = xs + b[:, None] * d
+        fp[idx] = fb
+        return point, fp
+
+    @staticmethod
+    def _pull_back(passes: Passes, shape: tuple[int, ...], tgt: np.ndarray, xi: np.ndarray, x: np.ndarray,
+                   f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bisection on the segment from the roots ``ξ`` (m, P) towards ``x`` (m, P) for the farthest
+        point where ``|f|`` is still at most ``|f(ξ)|`` (forward passes only): a root closer to x that
+        is no worse. Where the zero set is a flat region (``f = 0`` on a set with interior, e.g. every
+        unit of a ReLU network off) this moves ξ to the region's boundary, where the gradient from x's
+        side is not zero; where ``f`` crosses zero transversally ξ barely moves. Returns ``(ξ, f(ξ))``."""
+        m = xi.shape[0]
+        dtype = passes.dtype
+        lo, hi = np.zeros(m), np.ones(m)
+        f_lo, level = f.copy(), np.abs(f)
+        for _ in range(_BISECTIONS[np.dtype(dtype)]):
+            mid = 0.5 * (lo + hi)
+            pts = xi + mid[:, None] * (x - xi)
+            fm = passes.forward(pts.reshape((m,) + shape[1:]).astype(dtype))[np.arange(m), tgt]
+            fm = fm.astype(np.float64)
+            inside = np.abs(fm) <= level
+            lo = np.where(inside, mid, lo)
+            hi = np.where(inside, hi, mid)
+            f_lo = np.where(inside, fm, f_lo)
+        return xi + lo[:, None] * (x - xi), f_lo
 
     def _line_search(self, passes: Passes, shape: tuple[int, ...], tgt: np.ndarray, xi: np.ndarray,
                      x: np.ndarray, f: np.ndarray, step: np.ndarray, on_set: np.ndarray,
                      best_dist: np.ndarray, tol: np.ndarray, relax: np.ndarray, lo: np.ndarray | None,
                      hi: np.ndarray | None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Backtracking on ``ξ + t·step``, ``t = 1, 1/2, ...``, for m samples at once (forward passes on
         the samples still halving). Off the zero set a step is accepted on Armijo's condition on
         ``|f|`` or when it reaches the set; on the set (a refinement step) when it comes strictly closer
         to x than the best root so far and keeps ``|f| <= relax``. Returns ``(accepted (m,), new ξ
-        (m, P), f(new ξ) (m,))``."""
+        (m, P), f(new ξ) (m,), step size t (m,))``."""
         m = xi.shape[0]
         t = np.ones(m)
         accepted = np.zeros(m, dtype=bool)
@@ -476,4 +586,20 @@ class Taylor(CompoundMethod):
             t[pending] *= 0.5
             # a refinement step shrunk _REFINE_HALVINGS times gains little: give up on it
             pending = pending[~on_set[pending] | (t[pending] >= 0.5 ** _REFINE_HALVINGS)]
-        return accepted, new_xi, new_f
+        # a full Newton step that fell short of the zero set (f kept its sign: f is convex along the
+        # step, e.g. a sum of ReLUs): try doubling it while |f| keeps decreasing
+        grow = np.flatnonzero(accepted & ~on_set & (t == 1.0) & (np.abs(new_f) > tol) & (new_f * f > 0))
+        for k in range(1, _EXPANSIONS + 1):
+            if grow.size == 0:
+                break
+            cand = xi[grow] + 2.0 ** k * step[grow]
+            if lo is not None:
+                cand = np.clip(cand, lo, hi)
+            out = passes.forward(cand.reshape((grow.size,) + shape[1:]).astype(passes.dtype))
+            fc = out[np.arange(grow.size), tgt[grow]].astype(np.float64)
+            ok = np.abs(fc) < np.abs(new_f[grow])
+            good = grow[ok]
+            new_xi[good] = cand[ok]
+            new_f[good] = fc[ok]
+            grow = good[(np.abs(fc[ok]) > tol[good]) & (fc[ok] * f[good] > 0)]
+        return accepted, new_xi, new_f, t
