@@ -72,7 +72,7 @@ class _Shipped:
     def __init__(self, payload: bytes) -> None:
         from .io.payload import payload_key
 
-        self.payload = payload
+        self.payload: bytes | None = payload
         self.key = payload_key(payload)
         self._ex: Any = None
 
@@ -80,6 +80,10 @@ class _Shipped:
         return ("deeptaylor-explainer", self.key)
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        if self.payload is None:   # dropped once rebuilt: the same bytes again (payloads are deterministic)
+            from .io.payload import dumps_explainer
+
+            return (_Shipped, (dumps_explainer(self._ex),))
         return (_Shipped, (self.payload,))
 
     def explainer(self) -> Any:
@@ -87,6 +91,7 @@ class _Shipped:
             from .io.payload import loads_explainer
 
             self._ex = loads_explainer(self.payload)
+            self.payload = None   # the worker keeps the Explainer, not also its bytes (VGG-16: 528 MiB)
         return self._ex
 
 
