@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 from . import checks, composites, init, io, methods, reference, rules
-from . import datasets, evaluate, heatmap, train  # NumPy only at import time; optional extras load lazily
+# NumPy only at import time; optional extras load lazily
+from . import datasets, evaluate, heatmap, relevance_models, train
 from .backends import available as available_backends
 from .composites import Composite
 from .errors import (
@@ -87,6 +88,7 @@ __all__ = [
     "datasets",
     "heatmap",
     "train",
+    "relevance_models",
     "evaluate",
     "init",
     "io",

@@ -22,6 +22,7 @@ __all__ = [
     "Composite",
     "deep_taylor",
     "deep_taylor_unbounded",
+    "training_free",
     "epsilon_plus",
     "epsilon_plus_flat",
     "epsilon_alpha2_beta1",
@@ -248,6 +249,17 @@ def deep_taylor_unbounded() -> Composite:
     return Composite(first=WSquare(), default=ZPlus(), name="deep_taylor_unbounded")
 
 
+def training_free(low: Any = 0.0, high: Any = 1.0, first: Rule | None = None) -> Composite:
+    """The training-free relevance model (Montavon et al. 2017, Sec. 4.2; slides 003) for deep
+    detection-pooling networks with p-norm pooling (:class:`~deeptaylor.LpPool`, e.g. from
+    :func:`deeptaylor.relevance_models.training_free_network`): zB(low, high) on the first linear layer
+    (or ``first``, e.g. ``WSquare()`` for unbounded inputs), z+ on every linear layer above; every
+    pooling layer redistributes in proportion to its inputs, ``R_j = x_j / sum_j' x_j' R_k``. With
+    ``b <= 0`` and inputs in the first rule's domain it is exactly conservative and positive at every
+    layer (docs/theory.md, "Relevance models")."""
+    return Composite(first=ZBox(low, high) if first is None else first, default=ZPlus(), name="training_free")
+
+
 def epsilon_plus(epsilon: float = 1e-6) -> Composite:
     """As Zennit's ``EpsilonPlus``: z+ on every convolution (with the positive bias in the denominator,
     as Zennit's ZPlus), Epsilon on Dense."""
@@ -312,6 +324,7 @@ def _register_builtins() -> None:
 
     register("deep_taylor", deep_taylor)
     register("deep_taylor_unbounded", deep_taylor_unbounded)
+    register("training_free", training_free)
     register("epsilon_plus", epsilon_plus)
     register("epsilon_plus_flat", epsilon_plus_flat)
     register("epsilon_alpha2_beta1", epsilon_alpha2_beta1)

@@ -378,6 +378,10 @@ class Explainer:
         self.fallback_reason: str | None = None
         self.backend = self._choose_backend(backend, threads)
         self._premises = _conservation_premises(self.graph, self.assignment)
+        wrap = getattr(self.composite, "wrap_backend", None)
+        if wrap is not None:   # a relevance model explains a bottom layer range (deeptaylor.relevance_models)
+            self.backend = wrap(self.graph, self.backend)
+            self._premises = (False, False, False)   # the model approximates the relevance it stands for
 
     def _choose_backend(self, backend: Any, threads: int | None) -> Any:
         """The backend object for ``backend``; ``"auto"``: the compiled engine when it is built and its
