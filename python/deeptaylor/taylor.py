@@ -34,20 +34,20 @@ and takes one of two steps:
    the set towards x; its fixed points are the Karush-Kuhn-Tucker points of
    ``min ‖ξ − x‖² s.t. f(ξ) = 0``: ``f(ξ) = 0`` and ``x − ξ`` parallel to ``∇f(ξ)``). Accepted when
    the new point is closer to x than the best root so far and ``|f| ≤ max(tol, 0.1 |f(x)|)``
-   (at most 8 halvings); a Newton step then brings the iterate back onto the set.
-
-When a Newton step reaches the zero set, the root is **pulled back** towards x: bisection on the
-segment from ξ to x (forward passes; 30 halvings in float64, 20 in float32) for the farthest point
-where ``|f|`` is still at most ``|f(ξ)|``. Where ``f`` crosses zero transversally ξ barely moves;
-where the zero set is a flat region (``f = 0`` on a set with interior -- a detection-pooling
-network ``Σ_j max(0, z_j)`` with every unit off), a Newton step overshoots into the region's
-interior, where the gradient is 0, and the pull-back moves the root to the region's boundary.
+   (at most 4 halvings); a Newton step then brings the iterate back onto the set.
 
 Before the iteration, the segment from x to the origin (the box point nearest to it, with a box)
-is searched by bisection (forward passes; 45 halvings in float64, 24 in float32) wherever ``f``
-changes sign on it; a root found there is the first candidate. (For a network with ``f(0) = 0``
-such as ReLU layers with ``b ≤ 0`` this guarantees a root where the Newton iteration is blocked by
-kinks.)
+is searched wherever ``f`` changes sign on it (regula falsi, Illinois variant, at most 40 forward
+passes); a root found there is the first candidate. For a network with ``f(0) = 0``, such as ReLU
+layers with ``b ≤ 0``, this guarantees a root even where kinks block the Newton iteration.
+
+Whenever a root is reached (by a Newton step or on that segment) it is **pulled back** towards x:
+bisection on the segment from ξ to x (16 halvings, forward passes) for the farthest point where
+``|f|`` is still at most ``|f(ξ)|``. Where ``f`` crosses zero transversally ξ barely moves; where the
+zero set is a flat region (``f = 0`` on a set with interior -- a detection-pooling network
+``Σ_j max(0, z_j)`` with every unit off), a step overshoots into the region's interior, where the
+gradient is 0, and the pull-back moves the root to within ``2⁻¹⁶`` of the segment from the region's
+boundary.
 
 With a box, coordinates that a step would push beyond a bound are fixed at it and the step is
 recomputed over the free coordinates (active-set projection). The result is the closest root seen
@@ -55,12 +55,13 @@ recomputed over the free coordinates (active-set projection). The result is the 
 
 The gradient at the root
 ------------------------
-The relevance uses the gradient **approached from x**, at ``ξ + η (x − ξ)`` with ``η = 2⁻²⁴``
-(float64) or ``2⁻¹⁶`` (float32), for every kind of root (refinement steps use it too). For a smooth
-``f`` this changes the relevance by a relative ``O(η)``; at a kink of a ReLU network (a root on the
-boundary of a flat zero region, or ``ξ = 0`` for a bias-free network, where ``ReLU'(0) = 0`` would
-give a zero gradient) it is the one-sided derivative along the segment, the one the first-order
-expansion ``f(ξ + t (x − ξ))`` for small ``t > 0`` uses.
+The relevance uses the gradient **approached from x**, at ``ξ + η (x − ξ)`` with ``η = 2⁻¹⁴``, for
+every kind of root (refinement steps use it too). For a smooth ``f`` this changes the relevance by
+a relative ``O(η)`` (and the residual by ``O(η)`` of the second-order term); at a kink of a ReLU
+network (a root on the boundary of a flat zero region, or ``ξ = 0`` for a bias-free network, where
+``ReLU'(0) = 0`` would give a zero gradient) it is the one-sided derivative along the segment, the
+one the first-order expansion ``f(ξ + t (x − ξ))`` for small ``t > 0`` uses. The same ``η`` on both
+backends, so that they agree.
 
 Stopping rule, per sample: stop when on the zero set and the refinement step is at most
 ``xtol · ‖x − ξ_k‖``, or no refinement step is accepted, or three iterations on the set in a row
@@ -112,10 +113,10 @@ __all__ = ["Taylor"]
 _DEFAULT_TOL = {np.dtype(np.float64): (1e-9, 1e-7), np.dtype(np.float32): (1e-4, 1e-3)}
 _ARMIJO = 1e-4
 #: the gradient is taken at ξ + η (x − ξ): at the root, approached from x's side (one-sided where ξ
-#: lies on a kink); η by the backend's precision
-_ETA = {np.dtype(np.float64): 2.0 ** -24, np.dtype(np.float32): 2.0 ** -16}
+#: lies on a kink); the same on both backends
+_ETA = 2.0 ** -14
 #: bisection steps of the pull-back along the segment ξ -> x (bracket 2^-k of the segment, below η)
-_BISECTIONS = {np.dtype(np.float64): 30, np.dtype(np.float32): 20}
+_BISECTIONS = 16
 #: a refinement step (on the zero set, towards x) may leave the set by up to this fraction of |f(x)|;
 #: the next Newton step brings the iterate back, and only roots closer to x than the best are kept
 _RELAX = 0.1
@@ -124,13 +125,13 @@ _RELAX = 0.1
 _STALL = 3
 _MIN_GAIN = 1e-3
 #: most halvings of a refinement step
-_REFINE_HALVINGS = 8
+_REFINE_HALVINGS = 4
 #: most doublings of a Newton step that fell short of the zero set
 _EXPANSIONS = 6
 #: a Newton step cut below this size counts as blocked (_STALL in a row stop the sample)
 _SHORT = 2.0 ** -10
-#: bisection steps on the segment from x to the origin
-_SEGMENT_BISECTIONS = {np.dtype(np.float64): 45, np.dtype(np.float32): 24}
+#: most regula-falsi steps on the segment from x to the origin
+_SEGMENT_STEPS = 40
 
 
 def _as_float(value: Any, name: str, positive: bool = False, allow_none: bool = False) -> float | None:
@@ -315,7 +316,7 @@ class Taylor(CompoundMethod):
         x64 = x.astype(np.float64)
         diff = x64 - xi
         # the gradient at the root, approached from x (one-sided along the segment ξ -> x)
-        _, grad = passes.gradient((xi + _ETA[np.dtype(dtype)] * diff).astype(dtype), tgt)
+        _, grad = passes.gradient((xi + _ETA * diff).astype(dtype), tgt)
         rel64 = grad.astype(np.float64) * diff
         relevance = rel64.astype(dtype)
         found = np.abs(f_root) <= tol
@@ -409,7 +410,7 @@ class Taylor(CompoundMethod):
         n = x.shape[0]
         shape = x.shape
         dtype = passes.dtype
-        eta = _ETA[np.dtype(dtype)]
+        eta = _ETA
         xf = x.reshape(n, -1).astype(np.float64)
         lo = None if low is None else low.reshape(1, -1)
         hi = None if high is None else high.reshape(1, -1)
@@ -501,10 +502,11 @@ class Taylor(CompoundMethod):
     @staticmethod
     def _segment_root(passes: Passes, shape: tuple[int, ...], tgt: np.ndarray, x: np.ndarray, fx: np.ndarray,
                       o: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bisection for a root on the segment from ``x`` (m, P) to ``o`` (m, P) where ``f(o)`` is 0 or of
-        the other sign than ``f(x)`` (one forward pass at ``o``, then bisection steps on those samples).
-        Returns ``(point, f(point))``: the end of the final bracket on ``o``'s side (``f`` there is 0 or of
-        the other sign), or ``x`` and ``f(x)`` where f does not change sign."""
+        """A root on the segment from ``x`` (m, P) to ``o`` (m, P) where ``f(o)`` is 0 or of the other
+        sign than ``f(x)``: one forward pass at ``o``, then the Illinois variant of regula falsi on
+        those samples (each step one forward pass for the samples not yet within ``tol``), then the
+        pull-back where ``f = 0`` exactly. Returns ``(point, f(point))``: the root (or the end of the
+        final bracket on ``o``'s side), or ``x`` and ``f(x)`` where f does not change sign."""
         m = x.shape[0]
         dtype = passes.dtype
         point, fp = x.copy(), fx.copy()
@@ -512,34 +514,53 @@ class Taylor(CompoundMethod):
         idx = np.flatnonzero((fo * fx <= 0) & (np.abs(fx) > tol))
         if idx.size == 0:
             return point, fp
-        a, b = np.zeros(idx.size), np.ones(idx.size)          # f(x + a (o - x)) has f(x)'s sign; b: not
-        fb = fo[idx]
+        # bracket [a, b] in units of the segment: f(a) has f(x)'s sign, f(b) is 0 or of the other sign;
+        # ga, gb: the values regula falsi uses (Illinois: halved at an end kept twice in a row)
+        a, b = np.zeros(idx.size), np.ones(idx.size)
+        fb = fo[idx].copy()
+        ga, gb = fx[idx].copy(), fo[idx].copy()
+        last = np.zeros(idx.size, dtype=np.int8)              # 1: a moved last, 2: b moved last
         xs, d = x[idx], o[idx] - x[idx]
-        for _ in range(_SEGMENT_BISECTIONS[np.dtype(dtype)]):
-            mid = 0.5 * (a + b)
-            fm = passes.forward((xs + mid[:, None] * d).reshape((idx.size,) + shape[1:]).astype(dtype))
-            fm = fm[np.arange(idx.size), tgt[idx]].astype(np.float64)
-            same = fm * fx[idx] > 0
-            a = np.where(same, mid, a)
-            b = np.where(same, b, mid)
-            fb = np.where(same, fb, fm)
+        todo = np.flatnonzero(np.abs(fb) > tol[idx])
+        for _ in range(_SEGMENT_STEPS):
+            if todo.size == 0:
+                break
+            at, bt = a[todo], b[todo]
+            c = bt - gb[todo] * (bt - at) / (gb[todo] - ga[todo])
+            c = np.clip(c, at + 1e-3 * (bt - at), bt - 1e-3 * (bt - at))   # strictly inside the bracket
+            pts = (xs[todo] + c[:, None] * d[todo]).reshape((todo.size,) + shape[1:])
+            fc = passes.forward(pts.astype(dtype))
+            fc = fc[np.arange(todo.size), tgt[idx[todo]]].astype(np.float64)
+            same = fc * fx[idx[todo]] > 0
+            ia, ib = todo[same], todo[~same]
+            gb[ia[last[ia] == 1]] *= 0.5
+            a[ia], ga[ia], last[ia] = c[same], fc[same], 1
+            ga[ib[last[ib] == 2]] *= 0.5
+            b[ib], gb[ib], fb[ib], last[ib] = c[~same], fc[~same], fc[~same], 2
+            todo = todo[np.abs(fb[todo]) > tol[idx[todo]]]
         point[idx] = xs + b[:, None] * d
         fp[idx] = fb
+        zero = idx[np.abs(fb) <= tol[idx]]
+        if zero.size:
+            point[zero], fp[zero] = Taylor._pull_back(passes, shape, tgt[zero], point[zero], x[zero],
+                                                      fp[zero])
         return point, fp
 
     @staticmethod
     def _pull_back(passes: Passes, shape: tuple[int, ...], tgt: np.ndarray, xi: np.ndarray, x: np.ndarray,
                    f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bisection on the segment from the roots ``ξ`` (m, P) towards ``x`` (m, P) for the farthest
-        point where ``|f|`` is still at most ``|f(ξ)|`` (forward passes only): a root closer to x that
-        is no worse. Where the zero set is a flat region (``f = 0`` on a set with interior, e.g. every
-        unit of a ReLU network off) this moves ξ to the region's boundary, where the gradient from x's
-        side is not zero; where ``f`` crosses zero transversally ξ barely moves. Returns ``(ξ, f(ξ))``."""
+        """Bisection (:data:`_BISECTIONS` halvings, forward passes only) on the segment from the roots
+        ``ξ`` (m, P) towards ``x`` (m, P) for the farthest point where ``|f|`` is still at most
+        ``|f(ξ)|`` (a root no worse, closer to x; where f crosses zero transversally ξ barely moves).
+        Where the zero set is a flat region (``f = 0`` on a set with interior, e.g. every unit of a
+        ReLU network off) this moves ξ to within ``2^-16`` of the segment from the region's boundary,
+        where the gradient from x's side (at ``ξ + η (x − ξ)``, ``η = 2^-14``) is not zero. Returns
+        ``(ξ, f(ξ))``."""
         m = xi.shape[0]
         dtype = passes.dtype
         lo, hi = np.zeros(m), np.ones(m)
         f_lo, level = f.copy(), np.abs(f)
-        for _ in range(_BISECTIONS[np.dtype(dtype)]):
+        for _ in range(_BISECTIONS):
             mid = 0.5 * (lo + hi)
             pts = xi + mid[:, None] * (x - xi)
             fm = passes.forward(pts.reshape((m,) + shape[1:]).astype(dtype))[np.arange(m), tgt]
