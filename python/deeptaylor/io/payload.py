@@ -143,10 +143,16 @@ def dumps_explainer(ex: Any, threads: Any = "keep") -> bytes:
     w = _Writer()
     spec: dict[str, Any] = {"format": "deeptaylor.explainer", "version": _VERSION, "backend": backend,
                             "threads": threads, "composite": None, "method": None}
+    from ..composites import Composite
+
     if isinstance(ex.composite, Method):
         spec["method"] = w.method(ex.composite)
-    else:
+    elif type(ex.composite) is Composite:
         spec["composite"] = _composite_spec(ex.composite, w)
+    else:   # a subclass may hold more than the rules (a fitted relevance model...): not written
+        raise UnsupportedError(f"cannot serialise composite {type(ex.composite).__module__}."
+                               f"{type(ex.composite).__qualname__}: only deeptaylor.Composite and the methods "
+                               "of deeptaylor.methods travel as a payload")
     arrays = model_arrays(ex.net)
     arrays.update(w.arrays)
     arrays[EXPLAINER_META] = np.frombuffer(json.dumps(spec, sort_keys=True).encode("utf-8"), dtype=np.uint8)
