@@ -34,6 +34,8 @@ COMPOSITES = [
     dt.composites.epsilon_plus_flat(),
     dt.methods.Sensitivity(),
     dt.methods.GradientXInput(),
+    dt.methods.IntegratedGradients(steps=4),        # compound methods: parameters, tuples
+    dt.methods.Occlusion(window=(7, 7), stride=(7, 7)),
     dt.Composite(by_index={0: dt.rules.ZBox(np.zeros((1, 1, 1)), np.full((1, 28, 28), 1.0))},
                  by_name={"4": dt.rules.Epsilon(0.25)}, by_type={dt.Dense: dt.rules.Z()},
                  default=dt.rules.AlphaBeta(3.0, 2.0), name="mine"),

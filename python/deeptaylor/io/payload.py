@@ -18,7 +18,8 @@ of members:
                    | null,
        "method": {"method": "Sensitivity", "params": {...}} | null}
 
-  A rule or method parameter is a JSON number, bool, string or null, or ``{"array": NAME}``;
+  A rule or method parameter is a JSON number, bool, string or null, ``{"array": NAME}`` or
+  ``{"tuple": [...]}`` (of such values);
 * ``explainer.*.npy``: those arrays (float).
 
 Reading checks the model part exactly as a model file (:func:`deeptaylor.io.npz.read_npz`: headers
@@ -82,6 +83,8 @@ class _Writer:
             return float(v)
         if v is None or isinstance(v, str):
             return v
+        if isinstance(v, tuple) and len(v) <= 64:
+            return {"tuple": [self.value(item, where, key) for item in v]}
         raise UnsupportedError(f"cannot serialise {where}: parameter {key!r} is a {type(v).__name__}")
 
     def rule(self, rule: Any, where: str) -> dict[str, Any]:
@@ -181,7 +184,12 @@ def _obj(v: Any, what: str, keys: set[str]) -> dict[str, Any]:
     return v
 
 
-def _param(v: Any, arrays: dict[str, np.ndarray], what: str) -> Any:
+def _param(v: Any, arrays: dict[str, np.ndarray], what: str, depth: int = 0) -> Any:
+    if isinstance(v, dict) and set(v) == {"tuple"} and depth < 4:
+        items = v["tuple"]
+        if not isinstance(items, list) or len(items) > 64:
+            raise ModelFormatError(f"explainer payload: {what} has an invalid tuple {items!r:.100}")
+        return tuple(_param(item, arrays, what, depth + 1) for item in items)
     if isinstance(v, dict):
         name = _obj(v, what, {"array"})["array"]
         if not isinstance(name, str) or name not in arrays:
@@ -215,6 +223,9 @@ def _build(kind: str, registry: Any, base: type, entry: dict[str, Any], arrays: 
 
 
 def _same_param(held: Any, given: Any) -> bool:
+    if isinstance(given, tuple) or isinstance(held, tuple):
+        return (isinstance(held, tuple) and isinstance(given, tuple) and len(held) == len(given)
+                and all(_same_param(a, b) for a, b in zip(held, given, strict=True)))
     if isinstance(given, np.ndarray) or isinstance(held, np.ndarray):
         return (isinstance(held, np.ndarray) and isinstance(given, np.ndarray) and held.shape == given.shape
                 and bool(np.array_equal(held, given)))
@@ -315,7 +326,7 @@ def _explainer(data: bytes) -> Any:
 
 def _array_refs(v: Any) -> list[dict[str, Any]]:
     if isinstance(v, dict):
-        if set(v) == {"array"}:
+        if set(v) == {"array"} and isinstance(v["array"], str):
             return [v]
         return [r for x in v.values() for r in _array_refs(x)]
     if isinstance(v, list):
