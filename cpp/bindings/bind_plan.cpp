@@ -304,43 +304,90 @@ void register_plan(py::module_& m) {
         .def_property_readonly("group", [](const PyPlan& p) { return p.plan->group; },
                                "Images per head group (= tile when the plan has no head groups).")
         .def_property_readonly("executor", [](const PyPlan& p) { return std::string(p.exec->name()); })
+        .def("passes", [](const PyPlan& p, int64_t K) {
+                 if (K < 1) throw py::value_error("K must be >= 1");
+                 return py::make_tuple(p.exec->passes(K), p.exec->arena_bytes(K));
+             }, py::arg("K"),
+             "For K relevance passes per sample: (passes per round, bytes of one thread's arena) "
+             "(docs/engine.md \"Many targets and seeds\").")
         .def(
             "run",
             [](const PyPlan& p, const py::array& x_, const py::object& targets_, bool return_layers,
-               int threads, bool forward_only) {
+               int threads, bool forward_only, const py::object& seed_, bool seed_times_output, int64_t top) {
                 const Plan& pl = *p.plan;
                 const Shape& in = pl.input;
+                const Shape& os = pl.values.back();
                 auto x = checked(x_, "x", in.rank == 1 ? 2 : 4);
                 const int64_t N = x.shape(0);
                 const auto want = full_shape(N, in);
                 for (size_t d = 1; d < want.size(); ++d)
                     expect_dim(x, "x", static_cast<py::ssize_t>(d), want[d], "the plan's input shape");
+                const int64_t F = pl.num_outputs();
+                const auto out_shape = full_shape(N, os);
+                // K passes per sample: targets (N, K), a seed (N, K, output...) or the top K outputs; the
+                // results then have a K axis after N
+                int64_t K = 1;
+                bool k_axis = false;
                 iarray targets;
-                const int64_t K = pl.num_outputs();
                 if (!targets_.is_none()) {
                     targets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(targets_);
-                    if (!targets || targets.ndim() != 1 || targets.shape(0) != N)
-                        throw py::value_error("targets must be an int array of shape (N,)");
-                    for (int64_t n = 0; n < N; ++n)
-                        if (targets.data()[n] < 0 || targets.data()[n] >= K)
+                    if (!targets || (targets.ndim() != 1 && targets.ndim() != 2) || targets.shape(0) != N)
+                        throw py::value_error("targets must be an int array of shape (N,) or (N, K)");
+                    if (targets.ndim() == 2) {
+                        K = targets.shape(1);
+                        k_axis = true;
+                    }
+                    for (int64_t q = 0; q < targets.size(); ++q)
+                        if (targets.data()[q] < 0 || targets.data()[q] >= F)
                             throw py::value_error("targets out of range");
                 }
-                farray output({N, K});
+                farray seed;
+                if (!seed_.is_none()) {
+                    if (!targets_.is_none() || top > 0) throw py::value_error("seed excludes targets and top");
+                    const py::ssize_t r = static_cast<py::ssize_t>(out_shape.size());
+                    if (!py::isinstance<py::array>(seed_)) throw py::type_error("seed must be a float32 array");
+                    const py::array sa = py::reinterpret_borrow<py::array>(seed_);
+                    seed = checked(sa, "seed", sa.ndim() == r + 1 ? r + 1 : r);
+                    if (seed.ndim() == r + 1) {
+                        K = seed.shape(1);
+                        k_axis = true;
+                    }
+                    expect_dim(seed, "seed", 0, N, "the batch");
+                    for (py::ssize_t d = 1; d < r; ++d)
+                        expect_dim(seed, "seed", d + (k_axis ? 1 : 0), out_shape[static_cast<size_t>(d)],
+                                   "the network's output shape");
+                }
+                if (top < 0) throw py::value_error("top must be >= 0");
+                if (top > 0) {
+                    if (!targets_.is_none()) throw py::value_error("top excludes targets");
+                    if (top > F) throw py::value_error("top is beyond the number of outputs");
+                    K = top;
+                    k_axis = true;
+                }
+                if (K < 1) throw py::value_error("K (targets or seeds per sample) must be >= 1");
                 if (forward_only && return_layers)
                     throw py::value_error("forward_only runs no relevance pass: return_layers must be false");
-                farray relevance(forward_only ? std::vector<py::ssize_t>{0} : full_shape(N, in));
+                auto with_k = [&](std::vector<py::ssize_t> sh) {
+                    if (k_axis) sh.insert(sh.begin() + 1, K);
+                    return sh;
+                };
+                farray output(out_shape);
+                farray relevance(forward_only ? std::vector<py::ssize_t>{0} : with_k(full_shape(N, in)));
                 py::list layers;
                 RunArgs a;
                 a.x = x.data();
                 a.N = N;
+                a.K = K;
                 a.targets = targets_.is_none() ? nullptr : targets.data();
+                a.seed = seed_.is_none() ? nullptr : seed.data();
+                a.seed_times_output = seed_times_output;
                 a.output = output.mutable_data();
                 a.relevance = forward_only ? nullptr : relevance.mutable_data();
                 a.threads = threads;
                 a.forward_only = forward_only;
                 if (return_layers) {
                     for (size_t i = 0; i < pl.values.size(); ++i) {  // by value id
-                        farray li(full_shape(N, pl.values[i]));
+                        farray li(with_k(full_shape(N, pl.values[i])));
                         a.layers.push_back(li.mutable_data());
                         layers.append(li);
                     }
@@ -388,10 +435,14 @@ void register_plan(py::module_& m) {
                                       return_layers ? py::object(layers) : py::none());
             },
             py::arg("x"), py::arg("targets") = py::none(), py::arg("return_layers") = false,
-            py::arg("threads") = 0, py::arg("forward_only") = false,
-            "x (N, input...) C-contiguous float32; targets (N,) int64 or None (argmax); threads <= 0: OpenMP's "
-            "default; forward_only: outputs only (no relevance pass). Returns (output (N, K), relevance (shape "
-            "of x) or None with forward_only, layers list or None).");
+            py::arg("threads") = 0, py::arg("forward_only") = false, py::arg("seed") = py::none(),
+            py::arg("seed_times_output") = false, py::arg("top") = 0,
+            "x (N, input...) C-contiguous float32; targets (N,) int64 or None (argmax) or (N, K) (K passes); "
+            "threads <= 0: OpenMP's default; forward_only: outputs only (no relevance pass); seed (N, output...) "
+            "or (N, K, output...) float32: the starting relevance (gradient) instead of one-hot targets, times "
+            "the output with seed_times_output; top > 0 (without targets and seed): the top outputs, largest "
+            "first. Returns (output (N, output...), relevance (N, [K,] input...) or None with forward_only, "
+            "layers list or None); K axis with 2-D targets, a seed with a K axis or top > 0.");
     m.def("default_threads", &default_threads, "OpenMP's default thread count (1 without OpenMP).");
 }
 

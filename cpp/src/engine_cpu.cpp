@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -153,10 +154,11 @@ struct Arena {
     std::vector<float> col, colP, colN, comb, den, s, ccol, gscr;
     Arena(const ArenaSizes& z, int64_t gscr_floats) {
         slab.resize(static_cast<size_t>(z.slab));
-        for (auto* v : {&tmp, &tmp2, &acc}) v->resize(static_cast<size_t>(z.work));
+        for (auto* v : {&tmp, &tmp2}) v->resize(static_cast<size_t>(z.work));
+        acc.resize(static_cast<size_t>(z.acc));
         for (auto* v : {&col, &colP, &colN, &comb}) v->resize(static_cast<size_t>(z.col));
         den.resize(static_cast<size_t>(z.den));
-        s.resize(static_cast<size_t>(z.den));
+        s.resize(static_cast<size_t>(z.s));
         ccol.resize(static_cast<size_t>(z.ccol));
         gscr.resize(static_cast<size_t>(gscr_floats));
     }
@@ -252,19 +254,23 @@ public:
             throw OutOfMemory("plan: " + op_where(i, op) + ": out of memory while packing its weights");
           }
         }
-        lay_[0] = arena_sizes(pl);
-        if (pl.mode == Mode::GradientXInput) lay_[1] = arena_sizes(pl, pl.tile, pl.group, true);
+        plan_ = plan;  // layouts are computed from it
+        const Layout& l0 = layout(0, 1, false);
+        if (pl.mode == Mode::GradientXInput) layout(1, 1, false);
         // the generic module's scratch is known only now: the plan's limit again, with it
         const int64_t cap = max_plan_bytes();
-        if (gscr_ > 0 && pl.tile == 1 && double(arena_bytes(0)) + double(pl.const_bytes) > double(cap))
-            throw LimitError("plan: the working memory of one image (" + gib(double(arena_bytes(0))) +
+        if (gscr_ > 0 && pl.tile == 1 && double(l0.bytes) + double(pl.const_bytes) > double(cap))
+            throw LimitError("plan: the working memory of one image (" + gib(double(l0.bytes)) +
                              ", with the grouped/transposed convolutions' scratch) is beyond the limit of " +
                              gib(double(cap)) + " per plan (DEEPTAYLOR_MAX_PLAN_BYTES)");
-        plan_ = std::move(plan);
     }
 
-    int64_t arena_bytes() const override { return arena_bytes(0); }
-    int64_t arena_bytes(int k) const { return lay_[k].bytes() + gscr_ * static_cast<int64_t>(sizeof(float)); }
+    int64_t arena_bytes() const override { return layout(0, 1, false).bytes; }
+    int64_t passes(int64_t K) const override { return passes_for(K, 0); }
+    int64_t arena_bytes(int64_t K) const override {
+        const int64_t P = passes_for(K, 0);
+        return layout(0, P, P < K).bytes;
+    }
 
     const char* name() const override { return "cpu"; }
 
@@ -279,13 +285,17 @@ public:
         const int64_t ngroups = (N + G - 1) / G;
         // the larger layout only where it differs: GradientXInput with per-layer outputs
         const int lk = pl.mode == Mode::GradientXInput && !args.layers.empty() ? 1 : 0;
+        // K passes per sample in rounds of P (one forward pass per group for all of them)
+        const int64_t K = args.forward_only ? 1 : std::max<int64_t>(1, args.K);
+        const int64_t P = passes_for(K, lk);
+        const Layout& lo = layout(lk, P, P < K);
         RunState st;
         if (args.interrupted) st.poll_fn = &args.interrupted;
         const bool par = ngroups >= threads && threads > 1;
         try {
             // Arenas are taken here, before any parallel region, so a failed allocation raises
             // normally; whatever throws inside the region is caught there and rethrown below.
-            Arenas arenas(*this, par ? threads : 1, lk);
+            Arenas arenas(*this, lo, par ? threads : 1);
             if (par) {
                 // Enough groups for every thread: parallelise over them, single-threaded GEMMs.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -296,7 +306,7 @@ public:
                     tid = omp_get_thread_num();
 #endif
                     try {
-                        run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], lay_[lk], 1, st);
+                        run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[tid], lo.lay, P, 1, st);
                     } catch (...) {
                         st.fail(std::current_exception());
                     }
@@ -304,13 +314,13 @@ public:
             } else {
                 // Few groups: one at a time, the threads work inside each GEMM.
                 for (int64_t k = 0; k < ngroups && !st.stopped(); ++k)
-                    run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], lay_[lk], threads, st);
+                    run_group(args, k * G, std::min(G, N - k * G), Ts, arenas[0], lo.lay, P, threads, st);
             }
             if (st.error) std::rethrow_exception(st.error);
         } catch (const std::bad_alloc&) {
             throw OutOfMemory("cpu engine: out of memory running " + std::to_string(N) + " image(s) on " +
                               std::to_string(par ? threads : 1) + " arena(s) of " +
-                              gib(double(arena_bytes(lk))) + " each (pass batch_size=... or fewer threads)");
+                              gib(double(lo.bytes)) + " each (pass batch_size=... or fewer threads)");
         }
         status.nonfinite_op = st.fwd.load();
         status.nonfinite_rel = st.rel.load();
@@ -341,20 +351,67 @@ private:
     std::vector<std::unique_ptr<GenericLinear>> gen_;
 #endif
     int64_t gscr_ = 0;     // generic-linear scratch floats per arena
-    ArenaSizes lay_[2];    // liveness layouts: plain, and GradientXInput with per-layer outputs
 
+    // Liveness layouts, made on first use and kept: by (kind, passes per round, several rounds);
+    // kind 1 is GradientXInput with per-layer outputs. Each keeps a pool of arenas of its layout.
+    //
     // Arenas (one full tile each) are kept for the next call instead of being allocated, page-
     // faulted and zeroed on every call: for a small network that was ~10 % of a 256-image call, for
     // VGG-16 (183 MiB per arena) ~0.1 s. Concurrent calls take different arenas; the pool holds at
     // most (concurrent calls x threads) of them. Every pass writes what it reads (outputs are
     // written or zeroed first), so a reused arena gives the same results as a fresh one (tested).
+    struct Layout {
+        ArenaSizes lay;
+        int64_t bytes = 0;  // one arena: the layout + the generic module's scratch
+        std::vector<std::unique_ptr<Arena>> pool;
+    };
     mutable std::mutex pool_mu_;
-    mutable std::vector<std::unique_ptr<Arena>> pool_[2];
+    mutable std::map<std::tuple<int, int64_t, bool>, std::unique_ptr<Layout>> layouts_;
+    mutable std::map<std::pair<int, int64_t>, int64_t> passes_;  // (kind, K) -> passes per round
+
+    int64_t layout_bytes(const ArenaSizes& z) const { return z.bytes() + gscr_ * static_cast<int64_t>(sizeof(float)); }
+
+    const Layout& layout(int lk, int64_t P, bool rounds) const {
+        const auto key = std::make_tuple(lk, P, rounds);
+        {
+            std::lock_guard<std::mutex> lock(pool_mu_);
+            auto it = layouts_.find(key);
+            if (it != layouts_.end()) return *it->second;
+        }
+        const Plan& pl = *plan_;
+        auto l = std::make_unique<Layout>();
+        l->lay = arena_sizes(pl, pl.tile, pl.group, lk == 1, P, rounds);
+        l->bytes = layout_bytes(l->lay);
+        std::lock_guard<std::mutex> lock(pool_mu_);
+        auto& slot = layouts_[key];
+        if (!slot) slot = std::move(l);  // a concurrent call may have made it first
+        return *slot;
+    }
+
+    // Passes per round for K passes per sample: at most kMaxPasses, and as many as keep one arena
+    // within kPassBudgetBytes (or within the single-pass arena where that is larger). Depends on
+    // the plan and K only, never on the thread count or the batch.
+    int64_t passes_for(int64_t K, int lk) const {
+        if (K <= 1) return 1;
+        const auto key = std::make_pair(lk, K);
+        {
+            std::lock_guard<std::mutex> lock(pool_mu_);
+            auto it = passes_.find(key);
+            if (it != passes_.end()) return it->second;
+        }
+        const Plan& pl = *plan_;
+        const int64_t budget = std::max(kPassBudgetBytes, layout(lk, 1, false).bytes);
+        int64_t P = std::min(K, kMaxPasses);
+        while (P > 1 && layout_bytes(arena_sizes(pl, pl.tile, pl.group, lk == 1, P, P < K)) > budget) --P;
+        std::lock_guard<std::mutex> lock(pool_mu_);
+        passes_[key] = P;
+        return P;
+    }
 
     class Arenas {
     public:
-        Arenas(const CpuExecutor& ex, int n, int k) : ex_(ex), k_(k) {
-            auto& pool = ex_.pool_[k_];
+        Arenas(const CpuExecutor& ex, const Layout& lo, int n) : ex_(ex), lo_(const_cast<Layout&>(lo)) {
+            auto& pool = lo_.pool;
             {
                 std::lock_guard<std::mutex> lock(ex_.pool_mu_);
                 while (static_cast<int>(a_.size()) < n && !pool.empty()) {
@@ -365,7 +422,7 @@ private:
             // new arenas are zero-filled at once: more than the machine has available would meet the
             // OOM killer rather than std::bad_alloc (overcommit), so that is refused up front
             const int64_t fresh = n - static_cast<int>(a_.size());
-            const int64_t bytes = ex_.arena_bytes(k_);
+            const int64_t bytes = lo_.bytes;
             const int64_t avail = available_memory_bytes();
             if (fresh > 0 && avail >= 0 && double(fresh) * double(bytes) > double(avail)) {
                 std::lock_guard<std::mutex> lock(ex_.pool_mu_);
@@ -374,11 +431,11 @@ private:
                                   gib(double(bytes)) + " each (one per thread) exceed the " + gib(double(avail)) +
                                   " of memory available: use fewer threads or a smaller input");
             }
-            while (static_cast<int>(a_.size()) < n) a_.push_back(std::make_unique<Arena>(ex_.lay_[k_], ex_.gscr_));
+            while (static_cast<int>(a_.size()) < n) a_.push_back(std::make_unique<Arena>(lo_.lay, ex_.gscr_));
         }
         ~Arenas() {
             std::lock_guard<std::mutex> lock(ex_.pool_mu_);
-            for (auto& a : a_) ex_.pool_[k_].push_back(std::move(a));
+            for (auto& a : a_) lo_.pool.push_back(std::move(a));
         }
         Arenas(const Arenas&) = delete;
         Arenas& operator=(const Arenas&) = delete;
@@ -386,12 +443,19 @@ private:
 
     private:
         const CpuExecutor& ex_;
-        int k_;
+        Layout& lo_;
         std::vector<std::unique_ptr<Arena>> a_;
     };
 
-    // Write a tile's per-sample values v (T, shape, channels-last) to dst (N, shape) at row n0.
-    static void write_user(const float* v, const Shape& s, float* dst, int64_t n0, int64_t T) {
+    // Write a tile's per-sample values v (T, shape, channels-last) to dst (N, shape) at row n0; with
+    // K > 1, dst is (N, K, shape) and the values go to pass k of rows n0 .. n0 + T.
+    static void write_user(const float* v, const Shape& s, float* dst, int64_t n0, int64_t T, int64_t K = 1,
+                           int64_t k = 0) {
+        if (K > 1) {
+            for (int64_t t = 0; t < T; ++t)
+                write_user(v + t * s.size(), s, dst + ((n0 + t) * K + k) * s.size(), 0, 1);
+            return;
+        }
         float* d = dst + n0 * s.size();
         if (s.permuted())
             nhwc_to_nchw(v, d, T, s.c, s.h, s.w);
@@ -441,24 +505,60 @@ private:
         split(g.C, gth, [&](int64_t c0, int64_t c1) { col2im_add_rows(c, g, r0, r0 + m, img, c0, c1); });
     }
 
-    // Plain backward (gradients): gin (T, H, W, C) = L^T(gout; W).
-    void linear_gradient(size_t i, const float* gout, float* gin, int64_t T, Arena& ar, int gth) const {
+    // ---- linear backward, several passes at once ---------------------------------------------
+    // np passes (targets or seeds of the same images) share the op's input a and its stored output z:
+    // per block of rows, the im2col block, the sign-split input and the rule's denominator GEMMs are
+    // computed once; the passes' s blocks are stacked (up to a full block of rows) into one transpose
+    // GEMM, then each pass is combined and scattered into its own Rin. A GEMM row does not depend on
+    // the other rows, so a pass's result does not depend on what it is stacked with.
+
+    // Rows of s the arena holds for one stacked transpose GEMM of width wO with a 2 Kc-wide output.
+    static int64_t stack_rows(const Arena& ar, int64_t wO, int64_t Kc) {
+        return std::min<int64_t>(static_cast<int64_t>(ar.s.size()) / std::max<int64_t>(wO, 1),
+                                 static_cast<int64_t>(ar.ccol.size()) / std::max<int64_t>(2 * Kc, 1));
+    }
+
+    // Plain backward (gradients): gin_k (T, H, W, C) = L^T(gout_k; W) for every pass k < np.
+    void linear_gradient(size_t i, const float* const* gout, float* const* gin, int64_t np, int64_t T, Arena& ar,
+                         int gth) const {
         const Geom& g = plan_->ops[i].g;
         const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
         const bool id = g.identity();
-        if (!id) std::memset(gin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        if (!id)
+            for (int64_t k = 0; k < np; ++k)
+                std::memset(gin[k], 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        const int64_t cap = stack_rows(ar, O, Kc);
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            float* c = id ? gin + r0 * Kc : ar.comb.data();
-            sgemm_packed(m, gout + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
-            if (!id) col2im(c, g, r0, m, gin, gth);
+            const int64_t kb = std::max<int64_t>(1, std::min<int64_t>(np, cap / m));
+            for (int64_t k0 = 0; k0 < np; k0 += kb) {
+                const int64_t nb = std::min(kb, np - k0);
+                if (nb == 1) {  // one pass: straight from gout into gin (or the column block)
+                    float* c = id ? gin[k0] + r0 * Kc : ar.ccol.data();
+                    sgemm_packed(m, gout[k0] + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
+                    if (!id) col2im(c, g, r0, m, gin[k0], gth);
+                    continue;
+                }
+                float* s = ar.s.data();
+                for (int64_t kk = 0; kk < nb; ++kk)
+                    std::memcpy(s + kk * m * O, gout[k0 + kk] + r0 * O, sizeof(float) * static_cast<size_t>(m * O));
+                float* c = ar.ccol.data();
+                sgemm_packed(nb * m, s, O, *packs_[i].bwd, c, Kc, false, gth);
+                for (int64_t kk = 0; kk < nb; ++kk) {
+                    const float* ck = c + kk * m * Kc;
+                    if (id)
+                        std::memcpy(gin[k0 + kk] + r0 * Kc, ck, sizeof(float) * static_cast<size_t>(m * Kc));
+                    else
+                        col2im(ck, g, r0, m, gin[k0 + kk], gth);
+                }
+            }
         }
     }
 
-    // Relevance of a linear op under its rule: a (T,H,W,C) input, z (T,OH,OW,O) stored output,
-    // R (T,OH,OW,O) relevance of the outputs -> Rin (T,H,W,C).
-    void linear_relevance(size_t i, const float* a, const float* z, const float* R, float* Rin, int64_t T,
-                          bool nonneg, Arena& ar, int gth) const {
+    // Relevance of a linear op under its rule, np passes: a (T,H,W,C) input, z (T,OH,OW,O) stored
+    // output, R_k (T,OH,OW,O) relevance of the outputs in pass k -> Rin_k (T,H,W,C).
+    void linear_relevance(size_t i, const float* a, const float* z, const float* const* Rs, float* const* Rins,
+                          int64_t np, int64_t T, bool nonneg, Arena& ar, int gth) const {
         const OpSpec& op = plan_->ops[i];
         const LinearPrep& lp = plan_->lin[i];
         const Packs& pk = packs_[i];
@@ -473,146 +573,194 @@ private:
         const bool zeps = rule.kind == RuleKind::Z || rule.kind == RuleKind::Epsilon;
         const bool sign_split = rule.kind == RuleKind::ZPlus || rule.kind == RuleKind::Gamma ||
                                 rule.kind == RuleKind::AlphaBeta;
+        const bool flat = rule.kind == RuleKind::WSquare || rule.kind == RuleKind::Flat;
         const bool img = !id && (zeps || (sign_split && nonneg));
-        if (!id) std::memset(Rin, 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        if (rule.kind == RuleKind::None) throw std::logic_error("linear op without a rule");
+        if (!id)
+            for (int64_t k = 0; k < np; ++k)
+                std::memset(Rins[k], 0, sizeof(float) * static_cast<size_t>(T * g.in_size()));
+        const int64_t wO = pk.width * O;
+        const int64_t cap = stack_rows(ar, wO, Kc);
+        auto rows_do = [&](int64_t n, auto&& f) { split(n, gth, f); };  // element-wise loop over rows [b, e)
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
-            const float* colA = img && zeps ? nullptr : im2col(a, g, r0, m, ar, gth);
-            const float* Rr = R + r0 * O;
-            const float* zr = z + r0 * O;
-            float* comb = id ? Rin + r0 * Kc : ar.comb.data();
-            float* s = ar.s.data();
-            float* cc = ar.ccol.data();
             const int64_t mK = m * Kc;
-            // element-wise loop over the block's rows [b, e)
-            auto rows_do = [&](auto&& f) { split(m, gth, f); };
-            switch (rule.kind) {
-                case RuleKind::Z:  // LRP-0, Bach et al. 2015: s = R / z (0 where z = 0)
-                case RuleKind::Epsilon: {  // LRP-eps, Bach et al. 2015: s = R / (z + eps sign z)
-                    const bool eps = rule.kind == RuleKind::Epsilon;
-                    rows_do([&](int64_t b, int64_t e) {
-                        // safe division for both (as the reference): Epsilon(0) passes nothing where
-                        // z = 0 instead of NaN; for eps > 0 the denominator is never 0 (same values)
-                        for (int64_t k = b * O; k < e * O; ++k)
-                            s[k] = eps ? safe_div(Rr[k], zr[k] + (zr[k] >= 0.0f ? rule.eps : -rule.eps))
-                                       : safe_div(Rr[k], zr[k]);
+            const float* colA = img && zeps ? nullptr : im2col(a, g, r0, m, ar, gth);
+            const float* zr = z + r0 * O;
+            // shared by the passes: the sign-split input and the denominators of the sign-split rules
+            const float *cp = colA, *cn = nullptr;
+            const float* den = ar.den.data();
+            if (sign_split) {
+                if (!nonneg) {
+                    float *P_ = ar.colP.data(), *N_ = ar.colN.data();
+                    rows_do(m, [&](int64_t b, int64_t e) {
+                        for (int64_t k = b * Kc; k < e * Kc; ++k) {
+                            P_[k] = colA[k] > 0.0f ? colA[k] : 0.0f;
+                            N_[k] = colA[k] < 0.0f ? colA[k] : 0.0f;
+                        }
                     });
-                    sgemm_packed(m, s, O, *pk.bwd, cc, Kc, false, gth);
-                    if (img) {
-                        comb = cc;  // a (.) after col2im
-                    } else {
-                        rows_do([&](int64_t b, int64_t e) {
-                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * cc[k];
-                        });
-                    }
-                    break;
+                    cp = P_;
+                    cn = N_;
                 }
-                case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
-                case RuleKind::Gamma:       // LRP-gamma, Montavon et al. 2019 (Zennit's generalised form)
-                case RuleKind::AlphaBeta: {  // LRP-alpha-beta, Bach et al. 2015
-                    const int64_t wO = pk.width * O;
-                    const float *cp = colA, *cn = nullptr;
-                    if (!nonneg) {
-                        float *P_ = ar.colP.data(), *N_ = ar.colN.data();
-                        rows_do([&](int64_t b, int64_t e) {
-                            for (int64_t k = b * Kc; k < e * Kc; ++k) {
-                                P_[k] = colA[k] > 0.0f ? colA[k] : 0.0f;
-                                N_[k] = colA[k] < 0.0f ? colA[k] : 0.0f;
+                float* d = ar.den.data();
+                const bool has_bias = !lp.bias2.empty();
+                if (has_bias)
+                    for (int64_t r = 0; r < m; ++r) std::memcpy(d + r * wO, lp.bias2.data(), sizeof(float) * wO);
+                sgemm_packed(m, cp, Kc, *pk.dP.p, d, wO, has_bias, gth, pk.dP.f);
+                if (cn) sgemm_packed(m, cn, Kc, *pk.dQ.p, d, wO, true, gth, pk.dQ.f);
+            }
+            const int64_t kb = std::max<int64_t>(1, std::min<int64_t>(np, cap / m));
+            for (int64_t k0 = 0; k0 < np; k0 += kb) {
+                const int64_t nb = std::min(kb, np - k0);
+                const int64_t M = nb * m;  // stacked rows: row q is row q % m of pass k0 + q / m
+                float* s = ar.s.data();
+                float* cc = ar.ccol.data();
+                // w², flat on a Dense layer, one pass: the GEMM writes Rin's rows itself
+                const bool direct = flat && id && nb == 1;
+                switch (rule.kind) {
+                    case RuleKind::Z:  // LRP-0, Bach et al. 2015: s = R / z (0 where z = 0)
+                    case RuleKind::Epsilon: {  // LRP-eps, Bach et al. 2015: s = R / (z + eps sign z)
+                        const bool eps = rule.kind == RuleKind::Epsilon;
+                        rows_do(M, [&](int64_t b, int64_t e) {
+                            // safe division for both (as the reference): Epsilon(0) passes nothing where
+                            // z = 0 instead of NaN; for eps > 0 the denominator is never 0 (same values)
+                            for (int64_t q = b; q < e; ++q) {
+                                const int64_t r = q % m;
+                                const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
+                                const float* zz = zr + r * O;
+                                float* sr = s + q * O;
+                                for (int64_t o = 0; o < O; ++o)
+                                    sr[o] = eps ? safe_div(Rr[o], zz[o] + (zz[o] >= 0.0f ? rule.eps : -rule.eps))
+                                                : safe_div(Rr[o], zz[o]);
                             }
                         });
-                        cp = P_;
-                        cn = N_;
-                    }
-                    float* den = ar.den.data();
-                    const bool has_bias = !lp.bias2.empty();
-                    if (has_bias)
-                        for (int64_t r = 0; r < m; ++r) std::memcpy(den + r * wO, lp.bias2.data(), sizeof(float) * wO);
-                    sgemm_packed(m, cp, Kc, *pk.dP.p, den, wO, has_bias, gth, pk.dP.f);
-                    if (cn) sgemm_packed(m, cn, Kc, *pk.dQ.p, den, wO, true, gth, pk.dQ.f);
-                    rows_do([&](int64_t b, int64_t e) {
-                        for (int64_t r = b; r < e; ++r)
-                            for (int64_t o = 0; o < O; ++o) {
-                                const float rr = Rr[r * O + o];
-                                const float* d = den + r * wO;
-                                float* sr = s + r * wO;
-                                if (rule.kind == RuleKind::ZPlus) {
-                                    sr[o] = safe_div(rr, d[o]);
-                                } else if (rule.kind == RuleKind::Gamma) {
-                                    // z > 0: up-weighted positive contributions; z < 0: the negative
-                                    const float zz = zr[r * O + o];
-                                    sr[o] = safe_div(zz > 0.0f ? rr : 0.0f, d[o]);
-                                    sr[O + o] = safe_div(zz < 0.0f ? rr : 0.0f, d[O + o]);
-                                } else {
-                                    sr[o] = rule.alpha * safe_div(rr, d[o]);
-                                    sr[O + o] = -rule.beta * safe_div(rr, d[O + o]);
-                                }
-                            }
-                    });
-                    sgemm_packed(m, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
-                    float* cc2 = cc + mK;
-                    if (cn) sgemm_packed(m, s, wO, *pk.tQ.p, cc2, Kc, false, gth, pk.tQ.f);
-                    if (img) {
-                        comb = cc;  // nonneg: cp is a itself; a (.) after col2im
+                        sgemm_packed(M, s, O, *pk.bwd, cc, Kc, false, gth);
                         break;
                     }
-                    rows_do([&](int64_t b, int64_t e) {
-                        if (cn)
-                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k] + cn[k] * cc2[k];
+                    case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
+                    case RuleKind::Gamma:       // LRP-gamma, Montavon et al. 2019 (Zennit's generalised form)
+                    case RuleKind::AlphaBeta: {  // LRP-alpha-beta, Bach et al. 2015
+                        rows_do(M, [&](int64_t b, int64_t e) {
+                            for (int64_t q = b; q < e; ++q) {
+                                const int64_t r = q % m;
+                                const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
+                                const float* d = den + r * wO;
+                                float* sr = s + q * wO;
+                                for (int64_t o = 0; o < O; ++o) {
+                                    const float rr = Rr[o];
+                                    if (rule.kind == RuleKind::ZPlus) {
+                                        sr[o] = safe_div(rr, d[o]);
+                                    } else if (rule.kind == RuleKind::Gamma) {
+                                        // z > 0: up-weighted positive contributions; z < 0: the negative
+                                        const float zz = zr[r * O + o];
+                                        sr[o] = safe_div(zz > 0.0f ? rr : 0.0f, d[o]);
+                                        sr[O + o] = safe_div(zz < 0.0f ? rr : 0.0f, d[O + o]);
+                                    } else {
+                                        sr[o] = rule.alpha * safe_div(rr, d[o]);
+                                        sr[O + o] = -rule.beta * safe_div(rr, d[O + o]);
+                                    }
+                                }
+                            }
+                        });
+                        sgemm_packed(M, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
+                        if (cn) sgemm_packed(M, s, wO, *pk.tQ.p, cc + M * Kc, Kc, false, gth, pk.tQ.f);
+                        break;
+                    }
+                    case RuleKind::WSquare:  // w², Montavon et al. 2017: s = R / L(1; W²) (constant)
+                    case RuleKind::Flat: {   // flat, Lapuschkin et al. 2019: s = R / L(1; 1)
+                        rows_do(M, [&](int64_t b, int64_t e) {
+                            for (int64_t q = b; q < e; ++q) {
+                                const int64_t r = q % m;
+                                const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
+                                const float* inv = lp.inv_den.data() + ((r0 + r) % P) * O;
+                                for (int64_t o = 0; o < O; ++o) s[q * O + o] = Rr[o] * inv[o];
+                            }
+                        });
+                        sgemm_packed(M, s, O, *pk.tP.p, direct ? Rins[k0] + r0 * Kc : cc, Kc, false, gth);
+                        break;
+                    }
+                    case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
+                        rows_do(M, [&](int64_t b, int64_t e) {
+                            for (int64_t q = b; q < e; ++q) {
+                                const int64_t r = q % m;
+                                const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
+                                const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
+                                for (int64_t o = 0; o < O; ++o) s[q * O + o] = safe_div(Rr[o], zr[r * O + o] - cb[o]);
+                            }
+                        });
+                        // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)
+                        //      = (a - l) (.) (s W+^T) + (a - h) (.) (s W-^T)   (W = W+ + W-)
+                        sgemm_packed(M, s, O, *pk.tP.p, cc, 2 * Kc, false, gth, BFilter::Pos);
+                        sgemm_packed(M, s, O, *pk.tQ.p, cc + Kc, 2 * Kc, false, gth, BFilter::Neg);
+                        break;
+                    }
+                    case RuleKind::None:
+                        break;
+                }
+                if (direct) continue;
+                // per pass: combine in column space, scatter into its Rin
+                for (int64_t kk = 0; kk < nb; ++kk) {
+                    float* Rin = Rins[k0 + kk];
+                    float* comb = id ? Rin + r0 * Kc : ar.comb.data();
+                    const float* ck = cc + kk * mK;
+                    const float* src = comb;
+                    if (zeps) {
+                        if (img)
+                            src = ck;  // a (.) after col2im
                         else
-                            for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * cc[k];
-                    });
-                    break;
+                            rows_do(m, [&](int64_t b, int64_t e) {
+                                for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = colA[k] * ck[k];
+                            });
+                    } else if (sign_split) {
+                        const float* ck2 = cc + M * Kc + kk * mK;
+                        if (img)
+                            src = ck;  // nonneg: cp is a itself; a (.) after col2im
+                        else
+                            rows_do(m, [&](int64_t b, int64_t e) {
+                                if (cn)
+                                    for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * ck[k] + cn[k] * ck2[k];
+                                else
+                                    for (int64_t k = b * Kc; k < e * Kc; ++k) comb[k] = cp[k] * ck[k];
+                            });
+                    } else if (flat) {
+                        src = ck;
+                    } else {  // ZBox
+                        const float* c2b = cc + kk * m * 2 * Kc;
+                        rows_do(m, [&](int64_t b, int64_t e) {
+                            for (int64_t r = b; r < e; ++r) {
+                                const int64_t p = (r0 + r) % P;
+                                const float* lo = lp.lo_col.data() + p * Kc;
+                                const float* hi = lp.hi_col.data() + p * Kc;
+                                const float* c2 = c2b + r * 2 * Kc;
+                                const float* ar_ = colA + r * Kc;
+                                float* out = comb + r * Kc;
+                                for (int64_t k = 0; k < Kc; ++k)
+                                    out[k] = (ar_[k] - lo[k]) * c2[k] + (ar_[k] - hi[k]) * c2[Kc + k];
+                            }
+                        });
+                    }
+                    if (id) {
+                        if (src != comb) std::memcpy(comb, src, sizeof(float) * static_cast<size_t>(mK));
+                    } else {
+                        col2im(src, g, r0, m, Rin, gth);
+                    }
                 }
-                case RuleKind::WSquare:  // w², Montavon et al. 2017: s = R / L(1; W²) (constant)
-                case RuleKind::Flat: {   // flat, Lapuschkin et al. 2019: s = R / L(1; 1)
-                    rows_do([&](int64_t b, int64_t e) {
-                        for (int64_t r = b; r < e; ++r) {
-                            const float* inv = lp.inv_den.data() + ((r0 + r) % P) * O;
-                            for (int64_t o = 0; o < O; ++o) s[r * O + o] = Rr[r * O + o] * inv[o];
-                        }
-                    });
-                    sgemm_packed(m, s, O, *pk.tP.p, comb, Kc, false, gth);
-                    break;
-                }
-                case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
-                    rows_do([&](int64_t b, int64_t e) {
-                        for (int64_t r = b; r < e; ++r) {
-                            const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
-                            for (int64_t o = 0; o < O; ++o)
-                                s[r * O + o] = safe_div(Rr[r * O + o], zr[r * O + o] - cb[o]);
-                        }
-                    });
-                    // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)
-                    //      = (a - l) (.) (s W+^T) + (a - h) (.) (s W-^T)   (W = W+ + W-)
-                    sgemm_packed(m, s, O, *pk.tP.p, cc, 2 * Kc, false, gth, BFilter::Pos);
-                    sgemm_packed(m, s, O, *pk.tQ.p, cc + Kc, 2 * Kc, false, gth, BFilter::Neg);
-                    rows_do([&](int64_t b, int64_t e) {
-                        for (int64_t r = b; r < e; ++r) {
-                            const int64_t p = (r0 + r) % P;
-                            const float* lo = lp.lo_col.data() + p * Kc;
-                            const float* hi = lp.hi_col.data() + p * Kc;
-                            const float* c2 = cc + r * 2 * Kc;
-                            const float* ar_ = colA + r * Kc;
-                            float* out = comb + r * Kc;
-                            for (int64_t k = 0; k < Kc; ++k)
-                                out[k] = (ar_[k] - lo[k]) * c2[k] + (ar_[k] - hi[k]) * c2[Kc + k];
-                        }
-                    });
-                    break;
-                }
-                case RuleKind::None:
-                    throw std::logic_error("linear op without a rule");
             }
-            if (!id) col2im(comb, g, r0, m, Rin, gth);
         }
-        if (img) split(T * g.in_size(), gth, [&](int64_t b, int64_t e) {
-            for (int64_t k = b; k < e; ++k) Rin[k] *= a[k];
-        });
+        if (img)
+            for (int64_t k = 0; k < np; ++k) {
+                float* Rin = Rins[k];
+                split(T * g.in_size(), gth, [&](int64_t b, int64_t e) {
+                    for (int64_t q = b; q < e; ++q) Rin[q] *= a[q];
+                });
+            }
     }
 
     // ---- buffers of a call ------------------------------------------------------------------
     // A group of Tg images from n0; a value's buffers are at the layout's offsets in the slab, each
-    // tile at its image offset `off` when the buffer is sized for the group (else at 0).
+    // tile at its image offset `off` when the buffer is sized for the group (else at 0). A round of
+    // np relevance passes (passes k0 .. k0 + np of the call's K) holds np copies of every relevance
+    // buffer, pass kk at kk times the rows of the call (Tg for a group-sized buffer, else the tile's).
     struct Ctx {
         const RunArgs& args;
         int64_t n0;
@@ -620,6 +768,9 @@ private:
         const ArenaSizes& lay;
         int gth;
         RunState& st;
+        int64_t Tg = 0;  // images of the group
+        int64_t k0 = 0;  // first pass of the round
+        int64_t np = 1;  // passes in the round
     };
 
     int64_t vsize(int64_t v) const { return plan_->values[static_cast<size_t>(v)].size(); }
@@ -629,8 +780,10 @@ private:
             return const_cast<float*>(c.args.x) + (c.n0 + off) * plan_->input.size();
         return c.ar.slab.data() + c.lay.act_off[v] + (c.lay.act_g[v] ? off : 0) * vsize(v);
     }
-    float* rel(const Ctx& c, int64_t v, int64_t off) const {
-        return c.ar.slab.data() + c.lay.rel_off[v] + (c.lay.rel_g[v] ? off : 0) * vsize(v);
+    // relevance of value v for pass kk of the round, tile of T images at offset off
+    float* rel(const Ctx& c, int64_t v, int64_t off, int64_t T, int64_t kk) const {
+        const bool g = c.lay.rel_g[v];
+        return c.ar.slab.data() + c.lay.rel_off[v] + (kk * (g ? c.Tg : T) + (g ? off : 0)) * vsize(v);
     }
     int32_t* argp(const Ctx& c, size_t i, int64_t off) const {
         return reinterpret_cast<int32_t*>(c.ar.slab.data() + c.lay.arg_off[i]) +
@@ -643,11 +796,11 @@ private:
     // on all Tg images, forward and backward; then each tile runs its backward pass from the head's
     // input relevance. Without a head (head == L) a group is one tile.
     void run_group(const RunArgs& args, int64_t n0, int64_t Tg, int64_t Ts, Arena& ar, const ArenaSizes& lay,
-                   int gth, RunState& st) const {
+                   int64_t P, int gth, RunState& st) const {
         const Plan& pl = *plan_;
         const size_t L = pl.ops.size();
         const size_t h = std::min(pl.head, L);
-        Ctx c{args, n0, ar, lay, gth, st};
+        Ctx c{args, n0, ar, lay, gth, st, Tg, 0, 1};
         const int64_t ntile = (Tg + Ts - 1) / Ts;
         if (h >= L && ntile > 1) throw std::logic_error("a group of several tiles without a head");
         const Shape& in = pl.input;
@@ -658,72 +811,124 @@ private:
         }
         if (h < L) forward_range(h, L, 0, Tg, c);
         if (st.stopped()) return;
-        // outputs, targets, the starting relevance (or one-hot gradient)
-        const int64_t K = pl.num_outputs();
         const float* y = act(c, static_cast<int64_t>(L), 0);
-        std::memcpy(args.output + n0 * K, y, sizeof(float) * static_cast<size_t>(Tg * K));
+        write_user(y, pl.values[L], args.output, n0, Tg);
         if (args.forward_only) return;
-        float* R = rel(c, static_cast<int64_t>(L), 0);
-        std::memset(R, 0, sizeof(float) * static_cast<size_t>(Tg * K));
-        for (int64_t n = 0; n < Tg; ++n) {
-            int64_t t = 0;
-            if (args.targets) {
-                t = args.targets[n0 + n];
-            } else {
-                for (int64_t k = 1; k < K; ++k)
-                    if (y[n * K + k] > y[n * K + t]) t = k;  // first maximum, as np.argmax
-            }
-            R[n * K + t] = pl.mode == Mode::Rules ? y[n * K + t] : 1.0f;
-        }
-        for (size_t v = 0; v < L; ++v)  // values nothing reads (dead branches) get no relevance
-            if (pl.consumers[v].empty())
-                std::memset(rel(c, static_cast<int64_t>(v), 0), 0, sizeof(float) * static_cast<size_t>(Tg * vsize(v)));
+        const int64_t K = std::max<int64_t>(1, args.K);
         const size_t top = h < L ? h : 0;
         // the relevance pass is skipped once the forward is known to be non-finite (an error follows)
         const bool check_rel = st.fwd.load(std::memory_order_relaxed) < 0;
-        for (size_t i = L; i-- > top;) {
-            if (st.stopped()) return;
-            backward_step(i, 0, Tg, c, check_rel);
-        }
-        if (top == 0) {
-            finish(0, Tg, c, check_rel);
-            return;
-        }
-        for (int64_t j = 0; j < ntile; ++j) {
-            const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
-            for (size_t i = h; i-- > 0;) {
+        // rounds of up to P passes, each one backward pass over the activations of the forward above
+        for (int64_t k0 = 0; k0 < K; k0 += P) {
+            c.k0 = k0;
+            c.np = std::min(P, K - k0);
+            seed_round(c, y);
+            for (int64_t kk = 0; kk < c.np; ++kk)
+                for (size_t v = 0; v < L; ++v)  // values nothing reads (dead branches) get no relevance
+                    if (pl.consumers[v].empty())
+                        std::memset(rel(c, static_cast<int64_t>(v), 0, Tg, kk), 0,
+                                    sizeof(float) * static_cast<size_t>(Tg * vsize(static_cast<int64_t>(v))));
+            for (size_t i = L; i-- > top;) {
                 if (st.stopped()) return;
-                backward_step(i, off, nT, c, check_rel);
+                backward_step(i, 0, Tg, c, check_rel);
             }
-            finish(off, nT, c, check_rel);
+            if (top == 0) {
+                finish(0, Tg, c, check_rel);
+                continue;
+            }
+            for (int64_t j = 0; j < ntile; ++j) {
+                const int64_t off = j * Ts, nT = std::min(Ts, Tg - off);
+                for (size_t i = h; i-- > 0;) {
+                    if (st.stopped()) return;
+                    backward_step(i, off, nT, c, check_rel);
+                }
+                finish(off, nT, c, check_rel);
+            }
         }
     }
 
-    // What a backward step hands out for value v: R itself, or g^2 / g (.) a for the gradient methods.
-    void emit(int64_t v, int64_t off, int64_t T, float* dst, const Ctx& c) const {
+    // The starting relevance (or gradient) of the round's passes at the network output: one-hot at
+    // the pass's target (times the output for the rules), or the caller's seed (times the output
+    // with seed_times_output). Targets and seeds index the output in the user's C-order.
+    void seed_round(const Ctx& c, const float* y) const {
+        const Plan& pl = *plan_;
+        const RunArgs& args = c.args;
+        const int64_t L = static_cast<int64_t>(pl.ops.size());
+        const Shape& os = pl.values[static_cast<size_t>(L)];
+        const int64_t F = os.size(), K = std::max<int64_t>(1, args.K), Tg = c.Tg;
+        const bool perm = os.permuted();
+        const int64_t HW = os.pixels(), C = os.c;
+        auto cl = [&](int64_t j) { return perm ? (j % HW) * C + j / HW : j; };  // user index -> channels-last
+        std::vector<int64_t> order;
+        for (int64_t n = 0; n < Tg; ++n) {
+            const int64_t gn = c.n0 + n;
+            const float* yn = y + n * F;
+            if (!args.seed && !args.targets && K > 1) {
+                // the K largest outputs, largest first, ties to the lower index (a stable sort)
+                order.resize(static_cast<size_t>(F));
+                for (int64_t j = 0; j < F; ++j) order[static_cast<size_t>(j)] = j;
+                std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int64_t p, int64_t q) {
+                    const float a = yn[cl(p)], b = yn[cl(q)];
+                    return a > b || (a == b && p < q);
+                });
+            }
+            for (int64_t kk = 0; kk < c.np; ++kk) {
+                const int64_t kg = c.k0 + kk;
+                float* R = rel(c, L, 0, Tg, kk) + n * F;
+                if (args.seed) {
+                    const float* sd = args.seed + (gn * K + kg) * F;
+                    for (int64_t j = 0; j < F; ++j) {
+                        const int64_t q = cl(j);
+                        R[q] = args.seed_times_output ? sd[j] * yn[q] : sd[j];
+                    }
+                    continue;
+                }
+                std::memset(R, 0, sizeof(float) * static_cast<size_t>(F));
+                int64_t t = 0;
+                if (args.targets) {
+                    t = args.targets[gn * K + kg];
+                } else if (K > 1) {
+                    t = order[static_cast<size_t>(kg)];
+                } else {
+                    for (int64_t j = 1; j < F; ++j)
+                        if (yn[cl(j)] > yn[cl(t)]) t = j;  // first maximum, as np.argmax
+                }
+                const int64_t q = cl(t);
+                R[q] = pl.mode == Mode::Rules ? yn[q] : 1.0f;
+            }
+        }
+    }
+
+    // What a backward step hands out for value v, pass kk of the round: R itself, or g^2 / g (.) a
+    // for the gradient methods; into dst (N, K, shape of v) at pass k0 + kk.
+    void emit(int64_t v, int64_t off, int64_t T, float* dst, const Ctx& c, int64_t kk) const {
         const Plan& pl = *plan_;
         const Shape& s = pl.values[static_cast<size_t>(v)];
-        const float* gr = rel(c, v, off);
+        const float* gr = rel(c, v, off, T, kk);
         const int64_t n = c.n0 + off;
+        const int64_t K = std::max<int64_t>(1, c.args.K), kg = c.k0 + kk;
         if (pl.mode == Mode::Rules || pl.mode == Mode::Gradient) {
-            write_user(gr, s, dst, n, T);
+            write_user(gr, s, dst, n, T, K, kg);
             return;
         }
         // straight into the caller's array when no layout permutation is needed
-        float* out = s.permuted() ? c.ar.tmp2.data() : dst + n * s.size();
+        const bool direct = !s.permuted() && K == 1;
+        float* out = direct ? dst + n * s.size() : c.ar.tmp2.data();
         if (pl.mode == Mode::Sensitivity) {
             for (int64_t k = 0; k < T * s.size(); ++k) out[k] = gr[k] * gr[k];
         } else {
             const float* a = act(c, v, off);
             for (int64_t k = 0; k < T * s.size(); ++k) out[k] = gr[k] * a[k];
         }
-        if (s.permuted()) write_user(out, s, dst, n, T);
+        if (!direct) write_user(out, s, dst, n, T, K, kg);
     }
 
     void finish(int64_t off, int64_t T, const Ctx& c, bool check_rel) const {
-        if (check_rel && has_nonfinite(rel(c, 0, off), T * vsize(0))) c.st.flag_rel(0);
-        emit(0, off, T, c.args.relevance, c);
-        if (!c.args.layers.empty()) emit(0, off, T, c.args.layers[0], c);
+        for (int64_t kk = 0; kk < c.np; ++kk) {
+            if (check_rel && has_nonfinite(rel(c, 0, off, T, kk), T * vsize(0))) c.st.flag_rel(0);
+            emit(0, off, T, c.args.relevance, c, kk);
+            if (!c.args.layers.empty()) emit(0, off, T, c.args.layers[0], c, kk);
+        }
     }
 
     // Forward ops [i0, i1) on T images at image offset off. A linear op (or Add) followed by a ReLU
@@ -978,27 +1183,65 @@ private:
 
     // Backward of op i on T images at offset off: emits the (now complete) relevance of its output
     // when asked, then writes (first writer) or adds its inputs' relevances (gradients).
+    // All passes of the round: a (non-generic) linear op runs them together, sharing its im2col
+    // blocks and denominators (linear_relevance); every other op runs them one after another.
     void backward_step(size_t i, int64_t off, int64_t T, const Ctx& c, bool check_rel) const {
         const Plan& pl = *plan_;
         const OpSpec& op = pl.ops[i];
+        const int64_t vo = static_cast<int64_t>(i + 1);
         // the relevance of op i's output is complete here. Checked only when it is handed out (per-
         // layer outputs): inside the pass NaN/Inf propagates to the input (every backward step
         // multiplies or adds it) except where a selection by forward values (a ReLU's gradient mask,
         // Gamma's sign of z, max-pool losers) zeroes it, and the float64 reference zeroes the same
         // positions, so only the input's relevance (finish) needs the check.
-        if (check_rel && !c.args.layers.empty() &&
-            has_nonfinite(rel(c, static_cast<int64_t>(i + 1), off), T * op.out.size()))
-            c.st.flag_rel(static_cast<int64_t>(i + 1));
-        if (!c.args.layers.empty()) emit(static_cast<int64_t>(i + 1), off, T, c.args.layers[i + 1], c);
+        for (int64_t kk = 0; kk < c.np && !c.args.layers.empty(); ++kk) {
+            if (check_rel && has_nonfinite(rel(c, vo, off, T, kk), T * op.out.size())) c.st.flag_rel(vo);
+            emit(vo, off, T, c.args.layers[i + 1], c, kk);
+        }
+        if ((op.kind == OpKind::Dense || op.kind == OpKind::Conv2d) && !generic_op(op)) {
+            const int64_t v = op.inputs[0];
+            const bool first = pl.first_write[i][0];
+            const int64_t nin = T * op.in.size();
+            const float* a = act(c, v, off);
+            const float* Rs[kMaxPasses];
+            float* outs[kMaxPasses];
+            for (int64_t kk = 0; kk < c.np; ++kk) {
+                Rs[kk] = rel(c, vo, off, T, kk);
+                outs[kk] = first ? rel(c, v, off, T, kk) : c.ar.acc.data() + kk * nin;
+            }
+            if (pl.mode == Mode::Rules) {
+                bool nonneg = pl.nonneg_in[i];
+                if (!nonneg && packs_[i].dP) {
+                    // sign-split rules: when this tile's input happens to be >= 0 the a- terms are
+                    // exactly zero, so skip them (same result, half the GEMMs)
+                    nonneg = true;
+                    for (int64_t k = 0; k < nin && nonneg; ++k) nonneg = a[k] >= 0.0f;
+                }
+                linear_relevance(i, a, act(c, vo, off), Rs, outs, c.np, T, nonneg, c.ar, c.gth);
+            } else {
+                linear_gradient(i, Rs, outs, c.np, T, c.ar, c.gth);
+            }
+            if (!first)
+                for (int64_t kk = 0; kk < c.np; ++kk) add_into(rel(c, v, off, T, kk), outs[kk], nin);
+            return;
+        }
+        for (int64_t kk = 0; kk < c.np; ++kk) backward_one(i, off, T, c, kk);
+    }
+
+    // Backward of op i for pass kk of the round: writes (first writer) or adds its inputs'
+    // relevances (gradients).
+    void backward_one(size_t i, int64_t off, int64_t T, const Ctx& c, int64_t kk) const {
+        const Plan& pl = *plan_;
+        const OpSpec& op = pl.ops[i];
         const bool rules = pl.mode == Mode::Rules;
-        const float* R = rel(c, static_cast<int64_t>(i + 1), off);
+        const float* R = rel(c, static_cast<int64_t>(i + 1), off, T, kk);
         const int64_t nout = T * op.out.size();
         switch (op.kind) {  // multi-input ops write / add per input
             case OpKind::Add: {
                 const size_t m = op.inputs.size();
                 if (!rules) {  // gradient: passed to every input
                     for (size_t q = 0; q < m; ++q)
-                        pass_into(rel(c, op.inputs[q], off), R, nout, pl.first_write[i][q]);
+                        pass_into(rel(c, op.inputs[q], off, T, kk), R, nout, pl.first_write[i][q]);
                     return;
                 }
                 // Zennit's Norm rule: s = R / (z + eps sgn z), sgn(0) = +1; R_k = a_k s
@@ -1010,7 +1253,7 @@ private:
                 for (int64_t k = 0; k < nout; ++k) sv[k] = safe_div(R[k], sv[k] + (sv[k] >= 0.0f ? 1e-6f : -1e-6f));
                 for (size_t q = 0; q < m; ++q) {
                     const float* a = act(c, op.inputs[q], off);
-                    float* d = rel(c, op.inputs[q], off);
+                    float* d = rel(c, op.inputs[q], off, T, kk);
                     if (pl.first_write[i][q])
                         for (int64_t k = 0; k < nout; ++k) d[k] = a[k] * sv[k];
                     else
@@ -1023,14 +1266,14 @@ private:
                 int64_t c0 = 0;
                 for (size_t q = 0; q < op.inputs.size(); ++q) {
                     const int64_t C = op.in_shapes[q].c;
-                    channel_copy(R, OC, c0, rel(c, op.inputs[q], off), C, 0, C, T * P, !pl.first_write[i][q]);
+                    channel_copy(R, OC, c0, rel(c, op.inputs[q], off, T, kk), C, 0, C, T * P, !pl.first_write[i][q]);
                     c0 += C;
                 }
                 return;
             }
             case OpKind::Mul: {
-                float* ds = rel(c, op.inputs[0], off);
-                float* dg = rel(c, op.inputs[1], off);
+                float* ds = rel(c, op.inputs[0], off, T, kk);
+                float* dg = rel(c, op.inputs[1], off, T, kk);
                 const bool fs = pl.first_write[i][0], fg = pl.first_write[i][1];
                 const int64_t ng = T * op.in_shapes[1].size();
                 const bool same = op.in_shapes[1] == op.out;
@@ -1080,7 +1323,7 @@ private:
         }
         // single-input ops
         const int64_t v = op.inputs[0];
-        float* dst = rel(c, v, off);
+        float* dst = rel(c, v, off, T, kk);
         const bool first = pl.first_write[i][0];
         const int64_t nin = T * op.in.size();
         const bool pass = (rules && (op.kind == OpKind::ReLU || op.kind == OpKind::Activation ||
@@ -1119,15 +1362,7 @@ private:
 #endif
                     return;
                 }
-                bool nonneg = plan_->nonneg_in[i];
-                if (!nonneg && packs_[i].dP) {
-                    // sign-split rules: when this tile's input happens to be >= 0 the a- terms are
-                    // exactly zero, so skip them (same result, half the GEMMs)
-                    nonneg = true;
-                    for (int64_t k = 0; k < nin && nonneg; ++k) nonneg = a[k] >= 0.0f;
-                }
-                linear_relevance(i, a, y, R, out, T, nonneg, ar, gth);
-                return;
+                throw std::logic_error("relevance_op: linear ops run in backward_step");
             }
             case OpKind::MaxPool:  // winner-take-all
                 maxpool_scatter(R, argp(c, i, off), g, T, out);
@@ -1229,8 +1464,7 @@ private:
 #endif
                     return;
                 }
-                linear_gradient(i, G, out, T, ar, gth);
-                return;
+                throw std::logic_error("gradient_op: linear ops run in backward_step");
             case OpKind::ReLU:  // y > 0 exactly where a > 0
                 for (int64_t k = 0; k < nin; ++k) out[k] = y[k] > 0.0f ? G[k] : 0.0f;
                 return;

@@ -266,7 +266,7 @@ void check_geometry(size_t i, const OpSpec& op) {
 }  // namespace
 
 int64_t ArenaSizes::bytes() const {
-    const int64_t f = slab + 3 * work + 4 * col + 2 * den + ccol;
+    const int64_t f = slab + 2 * work + acc + 4 * col + den + s + ccol;
     return f * static_cast<int64_t>(sizeof(float));
 }
 
@@ -324,8 +324,11 @@ bool is_linear(const OpSpec& op) { return op.kind == OpKind::Dense || op.kind ==
 // The step timeline of a tile: forward of op i at step i, the targets/seed at L, the backward of op
 // i at 2L - i, the input heatmap at 2L + 1. Every activation lives from the step that writes it to
 // the last step that reads it (a later op's forward, a backward that needs it), every relevance from
-// its first writer (the backward of its last consumer) to its producer's backward.
-ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers) {
+// its first writer (the backward of its last consumer) to its producer's backward. With `passes`
+// relevance passes a relevance buffer holds one copy per pass; with several rounds of passes the
+// timeline's backward half repeats, so an activation (or max-pool winners) that the backward half
+// reads lives to the end.
+ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers, int64_t passes, bool rounds) {
     ArenaSizes s;
     const int64_t L = static_cast<int64_t>(plan.ops.size());
     const int64_t END = 2 * L + 1;
@@ -348,6 +351,7 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_lay
         if (v == L) e = std::max(e, L);
         if (gxi && v == 0) e = END;
         if (keep_for_layers && gxi && v >= 1) e = std::max(e, 2 * L - (v - 1));
+        if (rounds && e >= L) e = END;
         t1[v] = e;
     }
     std::vector<int64_t> ap(L + 1);
@@ -381,7 +385,7 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_lay
     std::vector<int64_t> act_item(L + 1, -1), rel_item(L + 1, -1), arg_item(L, -1);
     std::vector<char> act_g(L + 1, 0), rel_g(L + 1, 0);
     auto add_class = [&](std::vector<int64_t>& parent, std::vector<int64_t>& item_of, std::vector<char>& gsz,
-                         int64_t v, int64_t a, int64_t b, int64_t rows, bool persist) {
+                         int64_t v, int64_t a, int64_t b, int64_t rows, bool persist, int64_t copies) {
         const int64_t r = find(parent, v);
         if (item_of[r] < 0) {
             item_of[r] = static_cast<int64_t>(items.size());
@@ -398,24 +402,24 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_lay
         it.t0 = std::min(it.t0, a);
         it.t1 = std::max(it.t1, b);
         if (rows == G && G != T) gsz[r] = 1;
-        it.floats = std::max(it.floats, round16(rows * vsize(v)));
+        it.floats = std::max(it.floats, round16(copies * rows * vsize(v)));
     };
     for (int64_t v = 0; v <= L; ++v) {
         s.live_sum += T * vsize(v) * 2;
         if (v == 0 && !x_buf) continue;
         const bool body = grouped && v <= h;
-        add_class(ap, act_item, act_g, v, t0[v], t1[v], body ? G : rows_of_value(v), body);
+        add_class(ap, act_item, act_g, v, t0[v], t1[v], body ? G : rows_of_value(v), body, 1);
     }
     for (int64_t v = 0; v <= L; ++v) {
         const bool hr = grouped && v == h;  // the head's input relevance, read by every tile after it
-        add_class(rp, rel_item, rel_g, v, r0[v], hr ? END : r1[v], hr ? G : rows_of_value(v), false);
+        add_class(rp, rel_item, rel_g, v, r0[v], hr ? END : r1[v], hr ? G : rows_of_value(v), false, passes);
     }
     for (int64_t i = 0; i < L; ++i) {
         if (plan.ops[i].kind != OpKind::MaxPool) continue;
         Item it;
         it.floats = round16((grouped || i >= h ? G : T) * plan.ops[i].out.size());
         it.t0 = grouped && i < h ? 0 : i;
-        it.t1 = grouped && i < h ? END : 2 * L - i;
+        it.t1 = (grouped && i < h) || rounds ? END : 2 * L - i;
         arg_item[i] = static_cast<int64_t>(items.size());
         items.push_back(it);
     }
@@ -426,7 +430,8 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_lay
             if (act_g[r]) items[act_item[r]].floats = std::max(items[act_item[r]].floats, round16(G * vsize(v)));
         }
         const int64_t r = find(rp, v);
-        if (rel_g[r]) items[rel_item[r]].floats = std::max(items[rel_item[r]].floats, round16(G * vsize(v)));
+        if (rel_g[r])
+            items[rel_item[r]].floats = std::max(items[rel_item[r]].floats, round16(passes * G * vsize(v)));
     }
     s.slab = place(items);
     s.act_off.assign(L + 1, -1);
@@ -460,12 +465,16 @@ ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_lay
         work = std::max(work, rows_i * mx);
         if (is_linear(op) && !generic_op(op)) {
             const int64_t rows = std::min(plan.lin[i].chunk_rows, rows_i * op.g.P());
+            // the passes' blocks stacked for one transpose GEMM, up to a full block of rows
+            const int64_t srows = std::min(plan.lin[i].chunk_rows, passes * rows_i * op.g.P());
             s.col = std::max(s.col, rows * op.g.Kc());
             s.den = std::max(s.den, rows * 2 * op.g.O);
-            s.ccol = std::max(s.ccol, rows * 2 * op.g.Kc());
+            s.s = std::max(s.s, srows * 2 * op.g.O);
+            s.ccol = std::max(s.ccol, srows * 2 * op.g.Kc());
         }
     }
     s.work = std::max(work, (h < L ? T : G) * plan.input.size());
+    s.acc = passes * s.work;
     return s;
 }
 

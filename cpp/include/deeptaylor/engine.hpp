@@ -13,13 +13,25 @@
 namespace deeptaylor {
 
 // One call: x (N, input...) in the user's layout (NCHW or (N, F)), C-contiguous float32.
+// Every array is in the user's layout (NCHW, or (N, F)); an output of rank 3 (C, H, W) is indexed by
+// its C-order flat index (c H W + h W + w), as NumPy's reshape(N, -1).
 struct RunArgs {
     const float* x = nullptr;
     int64_t N = 0;
-    const int64_t* targets = nullptr;  // (N) explained output per sample, or null for argmax
-    float* output = nullptr;           // (N, K) network output
-    float* relevance = nullptr;        // (N, input...) relevance at the input, user layout
-    std::vector<float*> layers;        // empty, or L+1 arrays (N, shape of value v) by value id: the
+    // Relevance passes per sample, all from one forward pass (docs/engine.md "Many targets and
+    // seeds"); relevance and layers then hold (N, K, shape) (K = 1: the same memory as (N, shape)).
+    int64_t K = 1;
+    const int64_t* targets = nullptr;  // (N, K) explained output per sample and pass (flat index into
+                                       // the output), or null: the K largest outputs, largest first
+                                       // (ties: the lower index first; K = 1: argmax)
+    // (N, K, output...) the relevance (Mode::Rules) or output gradient (the gradient methods) each pass
+    // starts from, instead of the one-hot target; null: one-hot targets. With seed_times_output it is
+    // multiplied by the network output first (the relevance of the linear objective sum seed (.) y).
+    const float* seed = nullptr;
+    bool seed_times_output = false;
+    float* output = nullptr;           // (N, output...) network output
+    float* relevance = nullptr;        // (N, K, input...) relevance at the input, user layout
+    std::vector<float*> layers;        // empty, or L+1 arrays (N, K, shape of value v) by value id: the
                                        // relevance at the input, then at every op's output
     int threads = 0;                   // <= 0: OpenMP's default
     bool forward_only = false;         // outputs only: no relevance pass (relevance may be null)
@@ -46,6 +58,10 @@ public:
     virtual const char* name() const = 0;
     // Working memory of one thread for a full tile (the liveness layout's slab + scratch), bytes.
     virtual int64_t arena_bytes() const = 0;
+    // A run with K passes per sample does them in rounds of passes(K) (<= K, <= kMaxPasses) passes, each
+    // round one batched backward pass over the shared activations; arena_bytes(K): one thread's arena then.
+    virtual int64_t passes(int64_t K) const = 0;
+    virtual int64_t arena_bytes(int64_t K) const = 0;
     // Runs without touching Python objects (callers release the GIL; args.interrupted may take it).
     // Throws OutOfMemory (with context) when an allocation fails, never terminates.
     virtual RunStatus run(const RunArgs& args) const = 0;

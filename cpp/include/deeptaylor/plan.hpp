@@ -167,10 +167,12 @@ struct ArenaSizes {
     std::vector<int64_t> arg_off;           // per op: max pooling winners (-1: none)
     std::vector<char> act_g, rel_g, arg_g;  // sized for the group's G images (each tile at its offset)
     int64_t slab = 0;          // floats of the shared slab
-    int64_t work = 0;          // each of the 3 tile buffers (two temporaries, the accumulation buffer)
+    int64_t work = 0;          // each of the 2 tile temporaries
+    int64_t acc = 0;           // the accumulation buffer (passes x work)
     int64_t col = 0;           // each of the 4 im2col-block buffers (col, col+, col-, combined)
-    int64_t den = 0;           // each of denominators and s (block rows x 2 O)
-    int64_t ccol = 0;          // transpose-GEMM output block (block rows x 2 Kc)
+    int64_t den = 0;           // denominators (block rows x 2 O)
+    int64_t s = 0;             // s of up to `passes` blocks stacked (rows x 2 O)
+    int64_t ccol = 0;          // transpose-GEMM output of the stacked blocks (rows x 2 Kc)
     int64_t live_sum = 0;      // floats of all activations and relevances if nothing were shared (info)
     int64_t bytes() const;
 };
@@ -178,7 +180,11 @@ struct ArenaSizes {
 // activations of the body (a group's tiles all keep theirs until the head's relevance is back).
 // keep_for_layers: GradientXInput with per-layer outputs needs every activation until its value's
 // gradient is complete (a second, larger layout).
-ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers = false);
+// passes: relevance passes run together (every relevance buffer and the accumulation buffer hold
+// `passes` copies); rounds: more than one round of passes follows the forward pass, so every
+// activation the backward pass reads stays live to the end (docs/engine.md "Many targets and seeds").
+ArenaSizes arena_sizes(const Plan& plan, int64_t T, int64_t G, bool keep_for_layers = false,
+                       int64_t passes = 1, bool rounds = false);
 inline ArenaSizes arena_sizes(const Plan& plan) { return arena_sizes(plan, plan.tile, plan.group); }
 
 // Validate the specs (inputs, shapes, geometry; chain specs have inputs = {i}), derive every rule
@@ -186,6 +192,10 @@ inline ArenaSizes arena_sizes(const Plan& plan) { return arena_sizes(plan, plan.
 // buffers) and choose the tile size. Throws std::invalid_argument naming the op on bad specs.
 std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode);
 
+// Many targets: at most kMaxPasses relevance passes per round, and as many as keep one thread's arena
+// within kPassBudgetBytes (or the single-pass arena, if that is larger).
+constexpr int64_t kMaxPasses = 16;
+constexpr int64_t kPassBudgetBytes = int64_t{96} << 20;
 // Per-thread arena budget used to choose the tile size, and the largest tile.
 constexpr int64_t kArenaBudgetBytes = 16 << 20;
 constexpr int64_t kMaxTile = 64;
