@@ -163,3 +163,80 @@ def test_default_seed_pinned_by_hand(task):
     assert math.isclose(h["R_i"][2], 0.3032833455965215, rel_tol=1e-12)
     assert math.isclose(d["f"][0], 0.6876410476657729, rel_tol=1e-12)
     assert math.isclose(d["R_i/zplus"][2], 0.3032833455965215, rel_tol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Across the initialisers of dt.init (issue 11, part 5)
+
+INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal")
+
+
+def test_initialisers_are_dt_init(task):
+    import deeptaylor as dt
+
+    assert task.INITIALISERS == INITS
+    for init in INITS:
+        assert callable(getattr(dt.init, init))
+    with pytest.raises(ValueError, match="unknown initialiser"):
+        task.build(0, "orthogonal")
+
+
+def test_across_initialisers_small(task, capsys, tmp_path):
+    png = tmp_path / "init.png"
+    res = task.across_initialisers(21, n_networks=12, verbose=True, plot=str(png))
+    out = capsys.readouterr().out
+    seed, nets, summary = res["seed"], res["networks"], res["summary"]
+    assert tuple(seed) == INITS and tuple(nets) == INITS and tuple(summary) == INITS
+    n_in, n_out = 6, 4
+    # the weights follow each formula; one seed draws the same biases and input under every initialiser
+    # and the same numbers scaled within a shape (the Keras formulas)
+    std = {"glorot": math.sqrt(2 / (n_in + n_out)), "he": math.sqrt(2 / n_in), "lecun": math.sqrt(1 / n_in)}
+    for init in INITS:
+        d = seed[init]
+        s = std[init.split("_")[0]]
+        bound = math.sqrt(3) * s if init.endswith("uniform") else 2 * s / 0.87962566103423978
+        assert np.abs(d["w"]).max() <= bound
+        np.testing.assert_array_equal(d["b"], seed["glorot_uniform"]["b"])
+        np.testing.assert_array_equal(d["x"], seed["glorot_uniform"]["x"])
+        ref = seed["glorot_" + init.split("_")[1]]["w"]
+        np.testing.assert_allclose(d["w"], ref * s / std["glorot"], rtol=1e-12, atol=1e-15)
+        assert summary[init]["w_std_formula"] == pytest.approx(s, rel=1e-12)
+        # every layer's relevance against the slides' formulas, by hand
+        for rule in ("w2", "zplus", "zB"):
+            h = hand(d["x"].tolist(), d["w"].tolist(), d["b"].tolist(), rule)
+            scale = max(1.0, h["x_k"])
+            np.testing.assert_allclose(d[f"R_j/{rule}"], h["R_j"], rtol=0, atol=1e-12 * scale)
+            np.testing.assert_allclose(d[f"R_i/{rule}"], h["R_i"], rtol=0, atol=1e-12 * scale)
+            np.testing.assert_allclose(d[f"R_k/{rule}"], [h["x_k"]], rtol=0, atol=1e-12 * scale)
+    # the statistics are those of the networks: recompute a few from the per-network arrays
+    for init in INITS:
+        st, sm = nets[init], summary[init]
+        live = st["f"] > 0
+        assert st["f"].shape == (12,) and st["shares/w2"].shape == (12, 6)
+        assert sm["top/w2"] == pytest.approx(st["top/w2"][live].mean())
+        np.testing.assert_allclose(st["top/zplus"][live], st["shares/zplus"][live, 0], rtol=1e-12)
+        np.testing.assert_allclose(st["shares/zB"][live].sum(1), 1.0, rtol=1e-12)
+        assert sm["dead"] == pytest.approx(1 - live.mean())
+        assert sm["sens_ratio"] == pytest.approx(np.median(st["sens_ratio"][live]))
+        assert max(sm[f"err/{r}"] for r in ("w2", "zplus", "zB")) <= 1e-12
+        assert min(sm[f"min/{r}"] for r in ("w2", "zplus", "zB")) >= 0.0
+        assert np.all((st["eff/w2"][live] >= 1) & (st["eff/w2"][live] <= 6))
+        # the network of seed s is build(s, init): its f is the one reported
+        assert st["f"][3] == pytest.approx(float(task.run(3, verbose=False, init=init)["f"][0]), rel=1e-15)
+    # printed: a block per initialiser with the per-layer relevances and the checks, the table, the reading
+    for init in INITS:
+        assert f"{init}: " in out
+        row = [line for line in out.splitlines() if line.startswith(f"  {init} ")][0]
+        assert f"{summary[init]['f']:9.3f}" in row and f"{summary[init]['top/w2']:9.3f}" in row
+    assert out.count("x_j = R_j") == 6 and out.count(": consistent") == 6 and "NOT consistent" not in out
+    for phrase in ("Reading the numbers", "Scale.", "Shape changes it", "Sensitivity is not scale-free"):
+        assert phrase in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_initialisers(task, capsys):
+    task.main(["--initialisers", "--networks", "2", "5"])
+    out = capsys.readouterr().out
+    assert "under each initialiser of dt.init (seed 5)" in out and "Over 2 random networks" in out
+    task.main(["5"])
+    assert "detection-pooling network (seed 5)" in capsys.readouterr().out
