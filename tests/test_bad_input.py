@@ -63,10 +63,12 @@ def test_wrong_channels_names_layer(conv_net):
         explain(conv_net, np.zeros((1, 3, 1, 1)))
 
 
-def test_output_must_be_two_dimensional(rng):
+def test_output_of_rank_three_targets_are_flat_indices(rng):
+    # an (N, C, H, W) output is explained (issue 12); a target is a flat index into it, checked
     net = dt.Sequential([dt.Conv2d(rng.normal(size=(2, 1, 3, 3))), dt.ReLU()])
-    with pytest.raises(dt.ShapeError, match=_re("output must be (N, K)")):
-        explain(net, np.zeros((1, 1, 5, 5)))
+    assert explain(net, np.ones((1, 1, 5, 5)), target=2 * 3 * 3 - 1).relevance.shape == (1, 1, 5, 5)
+    with pytest.raises(dt.InputError, match=_re("target out of range: the network has 18 output(s)")):
+        explain(net, np.ones((1, 1, 5, 5)), target=18)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -119,7 +121,7 @@ def test_errors_are_builtin_subclasses():
     (True, dt.InputTypeError, "dtype bool"),
     ("1", dt.InputTypeError, "target must be an int"),
     (np.array([0, 1, 2]), dt.ShapeError, "target must be an int or have shape (2,), got shape (3,)"),
-    (np.array([[0], [1]]), dt.ShapeError, "got shape (2, 1)"),
+    (np.array([[[0]], [[1]]]), dt.ShapeError, "got shape (2, 1, 1)"),   # (2, 1): one target per sample, K = 1
 ])
 def test_bad_targets(dense_net, backend, target, exc, phrase):
     with pytest.raises(exc, match=_re(phrase)):

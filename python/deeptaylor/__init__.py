@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from . import checks, composites, init, io, methods, reference, rules
+from . import checks, composites, init, io, methods, reference, rules, seeds
 # NumPy only at import time; optional extras load lazily
 from . import datasets, evaluate, heatmap, relevance_models, train
 from .backends import available as available_backends
@@ -99,6 +99,7 @@ __all__ = [
     "methods",
     "reference",
     "rules",
+    "seeds",
     "Composite",
     "Explainer",
     "Explanation",

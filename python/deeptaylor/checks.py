@@ -32,8 +32,9 @@ from .explain import Explanation
 __all__ = ["ConservationReport", "PositivityReport", "clean_cuts", "conservation", "positivity"]
 
 
-def _sums(r: np.ndarray) -> np.ndarray:
-    return r.reshape(r.shape[0], -1).astype(np.float64).sum(axis=1)
+def _sums(r: np.ndarray, lead: int = 1) -> np.ndarray:
+    """Sum over the sample axes: (N, ...) -> (N,), or with lead=2 (N, K, ...) -> (N, K)."""
+    return r.reshape(r.shape[:lead] + (-1,)).astype(np.float64).sum(axis=-1)
 
 
 @dataclass
@@ -42,12 +43,14 @@ class ConservationReport:
 
     Attributes
     ----------
-    total : (N,) sum of the input relevance per sample
-    explained : (N,) the explained output f(x)
-    abs_error : (N,) ``|total - explained|``
-    rel_error : (N,) ``abs_error / max(|explained|, tiny)``
-    layer_totals : (N, K) or None: sum of relevance at every layer's input and at the output
-        (a Sequential: K = L + 1), or on every clean cut of a Graph (see the module docstring)
+    total : (N,) sum of the input relevance per sample; (N, K) per sample and target for an
+        explanation of K targets or seeds per sample
+    explained : (N,) the explained output f(x) (or (N, K); with a seed: the seed's total)
+    abs_error : (N,) ``|total - explained|`` (or (N, K))
+    rel_error : (N,) ``abs_error / max(|explained|, tiny)`` (or (N, K))
+    layer_totals : (N, C) or None: sum of relevance at every layer's input and at the output
+        (a Sequential: C = L + 1), or on every clean cut of a Graph (see the module docstring);
+        (N, K, C) for K targets per sample
     layer_rel_error : (K,) or None: worst relative deviation of each total from f(x)
     layer_names : list of K str, or None: for a Graph, what each column sums: the names of the
         values crossing the cut joined by ``+`` (``"input"``, ``"add3"``, ``"relu2+relu5"``, ...);
@@ -79,8 +82,8 @@ class ConservationReport:
         lim = atol + rtol * np.abs(self.explained)
         good = bool(np.all(self.abs_error <= lim))
         if self.layer_totals is not None:
-            dev = np.abs(self.layer_totals - self.explained[:, None])
-            good = good and bool(np.all(dev <= lim[:, None]))
+            dev = np.abs(self.layer_totals - self.explained[..., None])
+            good = good and bool(np.all(dev <= lim[..., None]))
         return good
 
     def __str__(self) -> str:
@@ -189,15 +192,18 @@ def conservation(res: Explanation, graph: Any = None) -> ConservationReport:
     Parameters
     ----------
     res : Explanation
-        ``res.relevance`` (N, ...) and ``res.explained`` (N,); ``res.layers`` optional.
+        ``res.relevance`` (N, ...) and ``res.explained`` (N,); ``res.layers`` optional. For K targets
+        or seeds per sample (``res.explained`` (N, K), relevance (N, K, ...)) conservation is checked
+        per sample and target: the report's arrays are (N, K).
     graph : Graph, optional
         For an explanation of a Graph with ``return_layers=True`` (``res.layers`` a dict): the
         network (or the explainer's canonical ``explainer.graph``), whose structure gives the clean
         cuts on which per-node totals are compared with f(x). Defaults to ``res.graph`` (set by
         :meth:`Explainer.explain`); without either, only ``"input"`` and the output node are.
     """
-    total = _sums(res.relevance)
-    f = res.explained.astype(np.float64)
+    f = np.asarray(res.explained, dtype=np.float64)
+    lead = f.ndim   # 2: K targets (or seeds) per sample, every relevance array (N, K, ...)
+    total = _sums(res.relevance, lead)
     abs_err = np.abs(total - f)
     rel_err = abs_err / np.maximum(np.abs(f), np.finfo(np.float64).tiny)
     lt = lre = None
@@ -211,11 +217,12 @@ def conservation(res: Explanation, graph: Any = None) -> ConservationReport:
             else:
                 cuts = clean_cuts(g)
             vals = [res.layers[k] for k in keys]
-            lt = np.stack([sum(_sums(vals[v]) for v in cut) for cut in cuts], axis=1)
+            lt = np.stack([sum(_sums(vals[v], lead) for v in cut) for cut in cuts], axis=-1)
             names = ["+".join(keys[v] for v in cut) for cut in cuts]
         else:
-            lt = np.stack([_sums(r) for r in res.layers], axis=1)
-        lre = (np.abs(lt - f[:, None]) / np.maximum(np.abs(f[:, None]), np.finfo(np.float64).tiny)).max(axis=0)
+            lt = np.stack([_sums(r, lead) for r in res.layers], axis=-1)
+        lre = (np.abs(lt - f[..., None]) / np.maximum(np.abs(f[..., None]), np.finfo(np.float64).tiny))
+        lre = lre.reshape(-1, lre.shape[-1]).max(axis=0)
     return ConservationReport(total, f, abs_err, rel_err, lt, lre, res.method, names)
 
 

@@ -47,7 +47,7 @@ from .rules import Flat, Rule, WSquare, ZBox, ZPlus
 from .stream import all_finite as _windowed_all_finite
 from .stream import first_nonfinite, min_max, progress_bar, release
 
-__all__ = ["Explainer", "Explanation", "validate_input", "validate_targets"]
+__all__ = ["Explainer", "Explanation", "parse_target", "validate_input", "validate_seed", "validate_targets"]
 
 
 @dataclass
@@ -56,14 +56,19 @@ class Explanation:
 
     Attributes
     ----------
-    relevance : ndarray, shape of x
+    relevance : ndarray, shape of x, or (N, K, *x.shape[1:]) for K targets or seeds per sample
         The heatmaps, in units of the explained output (squared gradient for Sensitivity).
-    output : ndarray (N, K)
-        The network's output (logits) for x.
-    target : ndarray (N,) int
-        The explained output index per sample.
-    explained : ndarray (N,)
-        ``output[n, target[n]]``: the value a conservative method redistributes.
+    output : ndarray (N, *out)
+        The network's output (logits) for x: (N, K) for a classifier; any rank (e.g. (N, C, H, W) for
+        a segmentation map) where the network ends that way.
+    target : ndarray (N,) or (N, K) int, or None
+        The explained output index per sample (per sample and pass for many targets); a flat index
+        into the per-sample output (C-order) when the output has more than one axis. None when
+        explained from a ``seed``.
+    explained : ndarray (N,) or (N, K)
+        ``output[n, target[n]]``: the value a conservative method redistributes; with a seed ``S``,
+        ``sum S`` (rules) or the objective ``sum S * y`` whose gradient the seed is (gradient
+        methods; :mod:`deeptaylor.seeds`).
     layers : list of ndarray, dict of str -> ndarray, or None
         With ``return_layers=True``. For a :class:`~deeptaylor.Sequential`: a list, the relevance at
         the input of every layer (``layers[0]`` is ``relevance``, ``layers[i]`` the input of layer
@@ -156,9 +161,6 @@ def validate_input(net: Graph, x: Any) -> tuple[np.ndarray, list[tuple[int, ...]
     if x.shape[0] == 0:
         raise InputError(f"empty batch: input has shape {x.shape}")
     shapes = net.shapes(x.shape)
-    if len(shapes[-1]) != 2:
-        raise ShapeError(f"the network's output must be (N, K) to be explained, got {shapes[-1]} "
-                         "(end the network with Flatten/Dense or a global pooling)")
     if not _all_finite(x):
         count, first = first_nonfinite(x)
         raise InputError(f"input contains {count} NaN/Inf value(s), first at index {first}")
@@ -182,7 +184,9 @@ def _all_finite(x: np.ndarray) -> bool:
 
 
 def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
-    """``None`` (argmax), an int, or an integer array (N,); each in ``[0, K)``. Returns (N,) int64 or None."""
+    """``None`` (argmax), an int, an integer array (N,), or (N, K') (K' targets per sample); each in
+    ``[0, K)`` (K outputs per sample; a flat index for an output of rank > 1). Returns (N,) or (N, K')
+    int64, or None."""
     if target is None:
         return None
     if isinstance(target, int) and not isinstance(target, bool) and not 0 <= target < k:
@@ -198,13 +202,65 @@ def validate_targets(target: Any, n: int, k: int) -> np.ndarray | None:
                          f"got values in [{int(t.min())}, {int(t.max())}]")
     if t.ndim == 0:
         t = np.full(n, int(t), dtype=np.int64)
-    elif t.shape != (n,):
-        raise ShapeError(f"target must be an int or have shape ({n},), got shape {t.shape}")
+    elif t.shape != (n,) and not (t.ndim == 2 and t.shape[0] == n and t.shape[1] >= 1):
+        raise ShapeError(f"target must be an int or have shape ({n},), got shape {t.shape} (or ({n}, K) for K "
+                         "targets per sample)")
     t = t.astype(np.int64)
     if np.any(t < 0) or np.any(t >= k):
         raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), "
                          f"got values in [{t.min()}, {t.max()}]")
     return t
+
+
+def parse_target(target: Any, n: int, k: int) -> tuple[np.ndarray | None, int | None]:
+    """The ``target`` argument of :meth:`Explainer.explain`: None (argmax), an int, an (N,) or (N, K')
+    integer array (:func:`validate_targets`), ``"all"`` (every one of the K outputs, in order: an (N, K)
+    array) or ``("top", k')`` (the k' largest outputs per sample, largest first, ties to the lower
+    index; chosen in the same pass as the forward). Returns ``(targets, top)``: validated targets (or
+    None) and the k' of ``("top", k')`` (or None)."""
+    if isinstance(target, str):
+        if target != "all":
+            raise InputTypeError(f"target must be an int, an int array (N,) or (N, K), 'all' or ('top', k), "
+                                 f"got {target!r}")
+        return np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)).copy(), None
+    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
+        kind, kk = target
+        if kind != "top":
+            raise InputError(f"target {target!r} is not understood: the tuple form is ('top', k)")
+        if not isinstance(kk, (int, np.integer)) or isinstance(kk, (bool, np.bool_)) or not 1 <= kk <= k:
+            raise InputError(f"target ('top', k) needs an int k in [1, {k}] (the network has {k} output(s)), "
+                             f"got {kk!r}")
+        return None, int(kk)
+    return validate_targets(target, n, k), None
+
+
+def validate_seed(seed: Any, n: int, out_shape: tuple[int, ...]) -> np.ndarray:
+    """An output seed array (:mod:`deeptaylor.seeds`): float32/float64 of shape (N, *out) or
+    (N, K, *out) with K >= 1, finite. Returns it as a plain ndarray (a CPU torch tensor is converted);
+    raises :class:`~deeptaylor.errors.InputTypeError`, :class:`~deeptaylor.errors.ShapeError` or
+    :class:`~deeptaylor.errors.InputError` naming the problem."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(seed, torch.Tensor):
+        from .io.torch import as_array
+
+        seed = as_array(seed)
+    if isinstance(seed, (np.ma.MaskedArray, np.matrix)) or not isinstance(seed, np.ndarray):
+        raise InputTypeError(f"seed must be a float array (N, *out), a dt.seeds.Seed or a callable, got "
+                             f"{type(seed).__module__}.{type(seed).__qualname__}")
+    if seed.dtype.kind == "f" and not seed.dtype.isnative:
+        seed = seed.astype(seed.dtype.newbyteorder("="))
+    if seed.dtype not in _FLOAT_DTYPES:
+        raise InputTypeError(f"seed dtype {seed.dtype} is not supported: use float32 or float64")
+    want = (n, *out_shape)
+    if tuple(seed.shape) != want and not (seed.ndim == len(want) + 1 and seed.shape[0] == n and seed.shape[1] >= 1
+                                          and tuple(seed.shape[2:]) == tuple(out_shape)):
+        raise ShapeError(f"seed must have the network output's shape {want} (or (N, K, *out) = "
+                         f"{(n, 'K', *out_shape)} for K seeds per sample), got {tuple(seed.shape)}")
+    if not _all_finite(seed):
+        bad = ~np.isfinite(seed)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"seed contains {int(bad.sum())} NaN/Inf value(s), first at index {first}")
+    return seed
 
 
 _FIRST_RULES = (ZPlus, WSquare, Flat)
@@ -477,6 +533,33 @@ class Explainer:
                     f"[{amin:.4g}, {amax:.4g}] (rescale the input or pass the right low/high)"
                 )
 
+    def _resolve_seed(self, seed: Any, x: np.ndarray, n: int, out_shape: tuple[int, ...],
+                      batch_size: int) -> tuple[np.ndarray | None, bool]:
+        """``seed`` of :meth:`explain` as ``(array (N, [K,] *out) in the backend's dtype, times_output)``:
+        a :class:`~deeptaylor.seeds.Seed` gives its weights (times the output for a rule composite, as
+        they are for a gradient method, whose seed is the output gradient); a callable is called on
+        the output of a forward pass; an array is checked (:func:`validate_seed`) and used as given."""
+        from .seeds import Seed
+
+        if seed is None:
+            return None, False
+        times_output = False
+        if isinstance(seed, Seed):
+            arr = seed.weights((n, *out_shape))
+            times_output = not isinstance(self.assignment, Method)
+        elif callable(seed):
+            arr = seed(self.forward(x, batch_size=batch_size))
+        else:
+            arr = seed
+        arr = validate_seed(arr, n, out_shape)
+        dtype = np.dtype(getattr(self.backend, "dtype", np.float64))
+        if dtype == np.float32 and arr.dtype == np.float64:
+            big = float(np.finfo(np.float32).max)
+            if arr.size and float(np.abs(arr).max()) > big:
+                raise InputError(f"seed has values beyond float32's range (+-{big:.4g}): backend "
+                                 f"'{self.backend.name}' computes in float32")
+        return np.ascontiguousarray(arr, dtype=dtype), times_output
+
     def _check_out(self, out: Any, x: np.ndarray, shape: tuple[int, ...]) -> None:
         """``out`` of :meth:`explain`: a writable float32/float64 array of the relevance's ``shape``
         that does not overlap ``x``; checked before any work."""
@@ -494,17 +577,24 @@ class Explainer:
             raise InputError("out overlaps the input x: pass a separate array")
 
     def explain(self, x: Any, target: Any = None, return_layers: bool = False,
-                batch_size: int | None = None, progress: bool = False, out: Any = None) -> Explanation:
+                batch_size: int | None = None, progress: bool = False, out: Any = None,
+                seed: Any = None) -> Explanation:
         """Heatmaps for a batch.
 
         Parameters
         ----------
         x : float32/float64 array (N, F) or (N, C, H, W), or a CPU torch tensor
-        target : None, int or int array (N,)
+        target : None, int, int array (N,) or (N, K), ``"all"`` or ``("top", k)``
             The output to explain: None = the largest output per sample (a single-output network
-            explains its output).
+            explains its output); an int or (N,) array: one output per sample. Many targets: an
+            (N, K) array (K outputs per sample), ``"all"`` (every output, in order) or ``("top", k)``
+            (the k largest per sample, largest first, ties to the lower index); the relevance is then
+            (N, K, *x.shape[1:]) and ``explained``/``target`` (N, K). The K relevance passes share one
+            forward pass (the compiled engine runs them together, docs/engine.md "Many targets and
+            seeds"). For an output with more than one axis, targets are flat indices (C-order).
         return_layers : bool
-            Also return the relevance at every layer (see :class:`Explanation`).
+            Also return the relevance at every layer (see :class:`Explanation`); with K targets or
+            seeds every layer's array has the K axis too, (N, K, ...).
         batch_size : int, optional
             Process the batch in chunks of this size (bounds the memory of the numpy backend).
         progress : bool
@@ -517,29 +607,56 @@ class Explainer:
             itself. With x and ``out`` both memory-mapped files the process holds only a chunk: the
             pages of a shared ``np.memmap`` (x's and ``out``'s) are released from memory as each
             chunk is done (:func:`deeptaylor.stream.release`). ``out`` must not overlap x.
+        seed : array (N, *out) or (N, K, *out), :class:`deeptaylor.seeds.Seed`, or callable, optional
+            Start the backward pass from this instead of the one-hot target (not with ``target``): an
+            array is the relevance at the output (rules) or the output gradient (gradient methods); a
+            ``Seed`` (``dt.seeds.contrast(c, d)``, ``dt.seeds.mask(m)``) is a linear objective of the
+            output; a callable gets the output (one extra forward pass) and returns the array. See
+            :mod:`deeptaylor.seeds`; ``explained`` is then the seed's total, ``target`` None.
 
         Returns
         -------
         Explanation
-            ``relevance`` has the shape of x; float64 for the numpy backend, float32 for cpu.
+            ``relevance`` has the shape of x (with K targets or seeds: (N, K, *x.shape[1:])); float64
+            for the numpy backend, float32 for cpu.
         """
         x, shapes = validate_input(self.graph, x)
-        n, k = shapes[-1]
-        targets = validate_targets(target, n, k)
+        n = shapes[-1][0]
+        out_shape = tuple(shapes[-1][1:])
+        k = int(np.prod(out_shape, dtype=np.int64))
+        if seed is not None and target is not None:
+            raise InputError("pass either target or seed, not both (a seed replaces the one-hot target)")
+        targets, top = parse_target(target, n, k)
         self._check_range(x)
         self._check_domains(x, shapes)
         if batch_size is None:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        compound = isinstance(self.assignment, CompoundMethod)
+        seed_arr, times_output = self._resolve_seed(seed, x, n, out_shape, batch_size)
+        k_axis = top is not None or (targets is not None and targets.ndim == 2) or (
+            seed_arr is not None and seed_arr.ndim == len(out_shape) + 2)
+        if k_axis or seed_arr is not None:
+            what = "a seed" if seed_arr is not None else "several targets per sample"
+            if compound:
+                raise UnsupportedError(f"{what} is not available for {self.assignment!r}: a compound method "
+                                       "explains one target per sample")
+            if not getattr(self.backend, "many_targets", False):
+                raise UnsupportedError(f"{what} is not available on backend '{self.backend.name}' (its run "
+                                       "takes one target per sample); use backend='cpu' or 'numpy'")
+        passes = (top if top is not None else targets.shape[1] if targets is not None and targets.ndim == 2
+                  else seed_arr.shape[1] if k_axis else 1)
         if out is not None:
-            self._check_out(out, x, _relevance_shape(x.shape, targets))
+            self._check_out(out, x, (n, passes, *x.shape[1:]) if k_axis else tuple(x.shape))
         starts = range(0, n, batch_size)
         bar = progress_bar(n, progress and len(starts) > 1)
-        compound = isinstance(self.assignment, CompoundMethod)
         if compound and return_layers:
             raise UnsupportedError(f"return_layers is not available for {self.assignment!r}: a compound method "
                                    "combines several passes and has no per-layer relevance")
+        kw: dict[str, Any] = {} if top is None else {"top": top}
+        if seed_arr is not None:
+            kw["seed_times_output"] = times_output
         parts = []
         extras: list[dict[str, np.ndarray]] = []
         for s in starts:
@@ -551,7 +668,9 @@ class Explainer:
                 parts.append((out_s, rel_s, None))
                 extras.append(ext_s)
             else:
-                parts.append(self.backend.run(self.graph, self.assignment, xs, t, return_layers))
+                if seed_arr is not None:
+                    kw["seed"] = seed_arr[s:s + batch_size]
+                parts.append(self.backend.run(self.graph, self.assignment, xs, t, return_layers, **kw))
             self._check_finite(parts[-1][0], "forward", "the network output", offset=s)
             self._check_finite(parts[-1][1], "relevance", "the relevance", offset=s)
             if out is not None:   # into the caller's array; drop the chunk's pages of memory maps
@@ -579,10 +698,26 @@ class Explainer:
             layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
                 if return_layers else None
         extra = {key: np.concatenate([e[key] for e in extras]) for key in extras[0]} if extras else {}
-        tgt = np.argmax(output, axis=1) if targets is None else targets
-        explained = output[np.arange(n), tgt].astype(np.float64)
+        flat = output.reshape(n, -1).astype(np.float64)
+        if seed_arr is not None:
+            tgt = None
+            y = output.astype(np.float64)[:, None] if k_axis else output.astype(np.float64)
+            start = seed_arr.astype(np.float64) * (y if times_output else 1.0)
+            gradient = isinstance(self.assignment, Method)
+            total = start * y if gradient else start   # a gradient seed: the objective sum S * y
+            explained = total.reshape(total.shape[:2 if k_axis else 1] + (-1,)).sum(axis=-1)
+            nonneg_start = bool(np.all(start >= 0))
+        else:
+            if targets is not None:
+                tgt = targets
+            elif top is not None:
+                tgt = np.argsort(-flat, axis=1, kind="stable")[:, :top]
+            else:
+                tgt = np.argmax(flat, axis=1)
+            explained = np.take_along_axis(flat, tgt.reshape(n, -1), axis=1).reshape(tgt.shape)
+            nonneg_start = bool(np.all(explained >= 0))
         holds, needs_nonnegative, needs_input = self._premises
-        conservative = holds and (not needs_nonnegative or bool(np.all(explained >= 0))) and (
+        conservative = holds and (not needs_nonnegative or nonneg_start) and (
             not needs_input or float(min_max(x)[0]) >= 0)
         if return_layers and layers is not None and not isinstance(self.graph, Sequential):
             named = {"input": layers[0]}
@@ -608,8 +743,9 @@ class Explainer:
             are held at a time.
         batch_size : int
             Samples per explained batch (default 256).
-        target : None, int, or an array indexable by stream position
-            None: the largest output; an int: that output for every sample; an array whose rows
+        target : None, int, ``"all"``, ``("top", k)``, or an array indexable by stream position
+            None: the largest output; an int, ``"all"`` or ``("top", k)``: the same for every batch
+            (as in :meth:`explain`); an array whose rows
             ``target[i:i + B]`` are the targets of the samples ``i .. i + B - 1`` of the stream
             (e.g. the labels as an (N,) array), passed to :meth:`explain` batch by batch.
         return_layers : bool
@@ -628,7 +764,8 @@ class Explainer:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         per_sample = target is not None and not (isinstance(target, (int, np.integer))
-                                                 and not isinstance(target, (bool, np.bool_)))
+                                                 and not isinstance(target, (bool, np.bool_))) and not (
+            isinstance(target, (str, tuple)))   # "all", ("top", k): the same for every batch
         tgt = np.asarray(target) if per_sample else target
         pending: list[np.ndarray] = []
         held = 0

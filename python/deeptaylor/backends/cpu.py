@@ -200,6 +200,8 @@ class CpuBackend:
     name = "cpu"
     #: the precision it computes in (float64 inputs are converted)
     dtype = np.dtype(np.float32)
+    #: ``run`` takes (N, K) targets, ``top`` and ``seed`` (many targets and seeds, docs/engine.md)
+    many_targets = True
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = check_threads(threads)
@@ -266,18 +268,28 @@ class CpuBackend:
         return plan
 
     def run(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
-            targets: np.ndarray | None, return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+            targets: np.ndarray | None, return_layers: bool, *, top: int | None = None,
+            seed: np.ndarray | None = None,
+            seed_times_output: bool = False) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
         """Forward + relevance for x (N, ...) float32/float64 (copied to C-contiguous float32 if it is
-        not already). Returns ``(output (N, K), relevance (shape of x), layers | None)``, float32;
-        ``layers`` holds L + 1 arrays indexed by value id (the input, then every node's output)."""
+        not already). Returns ``(output (N, *out), relevance (shape of x), layers | None)``, float32;
+        ``layers`` holds L + 1 arrays indexed by value id (the input, then every node's output).
+
+        Many targets and seeds: ``targets`` (N, K), ``top`` K (the K largest outputs, largest first,
+        ties to the lower index) or ``seed`` (N, *out) / (N, K, *out) (times the output with
+        ``seed_times_output``): K relevance passes from one forward pass per tile, in rounds of
+        ``plan.passes(K)`` (docs/engine.md "Many targets and seeds"); with a K axis the relevance is
+        (N, K, *x.shape[1:]) and every layer (N, K, ...)."""
         plan = self.plan(net, assignment, x.shape[1:])
         xc = np.ascontiguousarray(x, dtype=np.float32)
         t = None if targets is None else np.ascontiguousarray(targets, dtype=np.int64)
-        output, relevance, layers = plan.run(xc, t, bool(return_layers), int(self.threads or 0))
+        sd = None if seed is None else np.ascontiguousarray(seed, dtype=np.float32)
+        output, relevance, layers = plan.run(xc, t, bool(return_layers), int(self.threads or 0), False, sd,
+                                             bool(seed_times_output), int(top or 0))
         return output, relevance, layers
 
     def forward(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray) -> np.ndarray:
-        """The network's output ``(N, K)`` float32 for x (N, ...): the forward pass of the plan of
+        """The network's output ``(N, *out)`` float32 for x (N, ...): the forward pass of the plan of
         ``(net, assignment)`` only (tiles, bounded memory; no relevance pass). ``assignment`` only picks
         the cached plan: the forward pass is the same under every rule and method."""
         plan = self.plan(net, assignment, x.shape[1:])

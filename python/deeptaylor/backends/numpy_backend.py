@@ -55,13 +55,17 @@ def available_memory() -> int | None:
     return avail
 
 
-def estimate_bytes(net: Graph, sample_shape: tuple[int, ...], n: int, return_layers: bool) -> int:
+def estimate_bytes(net: Graph, sample_shape: tuple[int, ...], n: int, return_layers: bool, passes: int = 1) -> int:
     """Peak bytes :func:`deeptaylor.reference.run` needs for ``n`` samples of ``sample_shape`` (an
     estimate from the graph's shapes): every value's activation (float64, all kept for the relevance
-    pass), the per-layer relevances when returned, and :data:`WORK_FACTOR` times the largest value
-    for a layer's temporaries."""
+    pass), the relevances of one backward pass, the per-layer relevances of all ``passes`` passes when
+    returned (else their input relevances), and :data:`WORK_FACTOR` times the largest value for a
+    layer's temporaries."""
     sizes = [int(np.prod(s[1:], dtype=np.float64)) for s in net.shapes((1,) + tuple(sample_shape))]
-    per_sample = sum(sizes) * (2 if return_layers else 1) + WORK_FACTOR * max(sizes)
+    if passes == 1:
+        per_sample = sum(sizes) * (2 if return_layers else 1) + WORK_FACTOR * max(sizes)
+    else:  # + each pass's kept relevances, twice (the per-pass lists and the stacked arrays)
+        per_sample = 2 * sum(sizes) + 2 * passes * (sum(sizes) if return_layers else sizes[0]) + WORK_FACTOR * max(sizes)
     return int(8 * n * per_sample)
 
 
@@ -72,6 +76,8 @@ class NumpyBackend:
     name = "numpy"
     #: the precision it computes in
     dtype = np.dtype(np.float64)
+    #: ``run`` takes (N, K) targets, ``top`` and ``seed`` (many targets and seeds, docs/engine.md)
+    many_targets = True
 
     def check(self, net: Graph, assignment: list[Rule | None] | Method) -> None:
         """Raise :class:`~deeptaylor.errors.UnsupportedError` naming the layer index, type and rule for
@@ -79,14 +85,22 @@ class NumpyBackend:
         refuse_unsupported(self.name, net, assignment, _LAYERS, tuple(RULE_FUNCTIONS), _METHODS)
 
     def run(self, net: Graph, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
-            return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-        """Forward + relevance in float64: ``(output (N, K), relevance (shape of x), layers | None)``.
+            return_layers: bool, *, top: int | None = None, seed: np.ndarray | None = None,
+            seed_times_output: bool = False) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """Forward + relevance in float64: ``(output (N, *out), relevance (shape of x), layers | None)``.
+
+        Many targets and seeds (:func:`deeptaylor.reference.run`): ``targets`` (N, K), ``top`` K or a
+        ``seed`` (N, *out) / (N, K, *out); the K backward passes share one forward pass, and with a K
+        axis the relevance is (N, K, *x.shape[1:]) (the layers likewise).
 
         Refuses up front, with :class:`~deeptaylor.errors.InputError`, a batch whose estimated
         memory (:func:`estimate_bytes`) exceeds what the machine has available
         (:func:`available_memory`): the reference keeps every activation of the whole batch.
         """
-        need = estimate_bytes(net, x.shape[1:], x.shape[0], return_layers)
+        passes = (targets.shape[1] if targets is not None and targets.ndim == 2 else
+                  top if top is not None else
+                  seed.shape[1] if seed is not None and seed.ndim == len(net.shapes(x.shape)[-1]) + 1 else 1)
+        need = estimate_bytes(net, x.shape[1:], x.shape[0], return_layers, passes)
         avail = available_memory()
         if avail is not None and need > avail:
             per = max(1, need // max(1, x.shape[0]))
@@ -99,7 +113,9 @@ class NumpyBackend:
         # overflow (inf) and inf - inf (NaN) are not warned about here: the Explainer checks the
         # output and the relevance once after the pass and raises a clear error instead
         with np.errstate(over="ignore", invalid="ignore"):
-            p = reference.run(net, assignment, x.astype(np.float64, copy=False), targets)
+            p = reference.run(net, assignment, x.astype(np.float64, copy=False), targets, top=top,
+                              seed=None if seed is None else np.asarray(seed, dtype=np.float64),
+                              seed_times_output=seed_times_output, keep_layers=return_layers)
         return p.output, p.relevance, (p.layers if return_layers else None)
 
     def forward(self, net: Graph, assignment: Any, x: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@
 rule, :mod:`.engine` the passes through a whole network.
 """
 
-from .engine import Pass, forward, forward_layer, gradient_layer, relevance_layer, run
+from .engine import Pass, forward, forward_layer, gradient_layer, relevance_layer, run, start_values
 from .relevance import RULE_FUNCTIONS, linear_relevance, safe_divide
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "gradient_layer",
     "relevance_layer",
     "run",
+    "start_values",
     "RULE_FUNCTIONS",
     "linear_relevance",
     "safe_divide",

@@ -41,7 +41,7 @@ from . import ops
 from .relevance import batchnorm_relevance, linear_relevance, norm_split, safe_divide
 
 __all__ = ["forward_layer", "relevance_layer", "gradient_layer", "forward_node", "relevance_node",
-           "gradient_node", "forward", "run", "Pass"]
+           "gradient_node", "forward", "run", "start_values", "Pass"]
 
 _LINEAR = (Dense, Conv2d, ConvTranspose2d)
 _BATCHNORM = (BatchNorm1d, BatchNorm2d)
@@ -345,9 +345,10 @@ class Pass:
     """Everything one reference pass computed (lists indexed by value id: 0 is the input, ``i + 1``
     the output of node ``i``)."""
 
-    output: np.ndarray            # (N, K) network output
-    relevance: np.ndarray         # shape of x
+    output: np.ndarray            # (N, *out) network output
+    relevance: np.ndarray         # shape of x; (N, K, *x.shape[1:]) with K passes (run's k axis)
     layers: list[np.ndarray]      # relevance at every value (len L+1): input of every layer, then the output
+                                  # (only the input's with run(keep_layers=False))
     activations: list[np.ndarray]  # every value (len L+1)
 
 
@@ -355,27 +356,46 @@ def _accumulate(buf: list[np.ndarray | None], v: int, r: np.ndarray) -> None:
     buf[v] = r if buf[v] is None else buf[v] + r
 
 
-def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
-        targets: np.ndarray | None) -> Pass:
-    """Forward ``x`` (N, ...) through ``net``, then propagate back from the targets' outputs.
+def start_values(output: np.ndarray, targets: np.ndarray | None, *, top: int | None = None,
+                 seed: np.ndarray | None = None, seed_times_output: bool = False,
+                 gradient: bool = False) -> tuple[list[np.ndarray], bool]:
+    """The relevance (or, ``gradient=True``, the output gradient) each backward pass starts from.
 
-    ``assignment`` is the per-node rule list of a resolved composite, or a gradient method.
-    ``targets`` (N,) int: the output explained per sample; None: the largest output (argmax).
-    Returns a :class:`Pass`. Relevance starts as ``R_out[n, t_n] = f_{t_n}(x_n)`` (others 0); for a
-    gradient method the backward pass starts from the one-hot ``df_t/df``. Nodes are visited in
-    reverse topological order; a value read by several nodes receives the sum of their relevances
-    (gradients). A value that no path from the output reaches gets zeros.
-    """
-    acts, caches = _forward_all(net, x)
-    L = len(net)
-    output = acts[-1]
+    ``output`` (N, *out). Exactly one source: ``seed`` (N, *out) or (N, K, *out), as given or, with
+    ``seed_times_output``, times ``output``; else one-hot at ``targets`` (N,) or (N, K) (flat indices
+    into the per-sample output, C-order), times the output unless ``gradient``; else at the ``top``
+    largest outputs (largest first, ties to the lower index) or, with neither, at the largest (argmax).
+    Returns ``(list of K arrays (N, *out), k_axis)``; ``k_axis``: the results get a K axis after N
+    (2-D targets, a seed with a K axis, or ``top``)."""
     n = output.shape[0]
-    t = np.argmax(output, axis=1) if targets is None else np.asarray(targets)
-    onehot = np.zeros_like(output)
-    onehot[np.arange(n), t] = 1.0
+    flat = output.reshape(n, -1)
+    if seed is not None:
+        k_axis = seed.ndim == output.ndim + 1
+        parts = [seed[:, k] for k in range(seed.shape[1])] if k_axis else [seed]
+        return [np.asarray(p, dtype=output.dtype) * (output if seed_times_output else 1.0) for p in parts], k_axis
+    if targets is None:
+        if top is not None:
+            targets = np.argsort(-flat, axis=1, kind="stable")[:, :top]
+        else:
+            targets = np.argmax(flat, axis=1)
+    t = np.asarray(targets)
+    k_axis = t.ndim == 2
+    cols = t.T if k_axis else t[None]
+    starts = []
+    for tk in cols:
+        onehot = np.zeros_like(flat)
+        onehot[np.arange(n), tk] = 1.0
+        starts.append((onehot if gradient else flat * onehot).reshape(output.shape))
+    return starts, k_axis
+
+
+def _backward(net: Graph, assignment: list[Rule | None] | Method, acts: list[np.ndarray], caches: list[Any],
+              start: np.ndarray) -> list[np.ndarray]:
+    """One backward pass from ``start`` at the output: the relevance (gradient) at every value."""
+    L = len(net)
     method = isinstance(assignment, Method)
     buf: list[np.ndarray | None] = [None] * (L + 1)
-    buf[L] = onehot if method else output * onehot
+    buf[L] = start
     for i in range(L - 1, -1, -1):
         node = net.nodes[i]
         R = buf[i + 1]
@@ -393,7 +413,7 @@ def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
         for v, r in zip(node.inputs, parts, strict=True):
             _accumulate(buf, v, r)
     if buf[0] is None:
-        buf[0] = np.zeros_like(x)
+        buf[0] = np.zeros_like(acts[0])
     layers: list[np.ndarray] = [b if b is not None else np.zeros_like(a) for b, a in zip(buf, acts)]
     if method:
         if isinstance(assignment, Sensitivity):
@@ -404,4 +424,39 @@ def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
             pass
         else:  # pragma: no cover - guarded by the Explainer
             raise UnsupportedError(f"unknown method {assignment!r}")
+    return layers
+
+
+def run(net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
+        targets: np.ndarray | None, *, top: int | None = None, seed: np.ndarray | None = None,
+        seed_times_output: bool = False, keep_layers: bool = True) -> Pass:
+    """Forward ``x`` (N, ...) through ``net``, then propagate back from the targets' outputs.
+
+    ``assignment`` is the per-node rule list of a resolved composite, or a gradient method.
+    ``targets`` (N,) int: the output explained per sample (a flat index into the per-sample output);
+    None: the largest output (argmax). Returns a :class:`Pass`. Relevance starts as
+    ``R_out[n, t_n] = f_{t_n}(x_n)`` (others 0); for a gradient method the backward pass starts from the
+    one-hot ``df_t/df``. Nodes are visited in reverse topological order; a value read by several nodes
+    receives the sum of their relevances (gradients). A value that no path from the output reaches
+    gets zeros.
+
+    Many targets and seeds (:func:`start_values`): ``targets`` (N, K), ``top`` (the K largest outputs,
+    with ``targets`` None) or ``seed`` (N, *out) / (N, K, *out) (the relevance, or for a gradient
+    method the output gradient, to start from; times the output with ``seed_times_output``). The K
+    backward passes share the forward pass; with a K axis the relevance is (N, K, *x.shape[1:]) and
+    every ``layers`` entry (N, K, ...). ``keep_layers=False``: ``layers`` holds the input's relevance
+    only (less memory).
+    """
+    acts, caches = _forward_all(net, x)
+    output = acts[-1]
+    starts, k_axis = start_values(output, targets, top=top, seed=seed, seed_times_output=seed_times_output,
+                                  gradient=isinstance(assignment, Method))
+    passes = []
+    for start in starts:
+        layers = _backward(net, assignment, acts, caches, start)
+        passes.append(layers if keep_layers else layers[:1])
+    if k_axis:
+        layers = [np.stack([p[v] for p in passes], axis=1) for v in range(len(passes[0]))]
+    else:
+        layers = passes[0]
     return Pass(output=output, relevance=layers[0], layers=layers, activations=acts)
