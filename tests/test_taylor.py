@@ -194,6 +194,26 @@ def test_cpu_agrees_with_numpy(rng):
         np.testing.assert_allclose(b.relevance, a.relevance, rtol=1e-4, atol=1e-5 * np.abs(a.relevance).max())
 
 
+def test_conv_graph_with_box_on_both_backends(rng):
+    x = dt.Input((2, 8, 8))
+    h = dt.Tanh()(dt.Conv2d(rng.normal(size=(4, 2, 3, 3)) / 4, rng.normal(size=4) * 0.1, padding=1)(x))
+    h = dt.AvgPool2d(2)(h)
+    net = dt.Graph(x, dt.Dense(rng.normal(size=(3, 64)) / 8, rng.normal(size=3) * 0.1)(dt.Flatten()(h)))
+    xs = rng.uniform(0, 1, size=(5, 2, 8, 8))
+    res = {b: dt.Explainer(net, Taylor(box=(0.0, 1.0)), backend=b).explain(xs) for b in ("numpy", "cpu")}
+    for b, r in res.items():
+        e = r.extras
+        assert e["root_found"].all() and e["root"].shape == xs.shape
+        assert e["root"].min() >= 0 and e["root"].max() <= 1
+        tol = 1e-9 if b == "numpy" else 2e-4
+        np.testing.assert_allclose(e["residual"], r.explained - r.relevance.astype(np.float64).sum((1, 2, 3)),
+                                   rtol=1e-5, atol=tol)
+    ref, cpu = res["numpy"], res["cpu"]
+    np.testing.assert_allclose(cpu.extras["root_distance"], ref.extras["root_distance"], rtol=1e-2)
+    scale = np.abs(ref.relevance).max()
+    assert np.abs(cpu.relevance - ref.relevance).max() / scale < 2e-2
+
+
 def _no_root_net() -> dt.Sequential:
     # f(x) = sum relu(x) + 1 >= 1 everywhere: there is no root
     return dt.Sequential([dt.Dense(np.eye(4), np.zeros(4)), dt.ReLU(), dt.Dense(np.ones((1, 4)), np.ones(1))])
@@ -203,8 +223,9 @@ def _no_root_net() -> dt.Sequential:
 def test_root_not_found(rng, backend):
     net = _no_root_net()
     x = rng.normal(size=(5, 4))
-    with pytest.warns(dt.RootNotFoundWarning, match="no root point found for 5 of 5"):
+    with pytest.warns(dt.RootNotFoundWarning, match="no root point found for 5 of 5") as rec:
         res = dt.Explainer(net, Taylor(), backend=backend).explain(x)
+    assert rec[0].filename == __file__            # points at the explain() call
     e = res.extras
     assert not e["root_found"].any()
     assert np.all(e["f_root"] >= 1 - 1e-6)

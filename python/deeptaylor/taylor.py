@@ -132,6 +132,9 @@ _EXPANSIONS = 6
 _SHORT = 2.0 ** -10
 #: most regula-falsi steps on the segment from x to the origin
 _SEGMENT_STEPS = 40
+#: most rounds of the box's active-set projection (each fixes every coordinate that crossed a bound);
+#: beyond them the step is clipped to the box
+_ACTIVE_SET_ROUNDS = 32
 
 
 def _as_float(value: Any, name: str, positive: bool = False, allow_none: bool = False) -> float | None:
@@ -339,7 +342,7 @@ class Taylor(CompoundMethod):
             if self.on_failure == "raise":
                 raise RootNotFoundError(msg)
             if self.on_failure == "warn":
-                warnings.warn(msg, RootNotFoundWarning, stacklevel=4)
+                warnings.warn(msg, RootNotFoundWarning, stacklevel=3)   # at the explain() call
         return out0, relevance, extras
 
     def _given_root(self, x: np.ndarray) -> np.ndarray:
@@ -385,7 +388,7 @@ class Taylor(CompoundMethod):
         ``ok`` is False where the gradient vanishes and no coordinate is at a bound."""
         fixed = np.zeros(anchor.shape, dtype=bool)
         target = anchor.copy()
-        for _ in range(anchor.shape[1] + 1):
+        for _ in range(min(anchor.shape[1] + 1, _ACTIVE_SET_ROUNDS)):
             gf = np.where(fixed, 0.0, g)
             gg = (gf * gf).sum(axis=1)
             # no free gradient: with every useful coordinate at a bound the step goes to the bounds
