@@ -401,8 +401,9 @@ def report_initialisers(res: dict[str, object], seed: int, n_networks: int) -> N
     ins = [f"i={i}" for i in range(N_IN)]
     hid = [f"j={j}" for j in range(N_HIDDEN)]
     print(f"Deep Taylor decomposition under each initialiser of dt.init (seed {seed})")
-    print("  Dense(6 -> 4) weights from the initialiser (the uniform ones draw the same numbers scaled, and so")
-    print("  do the normal ones); the same biases (in [-0.2, -0.05]) and the same input for every initialiser\n")
+    print("  Dense(6 -> 4) weights from the initialiser (the uniform ones draw the same numbers scaled, and")
+    print("  so do the normal ones); the same biases (in [-0.2, -0.05]) and the same input for every")
+    print("  initialiser\n")
     for init in INITIALISERS:
         d = at_seed[init]
         f = float(d["f"][0])
@@ -514,7 +515,8 @@ def interpret_initialisers(res: dict[str, object]) -> list[str]:
         "Sensitivity is not scale-free: sum (df/dx_i)^2 grows with the square of the weights and f only "
         "about linearly, so their ratio (median) "
         + ("grows with the scale" if rising("sens_ratio") else "should grow with the scale (not clear here)")
-        + f", {three('sens_ratio', '.2f')} (LeCun, Glorot, He; uniform). The deep Taylor rules conserve f under every scheme (largest "
+        + f", {three('sens_ratio', '.2f')} (LeCun, Glorot, He; uniform). The deep Taylor rules conserve f "
+        "under every scheme (largest "
         f"|sum R_i - f| {err:.1e} over all networks, smallest R_i {low:.3f}): consistency does not depend "
         "on how the network was initialised, only on b <= 0 and the input domains.")
     return paras

@@ -335,9 +335,9 @@ def test_command_line(rng, tmp_path, capsys):
     x = rng.uniform(-1, 2, size=(4, 10)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "out"
-    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--composite", "taylor",
-                 "--low", "-1", "--high", "2", "--out", str(out), "--backend", "numpy", "--no-progress",
-                 "--png", "none"]) == 0
+    assert main(["explain", "--model", str(model), "--input", str(tmp_path / "x.npy"), "--composite",
+                 "taylor", "--low", "-1", "--high", "2", "--out", str(out), "--backend", "numpy",
+                 "--no-progress", "--png", "none"]) == 0
     ref = dt.Explainer(net, Taylor(box=(-1.0, 2.0)), backend="numpy").explain(x)
     np.testing.assert_allclose(np.load(out / "relevance.npy"), ref.relevance, rtol=1e-6, atol=1e-9)
     capsys.readouterr()
