@@ -737,7 +737,7 @@ std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode
       }
     }
     plan->const_bytes = static_cast<int64_t>(consts);
-    if (plan->values.back().rank != 1) throw std::invalid_argument("plan: the network's output must be (N, K)");
+    // the output may have any rank: targets and seeds index it in the user's C-order (engine_cpu.cpp)
     // relevance writers: the consumer with the highest index (lowest slot) writes, the rest accumulate
     plan->first_write.assign(L, {});
     for (size_t i = 0; i < L; ++i) plan->first_write[i].assign(plan->ops[i].inputs.size(), 0);
