@@ -20,7 +20,9 @@
     is the explanation, the scheduling and the worker processes; cluster start-up and the first
     (warm-up) computation, which ships the Explainer and builds each worker's plan, are reported apart.
     The same chunks explained in this process on one thread give the pure compute time; overhead per
-    chunk = (1 x 1 wall - in-process time) / chunks.
+    chunk = (1 x 1 wall - in-process time) / chunks, which the machine's load moves as much as the work
+    itself, so it is also measured on 200 chunks of one image each (little work, mostly overhead):
+    (wall x workers - in-process time of the same 200 calls) / 200.
 (c) **Per-worker memory: VGG-16** (3x224x224, deep_taylor, random float32 weights). A fresh process
     reports its RSS after ``import deeptaylor``, after building the network, after building the
     Explainer and its compiled plan, and after explaining one image (1 and 2 threads): what each Dask
@@ -185,10 +187,16 @@ def part_b(n: int, chunk: int) -> dict:
     ex = dt.Explainer(net, "deep-taylor", backend="cpu", threads=1)
     sizes = [min(chunk, n - s) for s in range(0, n, chunk)]
 
-    def array():
+    def array(sizes):
         blocks = [da.from_delayed(dask.delayed(_block, pure=True)(i, r), shape=(r, 1, 28, 28), dtype=np.float32)
                   for i, r in enumerate(sizes)]
         return da.concatenate(blocks)
+
+    tiny = [1] * 200   # 200 chunks of one image: what a chunk costs beyond its work
+    t0 = time.perf_counter()
+    for i, r in enumerate(tiny):
+        ex.explain(_block(i, r))
+    t_tiny_local = time.perf_counter() - t0
 
     # in this process, one thread: the pure compute time of the same chunks
     ex.explain(_block(0, min(chunk, 256)))
@@ -203,21 +211,30 @@ def part_b(n: int, chunk: int) -> dict:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                           silence_logs=50) as cluster, Client(cluster):
             t_start = time.perf_counter() - t0
-            x = array()
+            x = array(sizes)
             t1 = time.perf_counter()
             dt.dask.explain(ex, x[: 2 * chunk], threads=1).relevance.sum(axis=(1, 2, 3)).compute()
             t_warm = time.perf_counter() - t1
             t1 = time.perf_counter()
             sums = dt.dask.explain(ex, x, threads=1).relevance.sum(axis=(1, 2, 3)).compute()
             t_run = time.perf_counter() - t1
+            load = os.getloadavg()[0]
+            t1 = time.perf_counter()
+            dt.dask.explain(ex, array(tiny), threads=1).relevance.sum(axis=(1, 2, 3)).compute()
+            t_tiny = time.perf_counter() - t1
         diff = float(np.abs(sums - local).max())
-        out["clusters"][f"{workers}x1"] = {"start_s": t_start, "warm_up_s": t_warm, "seconds": t_run,
-                                           "images_per_s": n / t_run, "max_abs_diff_sums_vs_in_process": diff}
+        out["clusters"][f"{workers}x1"] = {
+            "start_s": t_start, "warm_up_s": t_warm, "seconds": t_run, "images_per_s": n / t_run,
+            "max_abs_diff_sums_vs_in_process": diff, "loadavg_1min_after": load,
+            "tiny_chunks": len(tiny), "tiny_seconds": t_tiny, "tiny_in_process_seconds": t_tiny_local,
+            "overhead_per_chunk_ms_from_tiny": 1000 * (t_tiny * workers - t_tiny_local) / len(tiny)}
         print(f"(b) LocalCluster {workers} x 1: {n / t_run:.0f} images/s (start {t_start:.1f} s, warm-up "
-              f"{t_warm:.1f} s)", flush=True)
+              f"{t_warm:.1f} s); {len(tiny)} one-image chunks in {t_tiny:.2f} s (in process {t_tiny_local:.2f} s)",
+              flush=True)
     c1, c2 = out["clusters"]["1x1"], out["clusters"]["2x1"]
     out["speedup_2x1_vs_1x1"] = c1["seconds"] / c2["seconds"]
     out["overhead_per_chunk_ms"] = 1000 * (c1["seconds"] - t_local) / len(sizes)
+    out["overhead_per_chunk_ms_from_tiny_1x1"] = c1["overhead_per_chunk_ms_from_tiny"]
     return out
 
 
