@@ -251,6 +251,13 @@ def test_dask_on_a_local_cluster_equals_local(lenet, images, backend, client):
     t = np.arange(len(images)) % 10
     got = dt.dask.explain(ex, x, target=da.from_array(t, chunks=40), threads=1).relevance.compute()
     np.testing.assert_array_equal(got, ex.explain(images, target=t, batch_size=15).relevance)
+    # several targets per sample: (N, K) arrays, "all", ("top", k): relevance (N, K, *sample)
+    kinds = (np.stack([t, (t + 1) % 10], axis=1), "all", ("top", 2)) if backend == "cpu" else (("top", 2),)
+    for many in kinds:
+        res_k = dt.dask.explain(ex, x, target=many, threads=1)
+        ref_k = ex.explain(images, target=many, batch_size=15)
+        assert res_k.relevance.shape == ref_k.relevance.shape
+        np.testing.assert_array_equal(res_k.relevance.compute(), ref_k.relevance)
     if backend == "cpu":   # the threads=1 Explainer is a second cache entry on each worker
         assert all(sorted(e[1] for e in entries if e[1] is not None) == [1] and len(entries) == 2
                    for entries in client.run(_worker_state).values())

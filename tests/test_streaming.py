@@ -55,6 +55,22 @@ def test_out_memmap_equals_in_memory(tmp_path, lenet, images, backend):
     np.testing.assert_array_equal(plain, ex.explain(images, target=3).relevance)
 
 
+@pytest.mark.parametrize("target", ["all", ("top", 3), "array"])
+def test_out_memmap_with_many_targets(tmp_path, lenet, images, target):
+    """K targets per sample: out is (N, K, *sample), written chunk by chunk, bitwise as in memory."""
+    images = images[:40]
+    if target == "array":
+        target = np.stack([np.arange(len(images)) % 10, np.full(len(images), 7)], axis=1)
+    ex = dt.Explainer(lenet, "deep-taylor", backend="cpu")
+    ref = ex.explain(images, target=target, batch_size=15)
+    out = np.lib.format.open_memmap(tmp_path / "r.npy", mode="w+", dtype=np.float32, shape=ref.relevance.shape)
+    res = ex.explain(images, target=target, batch_size=15, out=out)
+    assert res.relevance is out and out.ndim == 5
+    np.testing.assert_array_equal(np.asarray(out), ref.relevance)
+    with pytest.raises(dt.ShapeError, match="out has shape"):
+        ex.explain(images, target=target, out=np.zeros(images.shape, np.float32))
+
+
 def test_out_is_checked_before_any_work(lenet, images):
     ex = dt.Explainer(lenet, "deep-taylor", backend="numpy")
     good = np.zeros(images.shape, np.float32)

@@ -121,8 +121,10 @@ def explain(ex: Any, x: Any, target: Any = None, *, threads: Any = "keep", batch
         224²): each task holds its block, its relevance and the backend's working memory. Values are
         validated when a block is computed (NaN, range, a ZBox's box): errors surface at compute time
         as deeptaylor's exceptions.
-    target : None, int, or an (N,) integer array (NumPy or dask)
-        As :meth:`Explainer.explain`'s ``target``; an array is rechunked to x's batch chunks.
+    target : None, int, an (N,) or (N, K) integer array (NumPy or dask), ``"all"`` or ``("top", k)``
+        As :meth:`Explainer.explain`'s ``target``; an array is rechunked to x's batch chunks. With K
+        targets per sample (an (N, K) array, ``"all"``, ``("top", k)``) the relevance is
+        (N, K, *sample).
     threads : "keep", None or int
         OpenMP threads each task's explain uses (cpu backend). ``"keep"`` (default): the Explainer's
         own setting; None: OpenMP's default -- which is 1 on a ``distributed`` worker, whose nanny
@@ -176,8 +178,15 @@ def explain(ex: Any, x: Any, target: Any = None, *, threads: Any = "keep", batch
     k = int(shapes[-1][1])
     x = x.rechunk({i: -1 for i in range(1, x.ndim)})
     chunks = x.chunks[0]
-    # targets: None / int for every block, or blocks aligned with x's
-    if target is None or (isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_))):
+    # targets: None / int / "all" / ("top", k) for every block, or blocks aligned with x's
+    if isinstance(target, str) and target == "all" or (
+            isinstance(target, tuple) and len(target) == 2 and target[0] == "top"):
+        many = k if isinstance(target, str) else target[1]
+        if isinstance(many, bool) or not isinstance(many, (int, np.integer)) or not 1 <= many <= k:
+            raise InputError(f"target ('top', k) needs 1 <= k <= {k}, got {target!r}")
+        t_blocks = [target] * len(chunks)
+        t_probe = np.zeros((1, int(many)), dtype=np.int64)
+    elif target is None or (isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_))):
         if target is not None:
             validate_targets(int(target), 1, k)
         t_blocks: list[Any] = [None if target is None else int(target)] * len(chunks)
@@ -187,7 +196,7 @@ def explain(ex: Any, x: Any, target: Any = None, *, threads: Any = "keep", batch
         if t.dtype.kind not in "iu":
             raise InputTypeError(f"target must be an int or an integer array, got dtype {t.dtype}")
         if t.ndim not in (1, 2) or t.shape[0] != n:
-            raise ShapeError(f"target must be an int or have shape ({n},), got shape {t.shape}")
+            raise ShapeError(f"target must be an int or have shape ({n},) or ({n}, K), got shape {t.shape}")
         t = t.rechunk((chunks,) + tuple((s,) for s in t.shape[1:]))
         t_blocks = list(t.to_delayed().ravel())
         t_probe = np.zeros((1, *t.shape[1:]), dtype=np.int64)
