@@ -10,6 +10,8 @@
     deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
                           [--positive-fraction P|natural]
+    deeptaylor experiment deep-mnist-detection [--steps 3000 | --paper] [--mnist DIR] [--out DIR]
+                          [--n-taylor N]    # deep network: sensitivity, Taylor, min-max, training-free
     deeptaylor evaluate --model M --input X.npy|DIR --methods deep-taylor,sensitivity,random --out DIR
                         [--measure pixel-flipping|region-perturbation] [--steps L] [--features-per-step F]
                         [--region-size K] [--order morf|lerf] [--baseline 0|mean|uniform] [--target INT|pred]
@@ -169,16 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-sample input shape for the output shapes (default: the one stored in the model)")
 
     x = sub.add_parser("experiment", help="run a paper experiment")
-    x.add_argument("name", choices=["mnist-detection"], help="the experiment")
-    x.add_argument("--steps", type=_int_list, default=None, help="step counts, e.g. 0,100,1000,10000 (default)")
+    x.add_argument("name", choices=["mnist-detection", "deep-mnist-detection"],
+                   help="the experiment: the one-layer detection network (mnist-detection) or the deep "
+                        "network with the relevance models (deep-mnist-detection)")
+    x.add_argument("--steps", type=_int_list, default=None,
+                   help="step counts, e.g. 0,100,1000,10000 (default); deep-mnist-detection: one count "
+                        "(default 3000)")
     x.add_argument("--paper", action="store_true", help="the paper's schedule up to 300,000 steps (slow)")
     x.add_argument("--mnist", default=None, help="directory with the MNIST IDX files (default: search)")
-    x.add_argument("--out", default="deeptaylor-mnist-detection", help="output directory")
+    x.add_argument("--out", default=None, help="output directory (default: deeptaylor-<experiment>)")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
-    x.add_argument("--n-train", type=_positive, default=60000, help="generated training images (default 60000)")
+    x.add_argument("--n-train", type=_positive, default=None,
+                   help="generated training images (default 60000; deep-mnist-detection 20000, --paper 60000)")
     x.add_argument("--n-test", type=_positive, default=1000, help="generated test images (default 1000)")
-    x.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
+    x.add_argument("--n-taylor", type=_positive, default=None,
+                   help="deep-mnist-detection: test images explained with Taylor's nearest root (default 200)")
+    x.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate (default 0.005; deep-mnist-detection: of the deep network, default "
+                        "see docs/experiments.md)")
     x.add_argument("--positive-fraction", type=_fraction, default=0.5, metavar="P|natural",
                    help="share of images with a target digit 0-3 (default 0.5, exact), or 'natural': every "
                         "image is a digit of any class next to a distractor 4-9 (about 41%% positive)")
@@ -396,7 +407,7 @@ def _composite(name: str, low: float, high: float) -> Any:
     from . import composites
 
     key = name.replace("_", "-")
-    if key in ("deep-taylor", "epsilon-gamma-box"):
+    if key in ("deep-taylor", "epsilon-gamma-box", "training-free"):
         return composites.get(key, low=low, high=high)
     if key == "taylor":   # a compound method, not in the registry (it explains one target per sample)
         from .taylor import Taylor
@@ -652,12 +663,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import DEFAULT_STEPS, PAPER_STEPS, run_mnist_detection
 
-    steps = PAPER_STEPS if args.paper else (args.steps or DEFAULT_STEPS)
     if args.mnist is not None and not Path(args.mnist).is_dir():
         raise InputError(f"MNIST directory {args.mnist!r} not found")
-    summary = run_mnist_detection(args.out, steps=steps, mnist=args.mnist, seed=args.seed, backend=args.backend,
-                                  n_train=args.n_train, n_test=args.n_test, lr=args.lr,
-                                  positive_fraction=args.positive_fraction, progress=not args.no_progress)
+    out = args.out or f"deeptaylor-{args.name}"
+    if args.name == "deep-mnist-detection":
+        from . import deep_experiment as de
+
+        if args.steps is not None and len(args.steps) != 1:
+            raise InputError(f"deep-mnist-detection takes one step count (--steps 3000), got {args.steps}")
+        steps = de.PAPER_STEPS if args.paper else (args.steps[0] if args.steps else de.DEFAULTS["steps"])
+        kwargs = {k: v for k, v in (("lr", args.lr), ("n_taylor", args.n_taylor)) if v is not None}
+        n_train = args.n_train or (60000 if args.paper else de.DEFAULTS["n_train"])
+        summary = de.run_deep_mnist_detection(out, steps=steps, mnist=args.mnist, seed=args.seed,
+                                              backend=args.backend, n_train=n_train, n_test=args.n_test,
+                                              progress=not args.no_progress, **kwargs)
+    else:
+        steps = PAPER_STEPS if args.paper else (args.steps or DEFAULT_STEPS)
+        summary = run_mnist_detection(out, steps=steps, mnist=args.mnist, seed=args.seed, backend=args.backend,
+                                      n_train=args.n_train or 60000, n_test=args.n_test,
+                                      lr=0.005 if args.lr is None else args.lr,
+                                      positive_fraction=args.positive_fraction, progress=not args.no_progress)
     print("wrote:")
     for f in summary["files"]:
         print(f"  {f}")

@@ -167,16 +167,18 @@ def training_free_network(input_shape: Sequence[int] = (1, 28, 56), channels: Se
 
 
 def rescale_output(net: Sequential, x: Any, mean: float = 0.5) -> Sequential:
-    """``net`` with its last linear layer scaled so that the mean output on ``x`` is ``mean``.
+    """``net`` with every linear layer scaled by the same factor so that the mean output on ``x`` is ``mean``.
 
     A freshly initialised deep network's output can be orders of magnitude off the targets (He
-    initialisation keeps the activations' scale through the layers, and the top sums all units), and
-    the first SGD steps would then push every ReLU below zero. With biases 0 and positively
-    homogeneous layers (ReLU, p-norm and sum pooling), scaling the last linear layer scales f.
+    initialisation keeps the activations' scale through the layers, and the top sums all units).
+    With zero biases and positively homogeneous layers (ReLU, p-norm, sum and max pooling) the output
+    of L linear layers each scaled by ``s`` is ``s^L f``: the factor is spread evenly, so that no layer's
+    gradient dwarfs its weights (scaling the last layer alone makes the first SGD steps blow the
+    output up, and the next ones switch every ReLU off for good).
 
     Parameters
     ----------
-    net : Sequential whose last linear layer is a Dense or Conv2d with zero bias
+    net : Sequential of Dense / Conv2d layers with zero biases and positively homogeneous other layers
     x : inputs (N, ...) to measure the mean output on
     mean : the wanted mean output (> 0)
 
@@ -187,22 +189,22 @@ def rescale_output(net: Sequential, x: Any, mean: float = 0.5) -> Sequential:
     idx = [i for i, layer in enumerate(net.layers) if isinstance(layer, (Dense, Conv2d))]
     if not idx:
         raise InputError("rescale_output: the network has no Dense or Conv2d layer")
-    i = idx[-1]
-    last = net.layers[i]
-    if np.any(last.bias != 0):
-        raise InputError("rescale_output: the last linear layer has a non-zero bias (the output would not scale)")
+    if any(np.any(net.layers[i].bias != 0) for i in idx):
+        raise InputError("rescale_output: a linear layer has a non-zero bias (the output would not scale)")
     if not (isinstance(mean, (int, float)) and math.isfinite(mean) and mean > 0):
         raise InputError(f"mean must be a positive number, got {mean!r}")
     f = float(np.mean(net.forward(np.asarray(x, dtype=np.float64))[:, 0]))
     if not f > 0:
         raise InputError(f"rescale_output: the network's mean output on x is {f:g}; nothing to scale")
-    s = mean / f
+    s = (mean / f) ** (1.0 / len(idx))
     layers = list(net.layers)
-    if isinstance(last, Dense):
-        layers[i] = Dense(_f32(last.weight * s), last.bias)
-    else:
-        layers[i] = Conv2d(_f32(last.weight * s), last.bias, stride=last.stride, padding=last.padding,
-                           dilation=last.dilation, groups=last.groups)
+    for i in idx:
+        layer = layers[i]
+        if isinstance(layer, Dense):
+            layers[i] = Dense(_f32(layer.weight * s), layer.bias)
+        else:
+            layers[i] = Conv2d(_f32(layer.weight * s), layer.bias, stride=layer.stride, padding=layer.padding,
+                               dilation=layer.dilation, groups=layer.groups)
     return Sequential(layers)
 
 
