@@ -158,6 +158,30 @@ def test_many_rounds_and_head_groups_cpu():
     assert dt.checks.conservation(res).ok(rtol=1e-4)
 
 
+@pytest.mark.parametrize("what", ["epsilon_plus", dt.methods.GradientXInput()], ids=str)
+def test_rounds_on_a_graph_cpu(monkeypatch, what):
+    """A small pass budget (DEEPTAYLOR_PASS_BUDGET_BYTES; the floor is twice the single-pass arena)
+    forces several rounds of passes on a residual/concat graph: activations kept for every round."""
+    monkeypatch.setenv("DEEPTAYLOR_PASS_BUDGET_BYTES", "1")
+    rng = np.random.default_rng(7)
+    xi = dt.Input((3, 24, 24))
+    h = dt.ReLU()(dt.Conv2d(rng.normal(size=(8, 3, 3, 3)) * 0.4, _b(rng, 8), padding=1)(xi, name="stem"))
+    r = dt.ReLU()(dt.Conv2d(rng.normal(size=(8, 8, 3, 3)) * 0.2, _b(rng, 8), padding=1)(h, name="conv"))
+    z = dt.Concat(axis=1)(h, dt.Add()(r, h))
+    graph_net = dt.Graph(xi, dt.Dense(rng.normal(size=(6, 16)) * 0.5, _b(rng, 6))(dt.GlobalAvgPool()(z)))
+    x = rng.random((5, 3, 24, 24))
+    ex = _explainer(graph_net, what, "cpu")
+    plan = ex.backend.plan(ex.graph, ex._engine_assignment, x.shape[1:])
+    passes, arena = plan.passes(6)
+    assert passes < 6 and arena <= 2 * plan.arena_bytes
+    res = ex.explain(x, target="all", return_layers=True)
+    for k in range(6):
+        one = ex.explain(x, target=k, return_layers=True)
+        assert _maxnorm(res.relevance[:, k], one.relevance) <= TOL
+        for name in one.layers:
+            assert _maxnorm(res.layers[name][:, k], one.layers[name]) <= TOL, name
+
+
 @pytest.mark.parametrize("what", ["deep_taylor", "epsilon_gamma_box", dt.methods.GradientXInput()], ids=str)
 def test_threads_do_not_change_results(what):
     rng = np.random.default_rng(6)

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -389,8 +390,8 @@ private:
     }
 
     // Passes per round for K passes per sample: at most kMaxPasses, and as many as keep one arena
-    // within kPassBudgetBytes (or within the single-pass arena where that is larger). Depends on
-    // the plan and K only, never on the thread count or the batch.
+    // within pass_budget_bytes() or twice the single-pass arena, whichever is larger. Depends on the
+    // plan, K and the budget only, never on the thread count or the batch.
     int64_t passes_for(int64_t K, int lk) const {
         if (K <= 1) return 1;
         const auto key = std::make_pair(lk, K);
@@ -400,7 +401,7 @@ private:
             if (it != passes_.end()) return it->second;
         }
         const Plan& pl = *plan_;
-        const int64_t budget = std::max(kPassBudgetBytes, layout(lk, 1, false).bytes);
+        const int64_t budget = std::max(pass_budget_bytes(), 2 * layout(lk, 1, false).bytes);
         int64_t P = std::min(K, kMaxPasses);
         while (P > 1 && layout_bytes(arena_sizes(pl, pl.tile, pl.group, lk == 1, P, P < K)) > budget) --P;
         std::lock_guard<std::mutex> lock(pool_mu_);
@@ -864,11 +865,16 @@ private:
             const int64_t gn = c.n0 + n;
             const float* yn = y + n * F;
             if (!args.seed && !args.targets && K > 1) {
-                // the K largest outputs, largest first, ties to the lower index (a stable sort)
+                // the K largest outputs, largest first, ties to the lower index (a stable sort). NaN
+                // (a non-finite forward, reported after the run) counts as -inf: a strict total order.
                 order.resize(static_cast<size_t>(F));
                 for (int64_t j = 0; j < F; ++j) order[static_cast<size_t>(j)] = j;
+                auto key = [&](int64_t j) {
+                    const float v = yn[cl(j)];
+                    return v != v ? -std::numeric_limits<float>::infinity() : v;
+                };
                 std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int64_t p, int64_t q) {
-                    const float a = yn[cl(p)], b = yn[cl(q)];
+                    const float a = key(p), b = key(q);
                     return a > b || (a == b && p < q);
                 });
             }

@@ -83,6 +83,15 @@ int64_t max_plan_bytes() {
     return kMaxPlanBytes;
 }
 
+int64_t pass_budget_bytes() {
+    if (const char* e = std::getenv("DEEPTAYLOR_PASS_BUDGET_BYTES")) {
+        char* end = nullptr;
+        const long long v = std::strtoll(e, &end, 10);
+        if (end != e && v > 0) return static_cast<int64_t>(v);
+    }
+    return kPassBudgetBytes;
+}
+
 int64_t available_memory_bytes() {
     std::FILE* f = std::fopen("/proc/meminfo", "r");
     if (!f) return -1;

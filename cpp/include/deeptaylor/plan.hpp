@@ -193,9 +193,12 @@ inline ArenaSizes arena_sizes(const Plan& plan) { return arena_sizes(plan, plan.
 std::shared_ptr<Plan> build_plan(std::vector<OpSpec> ops, Shape input, Mode mode);
 
 // Many targets: at most kMaxPasses relevance passes per round, and as many as keep one thread's arena
-// within kPassBudgetBytes (or the single-pass arena, if that is larger).
+// within pass_budget_bytes() or twice the single-pass arena, whichever is larger; pass_budget_bytes() is
+// kPassBudgetBytes or the environment variable DEEPTAYLOR_PASS_BUDGET_BYTES (bytes), read when a plan
+// first runs K passes.
 constexpr int64_t kMaxPasses = 16;
 constexpr int64_t kPassBudgetBytes = int64_t{96} << 20;
+int64_t pass_budget_bytes();
 // Per-thread arena budget used to choose the tile size, and the largest tile.
 constexpr int64_t kArenaBudgetBytes = 16 << 20;
 constexpr int64_t kMaxTile = 64;
