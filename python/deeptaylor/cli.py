@@ -5,7 +5,8 @@
     deeptaylor --version
     deeptaylor demo [--out DIR] [--cmap NAME]         # bundled model + digits -> heatmap PNGs, checks
     deeptaylor explain --model M --input X.npy|DIR --composite NAME --out DIR
-                       [--target INT|pred] [--backend auto|cpu|numpy] [--batch-size B] [--png all|N|none]
+                       [--target INT|pred|all|top:K|FILE.npy] [--backend auto|cpu|numpy] [--batch-size B]
+                       [--png all|N|none]
                        [--scale K] [--cmap NAME] [--no-progress]
     deeptaylor info --model M [--input-shape C,H,W]   # the network: nodes, inputs, output shapes
     deeptaylor experiment mnist-detection [--steps 0,100,1000,10000 | --paper] [--mnist DIR] [--out DIR]
@@ -149,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of: " + ", ".join(composite_names()) + ", taylor (Taylor decomposition at the "
                         "nearest root point in the box) (default deep-taylor; --low/--high give the box of "
                         "deep-taylor, epsilon-gamma-box and taylor)")
-    e.add_argument("--target", default="pred", help="output index to explain, or 'pred' (the largest output)")
+    e.add_argument("--target", default="pred",
+                   help="output index to explain, 'pred' (the largest output; default), 'all' (every output), "
+                        "'top:K' (the K largest), or a .npy file of integer targets (N,) or (N, K); with several "
+                        "targets per input relevance.npy gets a target axis (N, K, ...) and a PNG per target")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
     e.add_argument("--batch-size", type=_positive, default=None,
@@ -403,6 +407,46 @@ def _parse_target(text: str) -> int | None:
     return t
 
 
+def _parse_targets(text: str, n: int, k: int) -> Any:
+    """``explain --target``: INT, ``pred``, ``all``, ``top:K`` or a ``.npy`` file of integer targets
+    (N,) or (N, K'). Returns what :meth:`Explainer.explain` takes for one window (``None``, an int,
+    ``"all"``, ``("top", K)``) or the whole (N,) / (N, K') array (sliced per window)."""
+    if text == "all":
+        return "all"
+    if text.startswith("top:"):
+        try:
+            kk = int(text[4:])
+        except ValueError:
+            raise InputError(f"--target top:K needs an integer K, got {text!r}") from None
+        if not 1 <= kk <= k:
+            raise InputError(f"--target top:K needs K in [1, {k}] (the network has {k} output(s)), got {kk}")
+        return ("top", kk)
+    if text.endswith(".npy"):
+        path = Path(text)
+        if not path.is_file():
+            raise InputError(f"--target file {text!r} not found")
+        _check_npy_header(path)
+        try:
+            t = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"cannot read --target file {text!r} as a .npy array: {exc}") from None
+        if not isinstance(t, np.ndarray):
+            raise InputError(f"--target file {text!r} is an .npz archive; save a single array with np.save")
+        from .explain import validate_targets
+
+        if t.ndim == 0:
+            raise ShapeError(f"--target file {text!r} holds a scalar: pass the integer itself, or an array ({n},) "
+                             f"or ({n}, K)")
+        try:
+            return validate_targets(t, n, k)
+        except DeepTaylorError as exc:
+            raise type(exc)(f"--target file {text!r}: {exc}") from None
+    t = _parse_target(text)
+    if t is not None and t >= k:
+        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), got {t}")
+    return t
+
+
 def _composite(name: str, low: float, high: float) -> Any:
     from . import composites
 
@@ -447,7 +491,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         if h < 1 or w < 1:
             raise InputError(f"--image-shape must be H,W of positive integers, got {args.image_shape!r}")
         image_shape = (h, w)
-    target = _parse_target(args.target)
     method = _composite(args.composite, args.low, args.high)
     stored = None
     with open(model, "rb") as fh:
@@ -481,21 +524,28 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     ex = _explainer(net, method, args.backend)
     n = int(fit_shape[0])
     k = int(ex.graph.shapes((1, *fit_shape[1:]))[-1][1])
-    if target is not None and target >= k:
-        raise InputError(f"target out of range: the network has {k} output(s) (0..{k - 1}), got {target}")
+    target = _parse_targets(args.target, n, k)
+    # K explained outputs per input (None: one, no K axis)
+    many = 2 if isinstance(target, np.ndarray) and target.ndim == 2 else 0
+    kt = (k if isinstance(target, str) else target[1] if isinstance(target, tuple)
+          else target.shape[1] if many else None)
     dtype = np.dtype(getattr(ex.backend, "dtype", np.float32))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # written through memory maps as the stream goes, in the input's own shape (one value per input value)
-    rel_file = np.lib.format.open_memmap(out / "relevance.npy", mode="w+", dtype=dtype, shape=tuple(in_shape))
+    # written through memory maps as the stream goes, in the input's own shape (one value per input value),
+    # with a target axis after the batch axis when several outputs are explained per input
+    kshape = () if kt is None else (kt,)
+    rel_file = np.lib.format.open_memmap(out / "relevance.npy", mode="w+", dtype=dtype,
+                                         shape=(n, *kshape, *in_shape[1:]))
     out_file = np.lib.format.open_memmap(out / "output.npy", mode="w+", dtype=dtype, shape=(n, k))
-    rel_fit = rel_file.reshape(fit_shape)
+    tgt_file = np.lib.format.open_memmap(out / "target.npy", mode="w+", dtype=np.int64, shape=(n, *kshape))
+    rel_fit = rel_file.reshape((n, *kshape, *fit_shape[1:]))
     n_png = n if args.png is None else min(args.png, n) if draw is not None else 0
     sample_bytes = 4 * int(np.prod(fit_shape[1:]))
     step = args.batch_size or max(1, stream.WINDOW_BYTES // 2 // sample_bytes)
-    written = [out / "relevance.npy", out / "output.npy"]
-    totals = np.empty(n, np.float64)
-    explained = np.empty(n, np.float64)
+    written = [out / "relevance.npy", out / "output.npy", out / "target.npy"]
+    totals = np.empty((n, *kshape), np.float64)
+    explained = np.empty((n, *kshape), np.float64)
     neg_mass = abs_mass = 0.0
     method_name, backend_name = ex.method_name, ex.backend.name
     bar = stream.progress_bar(n, not args.no_progress)
@@ -504,34 +554,41 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for s in range(0, n, step):
             e = min(n, s + step)
             xw = images.read(s, e).reshape((e - s, *fit_shape[1:])) if images is not None else _as_float(x[s:e])
-            res = ex.explain(xw, target=target)
+            res = ex.explain(xw, target=target[s:e] if isinstance(target, np.ndarray) else target)
             rel = res.relevance
-            flat = rel.reshape(e - s, -1)
-            totals[s:e] = flat.sum(axis=1, dtype=np.float64)
+            flat = rel.reshape(e - s, *kshape, -1)
+            totals[s:e] = flat.sum(axis=-1, dtype=np.float64)
             explained[s:e] = res.explained
             neg_mass += float(-flat[flat < 0].sum(dtype=np.float64))
             abs_mass += float(np.abs(flat).sum(dtype=np.float64))
             rel_fit[s:e] = rel
             out_file[s:e] = res.output
+            tgt_file[s:e] = res.target
             method_name, backend_name = res.method, res.backend
-            for a in (rel_fit[s:e], out_file[s:e], None if x is None else x[s:e]):
+            for a in (rel_fit[s:e], out_file[s:e], tgt_file[s:e], None if x is None else x[s:e]):
                 stream.release(a)   # the memory maps' pages of this window: in the files, not in this process
             if s < n_png:
                 m = min(e, n_png) - s
-                maps = rel[:m].reshape((m, -1) + tuple(draw)).sum(axis=1)  # channels summed
+                per = 1 if kt is None else kt
+                maps = rel[:m].reshape((m * per, -1) + tuple(draw)).sum(axis=1)  # channels summed
                 rgb = hm.to_rgb(maps, cmap=args.cmap)
                 for i in range(m):
                     stem = images.files[s + i].stem if images is not None else f"{s + i:04d}"
-                    written.append(Path(hm.save_png(out / f"heatmap_{stem}.png", hm.upscale(rgb[i], args.scale))))
+                    for j in range(per):
+                        name = f"heatmap_{stem}.png" if kt is None else \
+                            f"heatmap_{stem}_t{int(res.target[i, j])}.png"
+                        written.append(Path(hm.save_png(out / name, hm.upscale(rgb[i * per + j], args.scale))))
             bar.update(e - s)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
     rel_file.flush()
     out_file.flush()
-    del rel_file, out_file, rel_fit
+    tgt_file.flush()
+    del rel_file, out_file, rel_fit, tgt_file
     err = np.abs(totals - explained)
-    print(f"explained {n} input(s) with {method_name} on backend {backend_name} in {elapsed:.2f} s "
+    what = f"{n} input(s)" if kt is None else f"{n} input(s) x {kt} target(s)"
+    print(f"explained {what} with {method_name} on backend {backend_name} in {elapsed:.2f} s "
           f"({n / max(elapsed, 1e-9):.0f} images/s)")
     print(f"  f(x) mean {float(explained.mean()):.6g}   sum R mean {float(totals.mean()):.6g}   "
           f"max |sum R - f(x)| {float(err.max()):.3e}   negative relevance mass "
@@ -545,7 +602,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         tail = " (no PNGs: pass --image-shape H,W to draw flat inputs)"
     else:
         tail = " (no PNGs: --png none)"
-    print(f"wrote {out / 'relevance.npy'} {tuple(in_shape)}, {out / 'output.npy'}" + tail)
+    print(f"wrote {out / 'relevance.npy'} {(n, *kshape, *in_shape[1:])}, {out / 'output.npy'}, "
+          f"{out / 'target.npy'}" + tail)
     return 0
 
 
