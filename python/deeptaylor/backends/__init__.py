@@ -10,6 +10,12 @@ A backend is an object with
 ``assignment`` is the per-layer list of rules (None for non-linear layers) or a gradient method;
 ``targets`` is an (N,) int64 array or None for argmax. The Explainer validates every input before
 calling ``run``, so backends may assume well-formed arrays.
+
+A backend with ``many_targets = True`` (both built-in ones) also takes (N, K) ``targets`` and the
+keywords ``top`` (the K largest outputs), ``seed`` ((N, *out) or (N, K, *out)) and
+``seed_times_output``, and returns relevances with a K axis for them (``Explainer.explain(target=
+"all" | ("top", k) | (N, K), seed=...)``, docs/engine.md "Many targets and seeds"); the Explainer
+refuses those calls on other backends.
 """
 
 from __future__ import annotations
