@@ -24,7 +24,8 @@ with it), and the objective's value ``sum_j w_j y_j`` (``sum_j S_j y_j`` for an 
 gradient method. ``Explanation.target`` is None.
 
 Every rule of the library is linear in its seed once the input is fixed (activations, denominators
-and max-pool winners depend on x only), so a seed is explained as the sum of its parts: the relevance
+and max-pool winners depend on x only), and so are Gradient and GradientXInput (Sensitivity squares
+the gradient, so it is not), so a seed is explained as the sum of its parts: the relevance
 of :func:`contrast` ``(c, d)`` equals the relevance of target ``c`` minus that of target ``d``, exactly
 up to float rounding (tests/test_seeds.py), and a one-hot seed ``onehot(t)`` gives exactly
 ``explain(x, target=t)``.
