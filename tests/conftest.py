@@ -116,3 +116,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if _missing_skips and exitstatus in (0, 5):   # 5: nothing but such skips
         session.exitstatus = 1
+
+
+@pytest.fixture
+def lenet(rng: np.random.Generator) -> dt.Sequential:
+    """A small MNIST-shaped CNN (1x28x28 -> 10) with b <= 0, so deep_taylor's premises hold."""
+    return dt.Sequential([
+        dt.Conv2d(rng.normal(size=(4, 1, 5, 5)) * 0.3, -rng.uniform(0, 0.1, 4)), dt.ReLU(), dt.MaxPool2d(2),
+        dt.Flatten(), dt.Dense(rng.normal(size=(10, 4 * 12 * 12)) * 0.05, -rng.uniform(0, 0.1, 10)),
+    ])

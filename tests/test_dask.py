@@ -16,14 +16,6 @@ from deeptaylor.io import payload as payload_mod
 
 
 @pytest.fixture
-def lenet(rng) -> dt.Sequential:
-    return dt.Sequential([
-        dt.Conv2d(rng.normal(size=(4, 1, 5, 5)) * 0.3, -rng.uniform(0, 0.1, 4)), dt.ReLU(), dt.MaxPool2d(2),
-        dt.Flatten(), dt.Dense(rng.normal(size=(10, 4 * 12 * 12)) * 0.05, -rng.uniform(0, 0.1, 10)),
-    ])
-
-
-@pytest.fixture
 def images(rng) -> np.ndarray:
     return rng.uniform(0, 1, (90, 1, 28, 28)).astype(np.float32)
 
@@ -261,7 +253,6 @@ def test_dask_on_a_local_cluster_equals_local(lenet, images, backend, client):
     if backend == "cpu":   # the threads=1 Explainer is a second cache entry on each worker
         assert all(sorted(e[1] for e in entries if e[1] is not None) == [1] and len(entries) == 2
                    for entries in client.run(_worker_state).values())
-
 
 
 @cluster_warnings

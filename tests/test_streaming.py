@@ -15,15 +15,6 @@ from deeptaylor.cli import main
 
 
 @pytest.fixture
-def lenet(rng) -> dt.Sequential:
-    """A small MNIST-shaped CNN with b <= 0 (deep_taylor's premises hold)."""
-    return dt.Sequential([
-        dt.Conv2d(rng.normal(size=(4, 1, 5, 5)) * 0.3, -rng.uniform(0, 0.1, 4)), dt.ReLU(), dt.MaxPool2d(2),
-        dt.Flatten(), dt.Dense(rng.normal(size=(10, 4 * 12 * 12)) * 0.05, -rng.uniform(0, 0.1, 10)),
-    ])
-
-
-@pytest.fixture
 def images(rng) -> np.ndarray:
     return rng.uniform(0, 1, (137, 1, 28, 28)).astype(np.float32)
 

@@ -471,17 +471,23 @@ def _explainer(net: Any, method: Any, backend: str) -> Any:
 # --------------------------------------------------------------------------------------- commands
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from . import heatmap as hm
-    from . import stream
-    from .io import load
-
+def _model_and_input(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``--model`` (an existing file) and ``--input`` (an existing file or directory) as paths."""
     model = Path(args.model)
     if not model.is_file():
         raise InputError(f"model file {str(model)!r} not found")
     src = Path(args.input)
     if not src.exists():
         raise InputError(f"input {str(src)!r} not found")
+    return model, src
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from . import heatmap as hm
+    from . import stream
+    from .io import load
+
+    model, src = _model_and_input(args)
     image_shape = None
     if args.image_shape:
         try:
@@ -753,12 +759,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate as ev
     from .io import load
 
-    model = Path(args.model)
-    if not model.is_file():
-        raise InputError(f"model file {str(model)!r} not found")
-    src = Path(args.input)
-    if not src.exists():
-        raise InputError(f"input {str(src)!r} not found")
+    model, src = _model_and_input(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise InputError("--methods is empty")
