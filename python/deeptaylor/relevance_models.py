@@ -315,23 +315,30 @@ class MinMax:
     rule : WSquare, ZPlus, ZBox or Flat rule, optional
         How the model's detection layer is explained (default ``WSquare()``; ``ZBox(0, 1)`` for pixels
         in [0, 1]; ``ZPlus()`` for non-negative inputs).
+    tile, tile_stride : int or pair, optional
+        Local receptive fields for the detection units (input ``(C, H, W)``): windows of ``tile``
+        pixels at ``tile_stride`` (default: the tile; they must cover the input exactly), ``hidden``
+        units per window and modelled neuron, each seeing only its window (all channels); then
+        ``J = hidden * windows``. Without ``tile`` every unit sees the whole input.
     seed : seeds the initial parameters and the minibatch order of :meth:`fit`.
 
     Attributes
     ----------
     v : (D, K, J) input weights ``v_ij``; vc : (L, K, J) context weights ``v_lj``; d : (K, J) biases
-    ``d_j`` (float64). ``D``: input features, ``L``: context size.
+    ``d_j`` (float64). ``D``: input features, ``L``: context size. mask : (D, 1, J) 0/1 or None, the
+    inputs each unit sees (``tile``); ``v`` is 0 outside it, before and after :meth:`fit`.
 
     Examples
     --------
-    >>> mm = dt.relevance_models.MinMax(net, (1, 28, 56), layer=6, hidden=8, rule=dt.ZBox(0, 1))
+    >>> mm = dt.relevance_models.MinMax(net, (1, 28, 56), layer=6, hidden=4, rule=dt.rules.ZBox(0, 1),
+    ...                                 tile=28, tile_stride=14)
     >>> log = mm.fit(x_train, steps=2000, progress=True)
     >>> res = dt.Explainer(net, mm.composite(), backend="cpu").explain(x_test)   # "cpu+numpy"
     """
 
     def __init__(self, net: Sequential, input_shape: Sequence[int], layer: int, *, hidden: int = 8,
                  context: int | None = None, upper: Any = None, rule: Rule | None = None,
-                 seed: int | None = 0) -> None:
+                 tile: Any = None, tile_stride: Any = None, seed: int | None = 0) -> None:
         from .passes import canonicalize
 
         if not isinstance(net, Sequential):
@@ -371,8 +378,11 @@ class MinMax:
             self._low, self._high = lo.reshape(-1), hi.reshape(-1)
         self.seed = seed
         rng = np.random.default_rng(seed)
-        kj = (self.n_out, self.hidden)
+        self.mask = self._tile_mask(tile, tile_stride)
+        kj = (self.n_out, self.hidden if self.mask is None else self.mask.shape[2])
         self.v = rng.standard_normal((self.n_in, *kj)) / math.sqrt(self.n_in)
+        if self.mask is not None:
+            self.v *= self.mask
         self.vc = np.zeros((self.n_context, *kj))
         self.d = np.full(kj, -1e-3)
         self._rng = rng
@@ -385,6 +395,30 @@ class MinMax:
         self._lower_net = Sequential(lower)
         self._lower_composite = Composite(default=ZPlus(), name="forward")
         self.fitted = False
+
+    def _tile_mask(self, tile: Any, stride: Any) -> np.ndarray | None:
+        """(D, 1, T * hidden) 0/1: the inputs each detection unit sees; the T tiles are windows of
+        ``tile`` pixels at ``stride`` (default: the tile, no overlap) over every input channel, each
+        with ``hidden`` units. None: every unit sees every input."""
+        if tile is None:
+            if stride is not None:
+                raise InputError("MinMax: tile_stride given without tile")
+            return None
+        if len(self.input_shape) != 3:
+            raise ShapeError(f"MinMax: tile needs a (C, H, W) input, got {self.input_shape}")
+        th, tw = _pair_or_none(tile, "tile") or (0, 0)
+        sh, sw = _pair_or_none(stride, "tile_stride") or (th, tw)
+        c, h, w = self.input_shape
+        if th > h or tw > w or (h - th) % sh or (w - tw) % sw:
+            raise ShapeError(f"MinMax: tiles of {th}x{tw} at stride {sh}x{sw} do not cover the {h}x{w} input "
+                             "exactly")
+        masks = []
+        for r in range(0, h - th + 1, sh):
+            for q in range(0, w - tw + 1, sw):
+                m = np.zeros((c, h, w))
+                m[:, r:r + th, q:q + tw] = 1.0
+                masks.append(m.reshape(-1))
+        return np.stack(masks, axis=1)[:, None, :].repeat(self.hidden, axis=2)
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -493,7 +527,8 @@ class MinMax:
 
     def fit(self, x: Any, *, steps: int = 2000, batch_size: int = 50, lr: float = 1e-3,
             targets: UpperRelevance | None = None, val: tuple[Any, UpperRelevance] | Any | None = None,
-            backend: Any = "auto", log_every: int = 100, progress: bool = False) -> FitLog:
+            backend: Any = "auto", log_every: int = 100, progress: bool = False,
+            weight_decay: float = 0.0) -> FitLog:
         """Fit ``{v_ij, v_lj, d_j}`` to the engine's ``R_k`` on ``x`` by minimising ``<(R^_k - R_k)^2>``.
 
         Adam (beta 0.9 / 0.999) on minibatches drawn by cycling over seeded permutations of ``x``
@@ -528,8 +563,13 @@ class MinMax:
         ctx = self._context(targets.context, xf.shape[0])
         rt = targets.relevance
         if not self.fitted:
-            # data-dependent start: scale v so that the mean R^ matches the mean target (a far too large
-            # start makes the first steps switch every detection unit off for good)
+            # data-dependent start: each input's weights in proportion to its RMS over x, so that an
+            # input that is always 0 (MNIST's border pixels) starts, and stays, with weight 0 (w² and zB
+            # would otherwise credit it with its random initial weight); then v scaled so that the mean
+            # R^ matches the mean target (a far too large start switches every unit off for good)
+            rms = np.sqrt(np.mean(xf * xf, axis=0))
+            if rms.max() > 0:
+                self.v *= (rms / rms.max())[:, None, None]
             r_hat, _ = self.predict(x, ctx)
             if r_hat.mean() > 0 and rt.mean() > 0:
                 self.v *= rt.mean() / r_hat.mean()
@@ -561,7 +601,7 @@ class MinMax:
         to_fit_units()
         try:
             self._adam(xf, ctx / sc, rt / sr, steps, batch_size, lr, log_every, progress, log, sr * sr,
-                       val_loss if val is not None else None)
+                       val_loss if val is not None else None, float(weight_decay))
         finally:
             to_caller_units()
         self.fitted = True
@@ -569,7 +609,8 @@ class MinMax:
         return log
 
     def _adam(self, xf: np.ndarray, ctx: np.ndarray, rt: np.ndarray, steps: int, batch_size: int, lr: float,
-              log_every: int, progress: bool, log: FitLog, loss_scale: float, val_loss: Any) -> None:
+              log_every: int, progress: bool, log: FitLog, loss_scale: float, val_loss: Any,
+              weight_decay: float = 0.0) -> None:
         """Adam on ``<(R^_k - R_k)^2>`` over minibatches of (xf, ctx, rt); logs into ``log``."""
         params = [self.v, self.vc, self.d]
         m = [np.zeros_like(p) for p in params]
@@ -608,6 +649,10 @@ class MinMax:
                 mh = m[i] / (1 - b1 ** step)
                 vh = s2[i] / (1 - b2 ** step)
                 p -= lr * mh / (np.sqrt(vh) + eps)
+                if i == 0 and self.mask is not None:
+                    p *= self.mask
+                if weight_decay and i < 2:   # decoupled (AdamW): the weights, not the biases
+                    p *= 1.0 - lr * weight_decay
             if step % log_every == 0 or step == steps:
                 log.step.append(step)
                 log.loss.append(float(np.mean(losses)) * loss_scale)
@@ -637,7 +682,7 @@ class MinMax:
         return ModelComposite(self)
 
     def __repr__(self) -> str:
-        return (f"MinMax(layer={self.layer}, context={self.context}, K={self.n_out}, J={self.hidden}, "
+        return (f"MinMax(layer={self.layer}, context={self.context}, K={self.n_out}, J={self.v.shape[2]}, "
                 f"D={self.n_in}, L={self.n_context}, rule={self.rule!r}, upper={self.upper.name!r}, "
                 f"fitted={self.fitted})")
 
