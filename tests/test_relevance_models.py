@@ -334,3 +334,13 @@ def test_minmax_tiles_are_local_receptive_fields(minmax_setup):
     np.testing.assert_allclose(r.sum(axis=(1, 2)), y.sum(axis=(1, 2)), rtol=1e-12)
     with pytest.raises(ShapeError, match="cover"):
         rm.MinMax(net, (1, 8, 8), layer=3, tile=3)
+
+
+def test_minmax_weight_decay_shrinks_the_weights(minmax_setup):
+    net, _, x, *_ = minmax_setup
+    norms = []
+    for wd in (0.0, 50.0):
+        mm = rm.MinMax(net, (1, 8, 8), layer=3, hidden=4, rule=ZBox(0.0, 1.0), seed=2)
+        mm.fit(x, steps=100, batch_size=50, lr=3e-3, backend="numpy", weight_decay=wd)
+        norms.append(float(np.abs(mm.v).sum()))
+    assert norms[1] < 0.8 * norms[0]

@@ -543,12 +543,16 @@ class MinMax:
         backend : the backend of the engine's passes (targets, validation)
         log_every : log the mean training loss every this many steps
         progress : a tqdm progress bar (if installed)
+        weight_decay : decoupled weight decay (AdamW) of ``v`` and ``v_l``: after every step they are
+            multiplied by ``1 - lr * weight_decay`` (in the fit's normalised units; 0: none)
 
         Returns
         -------
         FitLog
         """
         t0 = time.perf_counter()
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise InputError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
         for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "steps" else 1):
                 raise InputError(f"{name} must be a {'non-negative' if name == 'steps' else 'positive'} int, got {value!r}")
