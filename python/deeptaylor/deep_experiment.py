@@ -12,7 +12,8 @@ images are explained with
   (the root search costs tens of gradient passes per image);
 * ``min_max`` - the min-max relevance model (:class:`deeptaylor.relevance_models.MinMax`) of the
   relevance of the 32 pooled detectors of the second stage, with the relevance of the Dense layer
-  above as context, fitted to the engine's z+ relevance and explained with zB on [0, 1]; z+ above;
+  above as context, fitted to the engine's z+ relevance and explained with z+ on the pixels (>= 0);
+  z+ above;
   its detection units see 28x28 windows (stride 14), 4 per window and neuron;
 * ``min_max_dense`` - the same model with 8 units per neuron that see the whole image (the ablation of
   the windows: about as good a fit, heatmaps not localised);
@@ -90,7 +91,7 @@ def consistency_stats(relevance: np.ndarray, f: np.ndarray, target_mask: np.ndar
     pos = f > 0
     rel = np.abs(s[pos] - f[pos]) / f[pos]
     absmass = float(np.abs(r).sum())
-    neg = float(-np.minimum(r, 0).sum())
+    neg = float(np.abs(np.minimum(r, 0)).sum())
     corr = float(np.corrcoef(s, f)[0, 1]) if s.std() > 0 and f.std() > 0 else float("nan")
     share = float("nan")
     if target_mask is not None:
@@ -108,7 +109,7 @@ def consistency_stats(relevance: np.ndarray, f: np.ndarray, target_mask: np.ndar
             "negative_mass": neg / absmass if absmass > 0 else 0.0,
             "sum_vs_output_corr": corr,
             "on_target_share": share,
-            "negative_per_image": float(-np.minimum(r, 0).sum(axis=1).mean()),
+            "negative_per_image": float(np.abs(np.minimum(r, 0)).sum(axis=1).mean()),
             "min_relevance": float(r.min()),
             "mean_f": float(f.mean()), "mean_sum_r": float(s.mean()),
             "n_images": int(len(f)), "n_positive_output": int(pos.sum())}
@@ -225,7 +226,7 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     from .experiment import _json_safe, heatmap_panel, pick_rows
     from .io import save
     from .methods import Sensitivity
-    from .rules import ZBox
+    from .rules import ZPlus
 
     emit = warn if warn is not None else (lambda m: print(f"deeptaylor: warning: {m}", file=sys.stderr))
     for name, value in (("steps", steps), ("n_train", n_train), ("n_test", n_test), ("n_taylor", n_taylor),
@@ -278,7 +279,7 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     # -- the min-max model ------------------------------------------------------------------------
     t1 = time.perf_counter()
     mm = relevance_models.MinMax(net, ARCHITECTURE["input_shape"], MINMAX_LAYER, hidden=minmax_hidden,
-                                 context=MINMAX_CONTEXT, rule=ZBox(0.0, 1.0), tile=MINMAX_TILE,
+                                 context=MINMAX_CONTEXT, rule=ZPlus(), tile=MINMAX_TILE,
                                  tile_stride=MINMAX_TILE_STRIDE, seed=seed)
     m_train = min(minmax_train, n_train)
     targets = mm.upper_relevance(x_train[:m_train], backend=backend)
@@ -321,7 +322,7 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     if minmax_dense:   # the ablation: detection units that see the whole image
         t1 = time.perf_counter()
         dense = relevance_models.MinMax(net, ARCHITECTURE["input_shape"], MINMAX_LAYER, hidden=2 * minmax_hidden,
-                                        context=MINMAX_CONTEXT, rule=ZBox(0.0, 1.0), seed=seed)
+                                        context=MINMAX_CONTEXT, rule=ZPlus(), seed=seed)
         dfit = dense.fit(x_train[:m_train], targets=targets, val=(x_test, val_targets), steps=minmax_steps,
                          log_every=max(1, min(250, max(minmax_steps, 1) // 8)), progress=progress)
         fits["min_max_dense"] = (dense, dfit, time.perf_counter() - t1)
