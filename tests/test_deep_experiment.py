@@ -70,6 +70,7 @@ def test_deep_experiment_command_line(tmp_path, monkeypatch, capsys):
     assert seen["out"] == "deeptaylor-deep-mnist-detection"
     assert (seen["steps"], seen["n_taylor"], seen["lr"], seen["n_train"], seen["progress"]) == (77, 5, 0.02, 20000,
                                                                                               False)
+    assert seen["positive_fraction"] == 0.5
     assert "results.json" in capsys.readouterr().out
     seen.clear()
     assert main(["experiment", "deep-mnist-detection", "--paper", "--mnist", str(tmp_path), "--out",

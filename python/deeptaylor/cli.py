@@ -740,6 +740,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         n_train = args.n_train or (60000 if args.paper else de.DEFAULTS["n_train"])
         summary = de.run_deep_mnist_detection(out, steps=steps, mnist=args.mnist, seed=args.seed,
                                               backend=args.backend, n_train=n_train, n_test=args.n_test,
+                                              positive_fraction=args.positive_fraction,
                                               progress=not args.no_progress, **kwargs)
     else:
         steps = PAPER_STEPS if args.paper else (args.steps or DEFAULT_STEPS)

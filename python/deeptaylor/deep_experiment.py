@@ -184,7 +184,7 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
                              momentum: float = DEFAULTS["momentum"], minmax_train: int = DEFAULTS["minmax_train"],
                              minmax_steps: int = DEFAULTS["minmax_steps"],
                              minmax_hidden: int = DEFAULTS["minmax_hidden"], minmax_dense: bool = True,
-                             one_layer_lr: float = 0.005,
+                             one_layer_lr: float = 0.005, positive_fraction: float | None = 0.5,
                              progress: bool = True, log: Callable[[str], None] = print,
                              warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the deep detection-pooling network, explain fixed test images with every method, write the
@@ -210,6 +210,8 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     minmax_dense : also fit and explain ``min_max_dense``, the min-max model without tiles (2 x
         ``minmax_hidden`` units per neuron, each seeing the whole image): the ablation of the tiles
     one_layer_lr : SGD learning rate of the one-layer baseline (the seeds' experiment's)
+    positive_fraction : share of images with a target digit (exact; default half), or None for natural
+        sampling (:func:`deeptaylor.datasets.mnist_detection`)
     progress : progress bars (tqdm)
     log, warn : where progress lines and warnings go (default ``print`` / stderr)
 
@@ -246,8 +248,8 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     t0 = time.perf_counter()
     xi, yi = ds.load_mnist(directory, "train")
     xt, yt = ds.load_mnist(directory, "test")
-    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1)
-    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2)
+    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
+    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
     x_train = train_set.images[:, None]
     x_test = test_set.images[:, None]
     mask = test_set.target_mask()
@@ -391,6 +393,7 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
         "network": {"architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in ARCHITECTURE.items()},
                     "layers": [repr(layer) for layer in net.layers]},
         "config": {"seed": seed, "n_train": n_train, "n_test": n_test, "n_taylor": n_taylor,
+                   "positive_fraction": positive_fraction,
                    "backend": backend, "mnist": str(directory)},
         "shown_test_images": show,
         "columns": ["input", *results],
