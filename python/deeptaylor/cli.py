@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--composite", default="deep-taylor", metavar="NAME",
                    help="one of: " + ", ".join(composite_names()) + ", taylor (Taylor decomposition at the "
                         "nearest root point in the box) (default deep-taylor; --low/--high give the box of "
-                        "deep-taylor, epsilon-gamma-box and taylor)")
+                        "deep-taylor, training-free, epsilon-gamma-box and taylor)")
     e.add_argument("--target", default="pred",
                    help="output index to explain, 'pred' (the largest output; default), 'all' (every output), "
                         "'top:K' (the K largest), or a .npy file of integer targets (N,) or (N, K); with several "
