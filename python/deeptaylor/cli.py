@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="pred",
                    help="output index to explain, 'pred' (the largest output; default), 'all' (every output), "
                         "'top:K' (the K largest), or a .npy file of integer targets (N,) or (N, K); with several "
-                        "targets per input relevance.npy gets a target axis (N, K, ...) and a PNG per target")
+                        "targets per input relevance.npy gets a target axis after the batch axis and a PNG per target")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backend", default="auto", choices=["auto", "cpu", "numpy"], help=_BACKEND_HELP)
     e.add_argument("--batch-size", type=_positive, default=None,
