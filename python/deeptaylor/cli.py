@@ -482,10 +482,24 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Path, Path]:
     return model, src
 
 
+def _read_model(model: Path) -> tuple[Any, Any]:
+    """The network in ``model`` (deeptaylor's .npz or ONNX) and the per-sample input shape a native
+    file stores (None for ONNX)."""
+    from .io import load
+
+    with open(model, "rb") as fh:
+        native = fh.read(2) == b"PK"
+    if native:
+        from .io.npz import read_npz
+
+        net, meta = read_npz(model)
+        return net, meta["input_shape"]
+    return load(model), None
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from . import heatmap as hm
     from . import stream
-    from .io import load
 
     model, src = _model_and_input(args)
     image_shape = None
@@ -498,16 +512,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise InputError(f"--image-shape must be H,W of positive integers, got {args.image_shape!r}")
         image_shape = (h, w)
     method = _composite(args.composite, args.low, args.high)
-    stored = None
-    with open(model, "rb") as fh:
-        native = fh.read(2) == b"PK"
-    if native:
-        from .io.npz import read_npz
-
-        net, meta = read_npz(model)
-        stored = meta["input_shape"]
-    else:
-        net = load(model)
+    net, stored = _read_model(model)
     images: _ImageDir | None = None
     raw: np.ndarray | None = None
     if src.is_dir():
@@ -758,7 +763,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from . import evaluate as ev
-    from .io import load
 
     model, src = _model_and_input(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -772,16 +776,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if baseline not in ("mean", "uniform"):
             raise InputError(f"--baseline must be a number, mean or uniform, got {args.baseline!r}") from None
     target = _parse_target(args.target)
-    stored = None
-    with open(model, "rb") as fh:
-        native = fh.read(2) == b"PK"
-    if native:
-        from .io.npz import read_npz
-
-        net, meta = read_npz(model)
-        stored = meta["input_shape"]
-    else:
-        net = load(model)
+    net, stored = _read_model(model)
     if src.is_dir():
         images = _ImageDir(src, _input_channels(net) == 3)
         raw = images.read(0, images.shape[0])
