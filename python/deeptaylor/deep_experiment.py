@@ -223,9 +223,8 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
     ``seconds``.
     """
     from . import composites, relevance_models, train
-    from . import datasets as ds
     from .explain import Explainer
-    from .experiment import _json_safe, heatmap_panel, pick_rows
+    from .experiment import _json_safe, detection_sets, heatmap_panel, pick_rows
     from .io import save
     from .methods import Sensitivity
     from .rules import ZPlus
@@ -238,18 +237,12 @@ def run_deep_mnist_detection(out: str | os.PathLike[str], *, steps: int = DEFAUL
                 "steps", "minmax_steps", "n_taylor") else 1):
             raise InputError(f"{name} must be a {'non-negative' if name in ('steps', 'minmax_steps', 'n_taylor') else 'positive'} "
                              f"int, got {value!r}")
-    directory = Path(mnist) if mnist is not None else ds.find_mnist()
-    if directory is None:
-        raise InputError("MNIST not found: pass --mnist DIR (the directory with train-images-idx3-ubyte.gz "
-                         "etc.) or set DEEPTAYLOR_MNIST (the bundled 300-digit sample is too small to train "
-                         "the deep network on)")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    xi, yi = ds.load_mnist(directory, "train")
-    xt, yt = ds.load_mnist(directory, "test")
-    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
-    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
+    train_set, test_set, directory = detection_sets(
+        mnist, n_train, n_test, seed, positive_fraction,
+        " (the bundled 300-digit sample is too small to train the deep network on)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     x_train = train_set.images[:, None]
     x_test = test_set.images[:, None]
     mask = test_set.target_mask()

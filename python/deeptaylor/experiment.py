@@ -235,6 +235,26 @@ def dead_network_warning(steps: int, f: np.ndarray, lr: float | None = None) -> 
             "conservation, correlation and target share are undefined (nan in the table, null in results.json)")
 
 
+def detection_sets(mnist: str | os.PathLike[str] | None, n_train: int, n_test: int, seed: int,
+                   positive_fraction: float | None, hint: str = "") -> tuple[Any, Any, Path]:
+    """The 28x56 detection task's training and test sets (:func:`deeptaylor.datasets.mnist_detection`)
+    from the real MNIST in ``mnist`` (default :func:`deeptaylor.datasets.find_mnist`), seeded with
+    ``seed + 1`` and ``seed + 2``; returns ``(train, test, directory)``. Raises :class:`~deeptaylor.errors.InputError` (with ``hint``
+    appended) when MNIST is not found."""
+    from . import datasets as ds
+    from .errors import InputError
+
+    directory = Path(mnist) if mnist is not None else ds.find_mnist()
+    if directory is None:
+        raise InputError("MNIST not found: pass --mnist DIR (the directory with train-images-idx3-ubyte.gz "
+                         "etc.) or set DEEPTAYLOR_MNIST" + hint)
+    xi, yi = ds.load_mnist(directory, "train")
+    xt, yt = ds.load_mnist(directory, "test")
+    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
+    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
+    return train_set, test_set, directory
+
+
 def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFAULT_STEPS,
                         mnist: str | os.PathLike[str] | None = None, seed: int = 0, backend: str = "auto",
                         n_train: int = 60000, n_test: int = 1000, n_show: int = 6, lr: float = 0.005,
@@ -270,7 +290,6 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     """
     emit = warn if warn is not None else _warn_stderr
 
-    from . import datasets as ds
     from . import train as tr
     from .errors import InputError
     from .io import save
@@ -278,17 +297,10 @@ def run_mnist_detection(out: str | os.PathLike[str], steps: Sequence[int] = DEFA
     steps = sorted({int(s) for s in steps})
     if not steps or steps[0] < 0:
         raise InputError(f"steps must be non-negative ints, got {steps}")
-    directory = Path(mnist) if mnist is not None else ds.find_mnist()
-    if directory is None:
-        raise InputError("MNIST not found: pass --mnist DIR (the directory with train-images-idx3-ubyte.gz "
-                         "etc.) or set DEEPTAYLOR_MNIST")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    xi, yi = ds.load_mnist(directory, "train")
-    xt, yt = ds.load_mnist(directory, "test")
-    train_set = ds.mnist_detection(xi, yi, n_train, seed=seed + 1, positive_fraction=positive_fraction)
-    test_set = ds.mnist_detection(xt, yt, n_test, seed=seed + 2, positive_fraction=positive_fraction)
+    train_set, test_set, directory = detection_sets(mnist, n_train, n_test, seed, positive_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)
     show = pick_rows(test_set.side, n_show)
     sampling = "natural sampling" if positive_fraction is None else f"{positive_fraction:.0%} with a target digit"
     log(f"data: {n_train} training and {n_test} test images of 28x56 from {directory}, {sampling} "
