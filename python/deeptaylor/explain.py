@@ -684,19 +684,13 @@ class Explainer:
                 parts[-1] = (parts[-1][0], None, parts[-1][2])
             bar.update(len(xs))
         bar.close()
-        if out is not None:
-            relevance = out
-            output = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-            layers = None if not return_layers else (parts[0][2] if len(parts) == 1 else
-                                                     [np.concatenate([p[2][i] for p in parts])
-                                                      for i in range(len(parts[0][2]))])
-        elif len(parts) == 1:
-            output, relevance, layers = parts[0]
-        else:
-            output = np.concatenate([p[0] for p in parts])
-            relevance = np.concatenate([p[1] for p in parts])
-            layers = [np.concatenate([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
-                if return_layers else None
+        def cat(arrays: list[np.ndarray]) -> np.ndarray:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        output = cat([p[0] for p in parts])
+        relevance = out if out is not None else cat([p[1] for p in parts])
+        layers = [cat([p[2][i] for p in parts]) for i in range(len(parts[0][2]))] \
+            if return_layers and parts[0][2] is not None else None
         extra = {key: np.concatenate([e[key] for e in extras]) for key in extras[0]} if extras else {}
         flat = output.reshape(n, -1).astype(np.float64)
         if seed_arr is not None:
