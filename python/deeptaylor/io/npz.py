@@ -771,6 +771,19 @@ def _load_v2(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Graph
     return net, shape
 
 
+def _json_entry(zf: Any, name: str, member: Any, fmt: str, what: str, where: str) -> dict[str, Any]:
+    """The JSON object stored as the uint8 array ``name`` of the archive, checked to be a dict whose
+    ``"format"`` is ``fmt``; :class:`ModelFormatError` naming ``what`` otherwise."""
+    raw = _read_bodies(zf, {name: member}, where)[name]
+    try:
+        obj = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelFormatError(f"{where}: corrupt {what} (bad JSON: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise ModelFormatError(f"{where}: not a deeptaylor {what} (format field missing or wrong)")
+    return obj
+
+
 def _read_model(zf: zipfile.ZipFile, members: dict[str, _Member], where: str) -> tuple[Graph, int, list[int] | None]:
     """Read the description, check the whole model on zero-memory stand-ins of the declared array
     shapes (every array against its layer, the graph's structure, the shapes composing), and only
@@ -780,13 +793,7 @@ def _read_model(zf: zipfile.ZipFile, members: dict[str, _Member], where: str) ->
     meta_m = members.pop(_META)
     if meta_m.dtype != np.uint8 or len(meta_m.shape) != 1:
         raise ModelFormatError(f"{where}: corrupt model file: '{_META}' must be a 1-D uint8 array")
-    meta_arr = _read_bodies(zf, {_META: meta_m}, where)[_META]
-    try:
-        meta = json.loads(meta_arr.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelFormatError(f"{where}: corrupt model description (bad JSON: {exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFormatError(f"{where}: not a deeptaylor model description (format field missing or wrong)")
+    meta = _json_entry(zf, _META, meta_m, FORMAT, "model description", where)
     version = meta.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ModelFormatError(f"{where}: model description has no integer version: {version!r:.100}")
@@ -890,13 +897,7 @@ def read_payload(data: bytes) -> tuple[Graph, dict[str, Any], dict[str, Any], di
         for name, m in mine.items():
             if m.dtype.kind != "f":
                 raise ModelFormatError(f"{where}: array {name!r} has dtype {m.dtype}, expected float")
-        raw = _read_bodies(zf, {EXPLAINER_META: meta_m}, where)[EXPLAINER_META]
-        try:
-            spec = json.loads(raw.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ModelFormatError(f"{where}: corrupt explainer description (bad JSON: {exc})") from None
-        if not isinstance(spec, dict) or spec.get("format") != "deeptaylor.explainer":
-            raise ModelFormatError(f"{where}: not an explainer description (format field missing or wrong)")
+        spec = _json_entry(zf, EXPLAINER_META, meta_m, "deeptaylor.explainer", "explainer description", where)
         net, version, shape = _read_model(zf, members, where)
         arrays = _read_bodies(zf, mine, where)
     finally:
