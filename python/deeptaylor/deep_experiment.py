@@ -90,18 +90,13 @@ def consistency_stats(relevance: np.ndarray, f: np.ndarray, target_mask: np.ndar
     s = r.sum(axis=1)
     pos = f > 0
     rel = np.abs(s[pos] - f[pos]) / f[pos]
+    from .experiment import target_share
+
     absmass = float(np.abs(r).sum())
-    neg = float(np.abs(np.minimum(r, 0)).sum())
+    neg_per_image = -np.minimum(r, 0).sum(axis=1)
+    neg = float(neg_per_image.sum())
     corr = float(np.corrcoef(s, f)[0, 1]) if s.std() > 0 and f.std() > 0 else float("nan")
-    share = float("nan")
-    if target_mask is not None:
-        m = np.asarray(target_mask).reshape(r.shape)
-        rows = m.any(axis=1)
-        rp = np.maximum(r[rows], 0)
-        tot = rp.sum(axis=1)
-        ok = tot > 0
-        if ok.any():
-            share = float(np.mean((rp * m[rows]).sum(axis=1)[ok] / tot[ok]))
+    share = float("nan") if target_mask is None else target_share(r, target_mask)
     nan = float("nan")
     return {"conservation_rel_err_median": float(np.median(rel)) if rel.size else nan,
             "conservation_rel_err_p90": float(np.quantile(rel, 0.9)) if rel.size else nan,
@@ -109,7 +104,7 @@ def consistency_stats(relevance: np.ndarray, f: np.ndarray, target_mask: np.ndar
             "negative_mass": neg / absmass if absmass > 0 else 0.0,
             "sum_vs_output_corr": corr,
             "on_target_share": share,
-            "negative_per_image": float(np.abs(np.minimum(r, 0)).sum(axis=1).mean()),
+            "negative_per_image": float(neg_per_image.mean()),
             "min_relevance": float(r.min()),
             "mean_f": float(f.mean()), "mean_sum_r": float(s.mean()),
             "n_images": int(len(f)), "n_positive_output": int(pos.sum())}

@@ -93,6 +93,18 @@ class MethodStats:
     mean_sum_r: float
 
 
+def target_share(r: np.ndarray, target_mask: np.ndarray) -> float:
+    """Mean over images of the share of positive relevance on the target: ``r`` (N, P) heatmaps,
+    ``target_mask`` (N, ...) boolean with P values per image; images whose mask is empty or whose
+    positive relevance is 0 are skipped (NaN when none is left)."""
+    m = np.asarray(target_mask).reshape(r.shape)
+    rows = m.any(axis=1)
+    pos = np.maximum(r[rows], 0)
+    tot = pos.sum(axis=1)
+    ok = tot > 0
+    return float(np.mean((pos * m[rows]).sum(axis=1)[ok] / tot[ok])) if ok.any() else float("nan")
+
+
 def method_stats(res: Explanation, target_mask: np.ndarray | None = None) -> MethodStats:
     """Conservation, positivity and localisation of ``res``; ``target_mask`` (N, ...) boolean marks the
     pixels of the target digit (rows without any True are skipped for the localisation share)."""
@@ -104,15 +116,7 @@ def method_stats(res: Explanation, target_mask: np.ndarray | None = None) -> Met
     corr = float(np.corrcoef(s, f)[0, 1]) if s.std() > 0 and f.std() > 0 else float("nan")
     absmass = np.abs(r).sum()
     neg = float(np.abs(r[r < 0]).sum() / absmass) if absmass > 0 else 0.0
-    share = float("nan")
-    if target_mask is not None:
-        m = target_mask.reshape(r.shape)
-        rows = m.any(axis=1)
-        pos = np.maximum(r[rows], 0)
-        tot = pos.sum(axis=1)
-        ok = tot > 0
-        if ok.any():
-            share = float(np.mean((pos * m[rows]).sum(axis=1)[ok] / tot[ok]))
+    share = float("nan") if target_mask is None else target_share(r, target_mask)
     return MethodStats(method=res.method, backend=res.backend, conservation_error=cons, correlation=corr,
                        negative_mass=neg, min_relevance=float(r.min()), target_share=share,
                        mean_f=float(f.mean()), mean_sum_r=float(s.mean()))
