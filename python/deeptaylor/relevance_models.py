@@ -57,6 +57,7 @@ from .errors import InputError, RuleError, ShapeError, UnsupportedError
 from .layers import Conv2d, Dense, Flatten, GlobalSumPool, LpPool, ReLU
 from .network import Sequential
 from .rules import Flat, Rule, WSquare, ZBox, ZPlus
+from .stream import progress_bar
 
 __all__ = [
     "FitLog",
@@ -620,14 +621,7 @@ class MinMax:
         m = [np.zeros_like(p) for p in params]
         s2 = [np.zeros_like(p) for p in params]
         b1, b2, eps = 0.9, 0.999, 1e-8
-        bar = None
-        if progress and steps > 0:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=steps, desc="fitting min-max model", unit="step")
-            except ImportError:
-                bar = None
+        bar = progress_bar(steps, progress and steps > 0, desc="fitting min-max model", unit="step")
         n = xf.shape[0]
         order = self._rng.permutation(n)
         pos = 0
@@ -662,12 +656,9 @@ class MinMax:
                 log.loss.append(float(np.mean(losses)) * loss_scale)
                 log.val_loss.append(val_loss() if val_loss is not None else float("nan"))
                 losses = []
-                if bar is not None:
-                    bar.set_postfix(loss=f"{log.loss[-1]:.3e}")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.set_postfix(loss=f"{log.loss[-1]:.3e}")
+            bar.update(1)
+        bar.close()
 
     # -- explaining ------------------------------------------------------------------------------
 

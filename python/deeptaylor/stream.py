@@ -138,14 +138,18 @@ class _NoBar:
     def close(self) -> None:
         pass
 
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
 
-def progress_bar(total: int | None, enabled: bool = True, desc: str = "explaining") -> Any:
-    """A tqdm progress bar counting images (it shows images/s), or a stand-in with ``update(n)`` and
-    ``close()`` that does nothing when ``enabled`` is False or tqdm is not installed."""
+
+def progress_bar(total: int | None, enabled: bool = True, desc: str = "explaining", unit: str = "img") -> Any:
+    """A tqdm progress bar counting ``unit`` (default images: it shows images/s), or a stand-in with
+    ``update(n)``, ``set_postfix(...)`` and ``close()`` that does nothing when ``enabled`` is False or
+    tqdm is not installed."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=False, smoothing=0.1)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, smoothing=0.1)

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import InputError, ShapeError, UnsupportedError
 from .layers import Conv2d, Dense, Flatten, GlobalSumPool, LpPool, MaxPool2d, ReLU, SumPool2d
 from .network import Sequential
+from .stream import progress_bar
 
 __all__ = [
     "TRAINABLE_LAYERS",
@@ -236,14 +237,7 @@ def _loop(step_fn: Callable[[np.ndarray, np.ndarray], tuple[float, float]],
         log.val_accuracy.append(float(va))
 
     checkpoint(0)
-    bar = None
-    if progress and steps > 0:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc="training", unit="step")
-        except ImportError:
-            bar = None
+    bar = progress_bar(steps, progress and steps > 0, desc="training", unit="step")
     n = x.shape[0]
     order = rng.permutation(n)
     pos = 0
@@ -263,14 +257,11 @@ def _loop(step_fn: Callable[[np.ndarray, np.ndarray], tuple[float, float]],
         accs.append(a)
         if step % log_every == 0 or step == steps:
             record(step, losses, accs)
-            if bar is not None:
-                bar.set_postfix(loss=f"{log.loss[-1]:.4g}", acc=f"{log.accuracy[-1]:.3f}")
+            bar.set_postfix(loss=f"{log.loss[-1]:.4g}", acc=f"{log.accuracy[-1]:.3f}")
             losses, accs = [], []
         checkpoint(step)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return TrainResult(net=to_net(), log=log, snapshots=snapshots)
 
 
