@@ -111,6 +111,36 @@ def test_sgemm_packed_filtered_b(kernel, trans_b, threads, filt):
 
 
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
+@pytest.mark.parametrize("filt", ["none", "pos", "neg"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_a_is_bitwise_the_dense_product(kernel, filt, threads):
+    # sgemm_packed_sparse_a skips the zeros of A (rows in chunks of 96; a chunk denser than the
+    # threshold runs dense): the same FMA chain per element, so C is bitwise sgemm_packed's whatever
+    # the density, the mix of sparse and dense chunks, the K blocks (K > 480: several) and the threads.
+    rng = np.random.default_rng(12)
+    for m, n, k in [(1, 1, 1), (5, 7, 3), (300, 25, 32), (250, 800, 64), (97, 130, 600), (200, 3136, 512)]:
+        b = rng.standard_normal((n, k), dtype=np.float32)
+        for density in (0.0, 0.05, 0.2, 0.6):
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            a[rng.random((m, k)) > density] = 0
+            a[: m // 2] = rng.standard_normal((m // 2, k), dtype=np.float32)  # a dense half: mixed chunks
+            a[1::7, ::3] = -0.0
+            dense = K.sgemm_packed(a, b, trans_b=True, threads=threads, kernel=kernel, filter=filt)
+            for threshold in (1.0, 0.3, -1.0):
+                sparse = K.sgemm_packed(a, b, trans_b=True, threads=threads, kernel=kernel, filter=filt,
+                                        sparse=threshold)
+                np.testing.assert_array_equal(sparse, dense)
+            c0 = rng.standard_normal((m, n), dtype=np.float32)
+            np.testing.assert_array_equal(
+                K.sgemm_packed(a, b, trans_b=True, threads=threads, kernel=kernel, filter=filt, c=c0, sparse=1.0),
+                K.sgemm_packed(a, b, trans_b=True, threads=threads, kernel=kernel, filter=filt, c=c0))
+    bf = b if filt == "none" else (np.maximum(b, 0) if filt == "pos" else np.minimum(b, 0))
+    _check(sparse, a, bf.T, False, False)
+    with pytest.raises(ValueError, match="sparse"):
+        K.sgemm_packed(a, b, trans_b=True, sparse=1.0, relu=True)
+
+
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_threads_do_not_change_the_result(kernel):
     # Threads split C into slabs; every element is summed in the same order whatever the split.
     rng = np.random.default_rng(10)

@@ -113,7 +113,8 @@ void register_gemm(py::module_& m) {
         "sgemm_packed",
         [](const py::array& a_, const py::array& b_, bool trans_b, int threads,
            const std::optional<std::string>& kernel, const std::optional<py::array>& c_,
-           const std::optional<py::array>& bias_, bool relu, const std::string& filter) {
+           const std::optional<py::array>& bias_, bool relu, const std::string& filter,
+           std::optional<double> sparse) {
             auto a = checked(a_, "a", 2), b = checked(b_, "b", 2);
             check_threads(threads);
             const py::ssize_t M = a.shape(0), K = a.shape(1), N = trans_b ? b.shape(0) : b.shape(1);
@@ -134,10 +135,13 @@ void register_gemm(py::module_& m) {
             const int64_t ldb = b.shape(1);
             farray keep;
             BiasRelu e{bias_ptr(bias_, N, keep), relu};
+            if (sparse.has_value() && (e.bias || relu)) throw py::value_error("sparse takes no bias / relu");
             {
                 py::gil_scoped_release nogil;
                 const PackedB packed(pb, K, N, ldb, trans_b, k);
-                if (e.bias || relu)
+                if (sparse.has_value()) {
+                    sgemm_packed_sparse_a(M, pa, K, packed, pc, N, acc, threads, f, *sparse);
+                } else if (e.bias || relu)
                     sgemm_packed_epilogue(M, pa, K, packed, pc, N, acc, threads,
                                           GemmEpilogue{&BiasRelu::apply, &e}, f);
                 else
@@ -147,10 +151,12 @@ void register_gemm(py::module_& m) {
         },
         py::arg("a"), py::arg("b"), py::arg("trans_b") = false, py::arg("threads") = 1,
         py::arg("kernel") = py::none(), py::arg("c") = py::none(), py::arg("bias") = py::none(),
-        py::arg("relu") = false, py::arg("filter") = "none",
+        py::arg("relu") = false, py::arg("filter") = "none", py::arg("sparse") = py::none(),
         "a (M, K) @ f(op(b)) (K, N) [+ c] through PackedB (op(b) packed first) -> new (M, N) float32; "
         "bias (N,) / relu: a fused epilogue C = [relu](C + bias); filter: f = identity ('none'), "
-        "max(., 0) ('pos') or min(., 0) ('neg'), applied by the micro-kernel.");
+        "max(., 0) ('pos') or min(., 0) ('neg'), applied by the micro-kernel. sparse: None (dense) or "
+        "the max_density of sgemm_packed_sparse_a (zeros of a skipped in row chunks at most that dense; "
+        "0 = dense, < 0 = the default), bitwise the dense result.");
 
     m.def("gemm_kernel_name", []() { return std::string(gemm_kernel_name()); },
           "Name of the GEMM micro-kernel family selected at run time: 'avx512', 'avx2' or 'scalar'.");

@@ -536,7 +536,7 @@ private:
                 const int64_t nb = std::min(kb, np - k0);
                 if (nb == 1) {  // one pass: straight from gout into gin (or the column block)
                     float* c = id ? gin[k0] + r0 * Kc : ar.ccol.data();
-                    sgemm_packed(m, gout[k0] + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
+                    sgemm_packed_sparse_a(m, gout[k0] + r0 * O, O, *packs_[i].bwd, c, Kc, false, gth);
                     if (!id) col2im(c, g, r0, m, gin[k0], gth);
                     continue;
                 }
@@ -544,7 +544,7 @@ private:
                 for (int64_t kk = 0; kk < nb; ++kk)
                     std::memcpy(s + kk * m * O, gout[k0 + kk] + r0 * O, sizeof(float) * static_cast<size_t>(m * O));
                 float* c = ar.ccol.data();
-                sgemm_packed(nb * m, s, O, *packs_[i].bwd, c, Kc, false, gth);
+                sgemm_packed_sparse_a(nb * m, s, O, *packs_[i].bwd, c, Kc, false, gth);
                 for (int64_t kk = 0; kk < nb; ++kk) {
                     const float* ck = c + kk * m * Kc;
                     if (id)
@@ -635,7 +635,7 @@ private:
                                                 : safe_div(Rr[o], zz[o]);
                             }
                         });
-                        sgemm_packed(M, s, O, *pk.bwd, cc, Kc, false, gth);
+                        sgemm_packed_sparse_a(M, s, O, *pk.bwd, cc, Kc, false, gth);
                         break;
                     }
                     case RuleKind::ZPlus:       // z+, Montavon et al. 2017 (positive contributions)
@@ -663,8 +663,8 @@ private:
                                 }
                             }
                         });
-                        sgemm_packed(M, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
-                        if (cn) sgemm_packed(M, s, wO, *pk.tQ.p, cc + M * Kc, Kc, false, gth, pk.tQ.f);
+                        sgemm_packed_sparse_a(M, s, wO, *pk.tP.p, cc, Kc, false, gth, pk.tP.f);
+                        if (cn) sgemm_packed_sparse_a(M, s, wO, *pk.tQ.p, cc + M * Kc, Kc, false, gth, pk.tQ.f);
                         break;
                     }
                     case RuleKind::WSquare:  // w², Montavon et al. 2017: s = R / L(1; W²) (constant)
@@ -677,7 +677,7 @@ private:
                                 for (int64_t o = 0; o < O; ++o) s[q * O + o] = Rr[o] * inv[o];
                             }
                         });
-                        sgemm_packed(M, s, O, *pk.tP.p, direct ? Rins[k0] + r0 * Kc : cc, Kc, false, gth);
+                        sgemm_packed_sparse_a(M, s, O, *pk.tP.p, direct ? Rins[k0] + r0 * Kc : cc, Kc, false, gth);
                         break;
                     }
                     case RuleKind::ZBox: {  // zB, Montavon et al. 2017: z = L(a;W) - L(l;W+) - L(h;W-)
@@ -691,8 +691,8 @@ private:
                         });
                         // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)
                         //      = (a - l) (.) (s W+^T) + (a - h) (.) (s W-^T)   (W = W+ + W-)
-                        sgemm_packed(M, s, O, *pk.tP.p, cc, 2 * Kc, false, gth, BFilter::Pos);
-                        sgemm_packed(M, s, O, *pk.tQ.p, cc + Kc, 2 * Kc, false, gth, BFilter::Neg);
+                        sgemm_packed_sparse_a(M, s, O, *pk.tP.p, cc, 2 * Kc, false, gth, BFilter::Pos);
+                        sgemm_packed_sparse_a(M, s, O, *pk.tQ.p, cc + Kc, 2 * Kc, false, gth, BFilter::Neg);
                         break;
                     }
                     case RuleKind::None:

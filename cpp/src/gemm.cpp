@@ -29,6 +29,8 @@ namespace deeptaylor {
 namespace {
 using gemm_detail::Kernel;
 using gemm_detail::TileFn;
+using gemm_detail::SparseRowFn;
+using gemm_detail::kSparsePanels;
 
 const Kernel& kernel_of(GemmKernel k) {
 #ifdef DEEPTAYLOR_GEMM_X86
@@ -337,6 +339,59 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
 #endif
 }
 
+// Rows of A per sparse-or-dense decision (sgemm_packed_sparse_a): a multiple of every MR.
+constexpr int64_t kSparseChunk = 96;
+
+// Nonzeros of a chunk of rows of A, in CSR by K block: for row r and block b, entries
+// [ptr[r * (nb + 1) + b], ptr[r * (nb + 1) + b + 1]) of idx (k - the block's start) and val.
+struct SparseRows {
+    std::vector<int32_t> ptr, idx;
+    std::vector<float> val;
+};
+thread_local SparseRows tl_sparse;
+
+// sgemm_packed_sparse_a on rows [i0, i1) (one chunk), on the calling thread.
+void sparse_chunk(const Kernel& kr, const float* A, int64_t lda, const BSource& bs, int64_t N, int64_t K,
+                  int64_t i0, int64_t i1, float* C, int64_t ldc, bool accumulate, double max_density) {
+    const int64_t rows = i1 - i0;
+    const int64_t kcb = block_k(kr, K), nb = (K + kcb - 1) / kcb;
+    SparseRows& sp = tl_sparse;
+    sp.ptr.resize(static_cast<size_t>(rows * (nb + 1)));
+    if (sp.idx.size() < static_cast<size_t>(rows * K + 16)) {  // + 16: CompressFn's slack
+        sp.idx.resize(static_cast<size_t>(rows * K + 16));
+        sp.val.resize(static_cast<size_t>(rows * K + 16));
+    }
+    int32_t* idx = sp.idx.data();
+    float* val = sp.val.data();
+    int64_t t = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* a = A + (i0 + r) * lda;
+        int32_t* ptr = sp.ptr.data() + r * (nb + 1);
+        for (int64_t b = 0; b < nb; ++b) {
+            ptr[b] = static_cast<int32_t>(t);
+            const int64_t k0 = b * kcb, k1 = std::min(K, k0 + kcb);
+            t += kr.compress(a + k0, k1 - k0, 0, idx + t, val + t);
+        }
+        ptr[nb] = static_cast<int32_t>(t);
+    }
+    if (double(t) > max_density * double(rows) * double(K)) {
+        gemm_slab(kr, false, A, lda, bs, K, i0, i1, 0, N, C, ldc, accumulate, nullptr);
+        return;
+    }
+    const SparseRowFn fn = kr.sparse[bs.filter];
+    const int64_t G = int64_t(kSparsePanels) * kr.nr;
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t pc = b * kcb, kc = std::min(kcb, K - pc);
+        const float* Bblk = bs.packed + pc * bs.npad;
+        const bool add = accumulate || b > 0;
+        for (int64_t j0 = 0; j0 < N; j0 += G) {
+            const int n = static_cast<int>(std::min(G, N - j0));
+            fn(n, kc, Bblk + j0 * kc, rows, sp.ptr.data() + b, nb + 1, idx, val, C + i0 * ldc + j0, ldc, add);
+        }
+    }
+}
+
+
 }  // namespace
 
 GemmKernel gemm_kernel() {
@@ -423,6 +478,43 @@ void sgemm_packed(int64_t M, const float* A, int64_t lda, const PackedB& Bp,
     gemm_driver(kr, false, A, lda,
                 BSource{nullptr, 0, false, Bp.panels(), npad, static_cast<int>(filter)}, M, Bp.N(),
                 Bp.K(), C, ldc, accumulate, threads);
+}
+
+double sparse_a_density() {
+    static const double v = [] {
+        const char* env = std::getenv("DEEPTAYLOR_SPARSE_DENSITY");
+        return env ? std::max(0.0, std::atof(env)) : kSparseDensityDefault;
+    }();
+    return v;
+}
+
+void sgemm_packed_sparse_a(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C, int64_t ldc,
+                           bool accumulate, int threads, BFilter filter, double max_density) {
+    const Kernel& kr = kernel_of(Bp.kernel());
+    const int64_t N = Bp.N(), K = Bp.K();
+    const int64_t npad = (N + kr.nr - 1) / kr.nr * kr.nr;
+    const BSource bs{nullptr, 0, false, Bp.panels(), npad, static_cast<int>(filter)};
+    if (max_density < 0.0) max_density = sparse_a_density();
+    if (M <= 0 || N <= 0 || K <= 0 || max_density <= 0.0) {
+        gemm_driver(kr, false, A, lda, bs, M, N, K, C, ldc, accumulate, threads);
+        return;
+    }
+    const int64_t chunks = (M + kSparseChunk - 1) / kSparseChunk;
+    int T = std::max(1, threads);
+    if (2.0 * double(M) * double(N) * double(K) < 2.0e6) T = 1;
+    T = static_cast<int>(std::min<int64_t>(T, chunks));
+    auto run = [&](int64_t c) {
+        const int64_t i0 = c * kSparseChunk;
+        sparse_chunk(kr, A, lda, bs, N, K, i0, std::min(M, i0 + kSparseChunk), C, ldc, accumulate, max_density);
+    };
+#ifdef DEEPTAYLOR_HAVE_OPENMP
+    if (T > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+        for (int64_t c = 0; c < chunks; ++c) run(c);
+        return;
+    }
+#endif
+    for (int64_t c = 0; c < chunks; ++c) run(c);
 }
 
 }  // namespace deeptaylor

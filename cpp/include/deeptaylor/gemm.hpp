@@ -61,6 +61,20 @@ void sgemm_packed(int64_t M, const float* A, int64_t lda, const PackedB& Bp,
                   float* C, int64_t ldc, bool accumulate, int threads = 1,
                   BFilter filter = BFilter::None);
 
+// sgemm_packed skipping the zeros of A: the rows of A (in chunks of 96) whose share of nonzeros is at
+// most max_density go through a sparse kernel (for each nonzero a_ik, C_i += a_ik f(B_k)), the others
+// through the dense micro-kernels. Bitwise the same C as sgemm_packed whatever the mix (the same FMA
+// chain per element, in k order from zero: a zero of A adds +-0 and changes nothing), and independent
+// of the thread count. For the relevance passes' transposed products, whose left operand is zero
+// wherever a ReLU was off or a max-pool lost (docs/engine.md "Sparse transposed products").
+// max_density < 0: sparse_a_density(); 0: always dense.
+void sgemm_packed_sparse_a(int64_t M, const float* A, int64_t lda, const PackedB& Bp, float* C, int64_t ldc,
+                           bool accumulate, int threads = 1, BFilter filter = BFilter::None,
+                           double max_density = -1.0);
+// The default density threshold: DEEPTAYLOR_SPARSE_DENSITY, or kSparseDensityDefault.
+constexpr double kSparseDensityDefault = 0.35;
+double sparse_a_density();
+
 // Name of the micro-kernel selected at run time ("avx512", "avx2" or "scalar").
 const char* gemm_kernel_name();
 
