@@ -313,7 +313,8 @@ void register_plan(py::module_& m) {
         .def(
             "run",
             [](const PyPlan& p, const py::array& x_, const py::object& targets_, bool return_layers,
-               int threads, bool forward_only, const py::object& seed_, bool seed_times_output, int64_t top) {
+               int threads, bool forward_only, const py::object& seed_, bool seed_times_output, int64_t top,
+               bool reuse_rows) {
                 const Plan& pl = *p.plan;
                 const Shape& in = pl.input;
                 const Shape& os = pl.values.back();
@@ -385,6 +386,7 @@ void register_plan(py::module_& m) {
                 a.relevance = forward_only ? nullptr : relevance.mutable_data();
                 a.threads = threads;
                 a.forward_only = forward_only;
+                a.reuse_rows = reuse_rows;
                 if (return_layers) {
                     for (size_t i = 0; i < pl.values.size(); ++i) {  // by value id
                         farray li(with_k(full_shape(N, pl.values[i])));
@@ -436,13 +438,15 @@ void register_plan(py::module_& m) {
             },
             py::arg("x"), py::arg("targets") = py::none(), py::arg("return_layers") = false,
             py::arg("threads") = 0, py::arg("forward_only") = false, py::arg("seed") = py::none(),
-            py::arg("seed_times_output") = false, py::arg("top") = 0,
+            py::arg("seed_times_output") = false, py::arg("top") = 0, py::arg("reuse_rows") = false,
             "x (N, input...) C-contiguous float32; targets (N,) int64 or None (argmax) or (N, K) (K passes); "
             "threads <= 0: OpenMP's default; forward_only: outputs only (no relevance pass); seed (N, output...) "
             "or (N, K, output...) float32: the starting relevance (gradient) instead of one-hot targets, times "
             "the output with seed_times_output; top > 0 (without targets and seed): the top outputs, largest "
             "first. Returns (output (N, output...), relevance (N, [K,] input...) or None with forward_only, "
-            "layers list or None); K axis with 2-D targets, a seed with a K axis or top > 0.");
+            "layers list or None); K axis with 2-D targets, a seed with a K axis or top > 0. reuse_rows (with "
+            "forward_only): convolution / Dense output rows whose receptive field holds bitwise the previous "
+            "sample's input are copied from it (bitwise the same outputs; perturbation curves).");
     m.def("default_threads", &default_threads, "OpenMP's default thread count (1 without OpenMP).");
 }
 

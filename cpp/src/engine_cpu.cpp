@@ -153,6 +153,10 @@ struct RunState {
 struct Arena {
     std::vector<float> slab, tmp, tmp2, acc;
     std::vector<float> col, colP, colN, comb, den, s, ccol, gscr;
+    // Row reuse (forward_only + reuse_rows): per linear op, the input and output of the last sample it
+    // computed in this arena, the "previous sample" of the next tile's first one. Always a consistent
+    // pair, so a stale one (another call, another tile order) is harmless: reuse compares bits.
+    std::vector<std::vector<float>> last_in, last_out;
     Arena(const ArenaSizes& z, int64_t gscr_floats) {
         slab.resize(static_cast<size_t>(z.slab));
         for (auto* v : {&tmp, &tmp2}) v->resize(static_cast<size_t>(z.work));
@@ -473,11 +477,18 @@ private:
     // its output relu_out = max(z, 0) is written in the same sweep (the ReLU op is then skipped).
     // Returns true when z holds NaN/Inf (checked per block while it is in cache, before the ReLU).
     bool linear_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth,
-                        float* relu_out) const {
+                        float* relu_out, bool reuse = false) const {
         bool bad = false;
         const OpSpec& op = plan_->ops[i];
         const Geom& g = op.g;
         const int64_t O = g.O, Kc = g.Kc(), rows = T * g.P(), RB = plan_->lin[i].chunk_rows;
+        if (reuse && reuse_forward(i, a, z, T, ar, gth, bad)) {
+            if (relu_out)
+                split(rows, gth, [&](int64_t b, int64_t e) {
+                    for (int64_t k = b * O; k < e * O; ++k) relu_out[k] = z[k] > 0.0f ? z[k] : 0.0f;
+                });
+            return bad;
+        }
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
             const int64_t m = std::min(RB, rows - r0);
             float* zb = z + r0 * O;
@@ -492,6 +503,112 @@ private:
             }
         }
         return bad;
+    }
+
+    // Row reuse (RunArgs::reuse_rows): z (T, OH, OW, O) = linear(a) + bias where output row r of sample
+    // t is copied from the previous sample's row when the receptive field of r holds bitwise the same
+    // input in both; the other rows are computed as usual, gathered. The previous sample of t = 0 is the
+    // last one this arena computed for the op (Arena::last_in / last_out; none: all of t = 0 computed).
+    // Exact: a row is one FMA chain per element over its own inputs, so equal inputs give equal bits.
+    // Returns false (z untouched) when too few rows could be copied to pay for the gather; bad |= NaN/Inf
+    // in z.
+    bool reuse_forward(size_t i, const float* a, float* z, int64_t T, Arena& ar, int gth, bool& bad) const {
+        const OpSpec& op = plan_->ops[i];
+        const Geom& g = op.g;
+        const int64_t O = g.O, Kc = g.Kc(), P = g.P(), rows = T * P, RB = plan_->lin[i].chunk_rows;
+        const int64_t HW = g.H * g.W, C = g.C, insz = g.in_size();
+        thread_local std::vector<uint8_t> need, diff, colhit;
+        thread_local std::vector<int64_t> list;
+        thread_local std::vector<float> zc, colbuf;
+        if (ar.last_in.size() < plan_->ops.size()) {
+            ar.last_in.resize(plan_->ops.size());
+            ar.last_out.resize(plan_->ops.size());
+        }
+        std::vector<float>& last_in = ar.last_in[i];
+        std::vector<float>& last_out = ar.last_out[i];
+        const bool have_last = static_cast<int64_t>(last_in.size()) == insz &&
+                               static_cast<int64_t>(last_out.size()) == P * O;
+        need.assign(static_cast<size_t>(rows), 0);
+        diff.resize(static_cast<size_t>(HW));
+        colhit.resize(static_cast<size_t>(g.H * g.OW));
+        int64_t count = 0;
+        if (!have_last) {
+            std::fill(need.begin(), need.begin() + P, uint8_t(1));
+            count = P;
+        }
+        for (int64_t t = have_last ? 0 : 1; t < T; ++t) {
+            const uint32_t* cur = reinterpret_cast<const uint32_t*>(a + t * insz);
+            const uint32_t* prev = t > 0 ? cur - insz : reinterpret_cast<const uint32_t*>(last_in.data());
+            bool any = false;
+            for (int64_t q = 0; q < HW; ++q) {
+                uint32_t d = 0;
+                for (int64_t ch = 0; ch < C; ++ch) d |= cur[q * C + ch] ^ prev[q * C + ch];
+                diff[static_cast<size_t>(q)] = d != 0;
+                any = any || d != 0;
+            }
+            if (!any) continue;
+            // dilate the changed pixels to the output pixels whose window holds one, separably:
+            // along x into colhit (H, OW), then along y
+            uint8_t* nd = need.data() + t * P;
+            for (int64_t iy = 0; iy < g.H; ++iy) {
+                const uint8_t* drow = diff.data() + iy * g.W;
+                uint8_t* crow = colhit.data() + iy * g.OW;
+                for (int64_t ox = 0; ox < g.OW; ++ox) {
+                    uint8_t hit = 0;
+                    for (int64_t kj = 0; kj < g.kw; ++kj) {
+                        const int64_t ix = ox * g.sw - g.pl + kj * g.dw;
+                        if (ix >= 0 && ix < g.W) hit |= drow[ix];
+                    }
+                    crow[ox] = hit;
+                }
+            }
+            for (int64_t oy = 0; oy < g.OH; ++oy) {
+                uint8_t* nrow = nd + oy * g.OW;
+                std::memset(nrow, 0, static_cast<size_t>(g.OW));
+                for (int64_t ki = 0; ki < g.kh; ++ki) {
+                    const int64_t iy = oy * g.sh - g.pt + ki * g.dh;
+                    if (iy < 0 || iy >= g.H) continue;
+                    const uint8_t* crow = colhit.data() + iy * g.OW;
+                    for (int64_t ox = 0; ox < g.OW; ++ox) nrow[ox] |= crow[ox];
+                }
+                for (int64_t ox = 0; ox < g.OW; ++ox) count += nrow[ox];
+            }
+        }
+        if (count * 10 > rows * 9) return false;  // almost everything changed: the plain path
+        list.clear();
+        for (int64_t r = 0; r < rows; ++r)
+            if (need[static_cast<size_t>(r)]) list.push_back(r);
+        zc.resize(static_cast<size_t>(std::max<int64_t>(1, std::min(RB, count)) * O));
+        colbuf.resize(static_cast<size_t>(std::max<int64_t>(1, std::min(RB, count)) * Kc));
+        for (int64_t j0 = 0; j0 < count; j0 += RB) {
+            const int64_t m = std::min(RB, count - j0);
+            float* col = colbuf.data();
+            // im2col of the listed rows, run by run of consecutive rows
+            for (int64_t j = 0; j < m;) {
+                int64_t e = j + 1;
+                while (e < m && list[static_cast<size_t>(j0 + e)] == list[static_cast<size_t>(j0 + e - 1)] + 1) ++e;
+                const int64_t r = list[static_cast<size_t>(j0 + j)];
+                if (g.identity())
+                    std::memcpy(col + j * Kc, a + r * Kc, sizeof(float) * static_cast<size_t>((e - j) * Kc));
+                else
+                    im2col_rows(a, g, r, r + (e - j), col + j * Kc);
+                j = e;
+            }
+            for (int64_t j = 0; j < m; ++j) std::memcpy(zc.data() + j * O, op.bias.data(), sizeof(float) * O);
+            sgemm_packed(m, col, Kc, *packs_[i].fwd, zc.data(), O, true, gth);
+            bad = bad || has_nonfinite(zc.data(), m * O);
+            for (int64_t j = 0; j < m; ++j)
+                std::memcpy(z + list[static_cast<size_t>(j0 + j)] * O, zc.data() + j * O, sizeof(float) * O);
+        }
+        // in order: the previous sample's row is final (computed or copied) by now
+        for (int64_t r = 0; r < rows; ++r)
+            if (!need[static_cast<size_t>(r)]) {
+                std::memcpy(z + r * O, r >= P ? z + (r - P) * O : last_out.data() + r * O, sizeof(float) * O);
+                if (r < P) bad = bad || has_nonfinite(z + r * O, O);  // not checked in this call yet
+            }
+        last_in.assign(a + (T - 1) * insz, a + T * insz);
+        last_out.assign(z + (T - 1) * P * O, z + T * P * O);
+        return true;
     }
 
     // Rows [r0, r0 + m) of im2col(a) (a pointer into a itself when im2col is the identity).
@@ -971,7 +1088,7 @@ private:
 #endif
                     break;
                 }
-                return linear_forward(i, a, out, T, ar, gth, relu_out);
+                return linear_forward(i, a, out, T, ar, gth, relu_out, c.args.forward_only && c.args.reuse_rows);
             case OpKind::ReLU:
                 for (int64_t k = 0; k < nin; ++k) out[k] = a[k] > 0.0f ? a[k] : 0.0f;
                 return false;

@@ -257,7 +257,7 @@ def _run(ex: Any, x: np.ndarray, step_of: np.ndarray, base: np.ndarray, target: 
         bn, bk = ns[s:s + rows_per_batch], ks[s:s + rows_per_batch]
         mask = (step_of[bn] <= bk[:, None])[:, None, :]                  # (B, 1, P)
         batch = np.where(mask, bv if scalar else bv[bn], xv[bn])          # (B, C, P)
-        out = ex.forward(batch.reshape((-1,) + sample))
+        out = ex.forward(batch.reshape((-1,) + sample), incremental=True)
         curves[bn, bk] = out[np.arange(bn.size), target[bn]]
     # steps that were not run repeat the last step that was
     last = np.maximum.accumulate(np.where(run, np.arange(steps + 1), 0), axis=1)

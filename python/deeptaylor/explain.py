@@ -831,7 +831,7 @@ class Explainer:
     def _passes(self) -> Passes:
         return Passes(self.graph, self.backend, self._engine_assignment)
 
-    def forward(self, x: Any, batch_size: int | None = None) -> np.ndarray:
+    def forward(self, x: Any, batch_size: int | None = None, incremental: bool = False) -> np.ndarray:
         """The network's output for a batch, without a relevance pass.
 
         Parameters
@@ -841,6 +841,13 @@ class Explainer:
         batch_size : int, optional
             Chunks of this many samples (bounds the numpy backend's memory; the compiled engine tiles
             any batch in bounded memory).
+        incremental : bool
+            For batches whose consecutive samples differ in a few positions (the steps of a
+            perturbation curve, :mod:`deeptaylor.evaluate`): the compiled engine copies a convolution's
+            (or Dense layer's) output pixel from the previous sample in the same tile when its receptive
+            field holds bitwise the same input, instead of computing it. The outputs are bitwise the
+            same as without; only the time changes (docs/engine.md "Row reuse"). The numpy backend
+            ignores it.
 
         Returns
         -------
@@ -854,7 +861,8 @@ class Explainer:
             batch_size = n
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        outs = [self.backend.forward(self.graph, self._engine_assignment, x[s:s + batch_size])
+        kw = {"incremental": True} if incremental else {}
+        outs = [self.backend.forward(self.graph, self._engine_assignment, x[s:s + batch_size], **kw)
                 for s in range(0, n, batch_size)]
         output = outs[0] if len(outs) == 1 else np.concatenate(outs)
         self._check_finite(output, "forward", "the network output")

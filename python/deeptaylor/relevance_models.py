@@ -741,8 +741,8 @@ class _ModelBackend:
         self.inner.check(self.model._upper_net, self._upper_assignment)
         self.inner.check(self.model._lower_net, self._lower_assignment)
 
-    def forward(self, net: Any, assignment: Any, x: np.ndarray) -> np.ndarray:
-        return self.inner.forward(net, assignment, x)
+    def forward(self, net: Any, assignment: Any, x: np.ndarray, incremental: bool = False) -> np.ndarray:
+        return self.inner.forward(net, assignment, x, incremental=incremental)
 
     def run(self, net: Any, assignment: Any, x: np.ndarray, targets: np.ndarray | None,
             return_layers: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:

@@ -35,6 +35,11 @@ struct RunArgs {
                                        // relevance at the input, then at every op's output
     int threads = 0;                   // <= 0: OpenMP's default
     bool forward_only = false;         // outputs only: no relevance pass (relevance may be null)
+    // With forward_only: a convolution / Dense output row (one output pixel of one sample) whose
+    // receptive field holds bitwise the same input as the previous sample's (in the same tile) is
+    // copied from it instead of computed: bitwise the same outputs, far less work when consecutive
+    // samples differ in a few positions (perturbation curves; docs/engine.md "Row reuse").
+    bool reuse_rows = false;
     // Called on the calling thread between tiles and ops (at most every few ms): true stops the run
     // (a pending Ctrl-C); the run then returns with RunStatus::interrupted and partial outputs.
     std::function<bool()> interrupted;

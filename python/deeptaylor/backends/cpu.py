@@ -288,12 +288,16 @@ class CpuBackend:
                                              bool(seed_times_output), int(top or 0))
         return output, relevance, layers
 
-    def forward(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray) -> np.ndarray:
+    def forward(self, net: Graph, assignment: list[Rule | None] | Method, x: np.ndarray,
+                incremental: bool = False) -> np.ndarray:
         """The network's output ``(N, *out)`` float32 for x (N, ...): the forward pass of the plan of
         ``(net, assignment)`` only (tiles, bounded memory; no relevance pass). ``assignment`` only picks
-        the cached plan: the forward pass is the same under every rule and method."""
+        the cached plan: the forward pass is the same under every rule and method. ``incremental``:
+        convolution / Dense output rows whose receptive field holds bitwise the previous sample's input
+        are copied from it (bitwise the same outputs; fast when consecutive samples differ in a few
+        positions, as the steps of a perturbation curve)."""
         plan = self.plan(net, assignment, x.shape[1:])
         xc = np.ascontiguousarray(x, dtype=np.float32)
-        output, _, _ = plan.run(xc, None, False, int(self.threads or 0), True)
+        output, _, _ = plan.run(xc, None, False, int(self.threads or 0), True, None, False, 0, bool(incremental))
         return output
 

@@ -118,9 +118,10 @@ class NumpyBackend:
                               seed_times_output=seed_times_output, keep_layers=return_layers)
         return p.output, p.relevance, (p.layers if return_layers else None)
 
-    def forward(self, net: Graph, assignment: Any, x: np.ndarray) -> np.ndarray:
+    def forward(self, net: Graph, assignment: Any, x: np.ndarray, incremental: bool = False) -> np.ndarray:
         """The network's output ``(N, K)`` float64 for x (N, ...), every activation freed after its last
         reader (:func:`deeptaylor.reference.forward`). ``assignment`` is ignored (the forward pass is the
-        same under every rule)."""
+        same under every rule); so is ``incremental`` (the compiled engine's row reuse, an optimisation
+        that does not change the outputs)."""
         with np.errstate(over="ignore", invalid="ignore"):
             return reference.forward(net, x.astype(np.float64, copy=False))
