@@ -1589,7 +1589,12 @@ private:
                 }
                 throw std::logic_error("gradient_op: linear ops run in backward_step");
             case OpKind::ReLU:  // y > 0 exactly where a > 0
-                for (int64_t k = 0; k < nin; ++k) out[k] = y[k] > 0.0f ? G[k] : 0.0f;
+                // G read unconditionally: a select of two loaded values vectorises, a conditional load
+                // does not (the compiler may not speculate it)
+                for (int64_t k = 0; k < nin; ++k) {
+                    const float gk = G[k];
+                    out[k] = y[k] > 0.0f ? gk : 0.0f;
+                }
                 return;
             case OpKind::Activation:
                 act_gradient(op.act, op.param, a, G, out, nin);
