@@ -764,6 +764,10 @@ private:
                                 const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
                                 const float* d = den + r * wO;
                                 float* sr = s + q * wO;
+                                if (rule.kind == RuleKind::ZPlus) {
+                                    safe_div_n(Rr, d, sr, O);
+                                    continue;
+                                }
                                 for (int64_t o = 0; o < O; ++o) {
                                     const float rr = Rr[o];
                                     if (rule.kind == RuleKind::ZPlus) {
@@ -803,7 +807,7 @@ private:
                                 const int64_t r = q % m;
                                 const float* Rr = Rs[k0 + q / m] + (r0 + r) * O;
                                 const float* cb = lp.zb_const.data() + ((r0 + r) % P) * O;
-                                for (int64_t o = 0; o < O; ++o) s[q * O + o] = safe_div(Rr[o], zr[r * O + o] - cb[o]);
+                                safe_div_diff_n(Rr, zr + r * O, cb, s + q * O, O);
                             }
                         });
                         // R_in = a (.) (s W^T) - l (.) (s W+^T) - h (.) (s W-^T)

@@ -5,14 +5,6 @@
 
 #include "deeptaylor/ops.hpp"
 
-// The scatter-adds are long runs of d[k] += s[k]: compiled for AVX-512 and AVX2 as well as the
-// baseline, the loader picks the best for the CPU (GCC function multi-versioning, x86-64 only).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DT_CLONES
-#endif
-
 namespace deeptaylor {
 
 void nchw_to_nhwc(const float* src, float* dst, int64_t T, int64_t C, int64_t H, int64_t W) {
@@ -78,6 +70,7 @@ void im2col_rows(const float* a, const Geom& g, int64_t r0, int64_t r1, float* c
     }
 }
 
+// DT_CLONES: the scatter-adds are long runs of d[k] += s[k]
 DT_CLONES void col2im_add_rows(const float* col, const Geom& g, int64_t r0, int64_t r1, float* img_all,
                                int64_t c0, int64_t c1) {
     const int64_t P = g.P(), Kc = g.Kc(), C = g.C, rowlen = g.kw * C;

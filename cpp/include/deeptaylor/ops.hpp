@@ -5,6 +5,15 @@
 
 #include "deeptaylor/plan.hpp"
 
+// Hot element-wise loops compiled for AVX-512 and AVX2 as well as the baseline ISA; the loader picks
+// the best for the CPU (GCC function multi-versioning, x86-64 only; elsewhere one baseline version).
+// Every version computes the same IEEE operations per element: results do not depend on the CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DT_CLONES
+#endif
+
 namespace deeptaylor {
 
 // src (T, C, H, W) -> dst (T, H, W, C)
@@ -64,5 +73,16 @@ void shuffle_backward(const float* y, int64_t C, int64_t g, int64_t pixels, floa
 // src rows of sC channels, dst rows of dC channels (Concat, Slice).
 void channel_copy(const float* src, int64_t sC, int64_t s0, float* dst, int64_t dC, int64_t d0, int64_t n,
                   int64_t pixels, bool acc);
+
+}  // namespace deeptaylor
+
+namespace deeptaylor {
+
+// ---- element-wise kernels of the relevance passes (ops_elementwise.cpp) ----
+
+// out[k] = num[k] / den[k], or 0 where den[k] == 0 (safe_div, vectorised: AVX-512 masks the division).
+void safe_div_n(const float* num, const float* den, float* out, int64_t n);
+// out[k] = num[k] / (a[k] - b[k]), or 0 where a[k] - b[k] == 0.
+void safe_div_diff_n(const float* num, const float* a, const float* b, float* out, int64_t n);
 
 }  // namespace deeptaylor
