@@ -166,6 +166,29 @@ def test_explain_batches_equals_one_call(lenet, images, backend):
     np.testing.assert_array_equal(np.concatenate([r.relevance for _, r in got2]), ref.relevance)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_explain_batches_with_seeds_equals_one_call(lenet, images, backend, tmp_path):
+    ex = dt.Explainer(lenet, "epsilon-plus-flat", backend=backend)
+    # a Seed object applies to every batch; a contrast explains f3 - f5 per sample
+    ref = ex.explain(images, seed=dt.seeds.contrast(3, 5), batch_size=40)   # the same chunks: bitwise
+    got = list(ex.explain_batches(iter(images), batch_size=40, seed=dt.seeds.contrast(3, 5)))
+    np.testing.assert_array_equal(np.concatenate([r.relevance for _, r in got]), ref.relevance)
+    np.testing.assert_allclose(np.concatenate([r.explained for _, r in got]), ref.explained)
+    # an array of seeds read by stream position, here memory-mapped, with a K axis (N, 2, 10)
+    rng = np.random.default_rng(3)
+    seeds = rng.normal(size=(len(images), 2, 10)).astype(np.float32)
+    np.save(tmp_path / "seeds.npy", seeds)
+    mm = np.load(tmp_path / "seeds.npy", mmap_mode="r")
+    ref = ex.explain(images, seed=seeds, batch_size=32)
+    got = list(ex.explain_batches((p for p in [images[:7], images[7:90], images[90:]]), batch_size=32, seed=mm))
+    assert [i for i, _ in got] == [0, 32, 64, 96, 128]
+    np.testing.assert_array_equal(np.concatenate([r.relevance for _, r in got]), ref.relevance)
+    with pytest.raises(dt.InputError, match="either target or seed"):
+        list(ex.explain_batches(iter(images[:4]), target=1, seed=seeds[:4]))
+    with pytest.raises(dt.ShapeError, match="seed has 3 entries"):
+        list(ex.explain_batches(iter(images[:8]), batch_size=4, seed=seeds[:3]))
+
+
 def test_explain_batches_is_lazy_and_bounded(lenet, images):
     ex = dt.Explainer(lenet, "deep-taylor", backend="numpy")
     pulled = []

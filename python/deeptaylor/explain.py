@@ -725,7 +725,7 @@ class Explainer:
 
     def explain_batches(self, batches: Any, batch_size: int = 256, target: Any = None,
                         return_layers: bool = False, progress: bool = False,
-                        total: int | None = None) -> Iterator[tuple[int, Explanation]]:
+                        total: int | None = None, seed: Any = None) -> Iterator[tuple[int, Explanation]]:
         """Explain a stream of inputs (a data loader, a directory walk) in batches, with bounded memory.
 
         Parameters
@@ -748,6 +748,10 @@ class Explainer:
             A progress bar in images/s (needs ``tqdm``; silently off without it).
         total : int, optional
             The number of samples in the stream, for the progress bar (else it counts up).
+        seed : :class:`deeptaylor.seeds.Seed`, callable, or an array indexable by stream position, optional
+            As in :meth:`explain` (not with ``target``): a ``Seed`` or a callable applies to every batch;
+            an array's rows ``seed[i:i + B]`` (shape (N, *out) or (N, K, *out)) are the seeds of the
+            samples ``i .. i + B - 1`` of the stream (e.g. an ``np.load(..., mmap_mode="r")`` array).
 
         Yields
         ------
@@ -761,6 +765,13 @@ class Explainer:
                                                  and not isinstance(target, (bool, np.bool_))) and not (
             isinstance(target, (str, tuple)))   # "all", ("top", k): the same for every batch
         tgt = np.asarray(target) if per_sample else target
+        if seed is not None and target is not None:
+            raise InputError("pass either target or seed, not both (a seed replaces the one-hot target)")
+        from .seeds import Seed
+
+        seed_rows = seed is not None and not isinstance(seed, Seed) and not callable(seed)
+        if seed_rows and (not hasattr(seed, "shape") or not hasattr(seed, "__getitem__")):
+            seed = np.asarray(seed)
         pending: list[np.ndarray] = []
         held = 0
         index = 0
@@ -782,14 +793,17 @@ class Explainer:
             held -= rows
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+        def rows(a: Any, what: str, xb: np.ndarray) -> Any:
+            r = a[index:index + len(xb)]
+            if len(r) != len(xb):
+                raise ShapeError(f"{what} has {len(a)} entries, but the stream has more samples "
+                                 f"(batch {index}..{index + len(xb) - 1})")
+            return r
+
         def run(xb: np.ndarray) -> Explanation:
-            t = tgt
-            if per_sample:
-                t = tgt[index:index + len(xb)]
-                if len(t) != len(xb):
-                    raise ShapeError(f"target has {len(tgt)} entries, but the stream has more samples "
-                                     f"(batch {index}..{index + len(xb) - 1})")
-            return self.explain(xb, target=t, return_layers=return_layers)
+            t = rows(tgt, "target", xb) if per_sample else tgt
+            sd = np.asarray(rows(seed, "seed", xb)) if seed_rows else seed
+            return self.explain(xb, target=t, return_layers=return_layers, seed=sd)
 
         try:
             for item in batches:
