@@ -341,6 +341,7 @@ void gemm_driver(const Kernel& kr, bool trans_a, const float* A, int64_t lda, co
 
 // Rows of A per sparse-or-dense decision (sgemm_packed_sparse_a): a multiple of every MR.
 constexpr int64_t kSparseChunk = 96;
+constexpr int64_t kSparseMinK = 32;
 
 // Nonzeros of a chunk of rows of A, in CSR by K block: for row r and block b, entries
 // [ptr[r * (nb + 1) + b], ptr[r * (nb + 1) + b + 1]) of idx (k - the block's start) and val.
@@ -354,6 +355,21 @@ thread_local SparseRows tl_sparse;
 void sparse_chunk(const Kernel& kr, const float* A, int64_t lda, const BSource& bs, int64_t N, int64_t K,
                   int64_t i0, int64_t i1, float* C, int64_t ldc, bool accumulate, double max_density) {
     const int64_t rows = i1 - i0;
+    // A quick estimate from every 8th row first: a clearly dense chunk goes to the dense kernels
+    // without paying for the compression.
+    {
+        int64_t sn = 0, sr = 0;
+        for (int64_t i = i0; i < i1; i += 8, ++sr) {
+            const float* a = A + i * lda;
+            int64_t c = 0;
+            for (int64_t k = 0; k < K; ++k) c += a[k] != 0.0f;
+            sn += c;
+        }
+        if (double(sn) > 1.5 * max_density * double(sr) * double(K)) {
+            gemm_slab(kr, false, A, lda, bs, K, i0, i1, 0, N, C, ldc, accumulate, nullptr);
+            return;
+        }
+    }
     const int64_t kcb = block_k(kr, K), nb = (K + kcb - 1) / kcb;
     SparseRows& sp = tl_sparse;
     sp.ptr.resize(static_cast<size_t>(rows * (nb + 1)));
@@ -495,7 +511,9 @@ void sgemm_packed_sparse_a(int64_t M, const float* A, int64_t lda, const PackedB
     const int64_t npad = (N + kr.nr - 1) / kr.nr * kr.nr;
     const BSource bs{nullptr, 0, false, Bp.panels(), npad, static_cast<int>(filter)};
     if (max_density < 0.0) max_density = sparse_a_density();
-    if (M <= 0 || N <= 0 || K <= 0 || max_density <= 0.0) {
+    // Below 32 terms per row the sparse kernel's per-row work outweighs what it skips (measured:
+    // lenet's first convolution, K = 25, is never faster sparse).
+    if (M <= 0 || N <= 0 || K < kSparseMinK || max_density <= 0.0) {
         gemm_driver(kr, false, A, lda, bs, M, N, K, C, ldc, accumulate, threads);
         return;
     }
