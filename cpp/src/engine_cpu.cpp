@@ -770,9 +770,7 @@ private:
                                 }
                                 for (int64_t o = 0; o < O; ++o) {
                                     const float rr = Rr[o];
-                                    if (rule.kind == RuleKind::ZPlus) {
-                                        sr[o] = safe_div(rr, d[o]);
-                                    } else if (rule.kind == RuleKind::Gamma) {
+                                    if (rule.kind == RuleKind::Gamma) {
                                         // z > 0: up-weighted positive contributions; z < 0: the negative
                                         const float zz = zr[r * O + o];
                                         sr[o] = safe_div(zz > 0.0f ? rr : 0.0f, d[o]);

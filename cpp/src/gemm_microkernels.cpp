@@ -89,18 +89,15 @@ void sparse_scalar(int n, int64_t kc, const float* Bp, int64_t rows, const int32
     }
 }
 
-// Branch-free (the zero pattern is random: a branch would mispredict on most elements).
+// Branch-free (the zero pattern is random: a branch would mispredict on most elements); writes one
+// entry past the count, within the caller's slack (CompressFn).
 int64_t compress_scalar(const float* a, int64_t n, int32_t base, int32_t* idx, float* val) {
     int64_t t = 0;
-    for (int64_t k = 0; k + 1 < n; ++k) {  // writes one past the last nonzero: stay below n
+    for (int64_t k = 0; k < n; ++k) {
         const float v = a[k];
         idx[t] = base + static_cast<int32_t>(k);
         val[t] = v;
         t += v != 0.0f;
-    }
-    if (n > 0 && a[n - 1] != 0.0f) {
-        idx[t] = base + static_cast<int32_t>(n - 1);
-        val[t++] = a[n - 1];
     }
     return t;
 }
@@ -187,7 +184,7 @@ DT_TARGET_AVX2 void tile_avx2(int m, int n, int64_t kc, const float* Ap, int64_t
 
 // Sparse rows, P panels of 16 (2 ymm each), two rows at a time (independent FMA chains): the same
 // FMA chain per element as tile_avx2_m.
-template <int P, int F>
+template <int P>
 DT_TARGET_AVX2 inline void sparse_avx2_store(int n, __m256* c, float* C, bool add) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 8
@@ -235,15 +232,15 @@ DT_TARGET_AVX2 void sparse_avx2_p(int n, int64_t kc, const float* Bp, int64_t ro
         }
         for (; t < te; ++t) sparse_avx2_step<P, F>(Bp, pstride, idx[t], val[t], c);
         for (; u < ue; ++u) sparse_avx2_step<P, F>(Bp, pstride, idx[u], val[u], d);
-        sparse_avx2_store<P, F>(n, c, C + r * ldc, add);
-        sparse_avx2_store<P, F>(n, d, C + (r + 1) * ldc, add);
+        sparse_avx2_store<P>(n, c, C + r * ldc, add);
+        sparse_avx2_store<P>(n, d, C + (r + 1) * ldc, add);
     }
     if (r < rows) {
         __m256 c[2 * P];
 #pragma GCC unroll 8
         for (int j = 0; j < 2 * P; ++j) c[j] = _mm256_setzero_ps();
         for (int64_t t = ptr[r * ps]; t < ptr[r * ps + 1]; ++t) sparse_avx2_step<P, F>(Bp, pstride, idx[t], val[t], c);
-        sparse_avx2_store<P, F>(n, c, C + r * ldc, add);
+        sparse_avx2_store<P>(n, c, C + r * ldc, add);
     }
 }
 
